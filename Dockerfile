@@ -1,0 +1,33 @@
+# syntax=docker/dockerfile:1
+#
+# celeriac worker image.
+#   build:   docker build -t <registry>/celeriac:<tag> .
+#   runtime: distroless cc (glibc, libgcc, CA certificates; no shell, no package manager),
+#            uid/gid 1000, exec-form ENTRYPOINT so the worker is PID 1 and receives SIGTERM itself.
+# The builder and runtime images must share a Debian release (glibc ABI). Pin both by digest in CI.
+ARG RUST_IMAGE=rust:1.95-slim-bookworm
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12
+
+FROM ${RUST_IMAGE} AS build
+# cmake: build helper for aws-lc-sys (rustls' crypto backend); the C compiler ships with the image.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends cmake pkg-config \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /build
+COPY . .
+RUN cargo build --release --locked -p celeriac -p celeriac-probes \
+    && mkdir -p /out/state \
+    && cp target/release/celeriac target/release/worker-readiness target/release/worker-liveness /out/
+
+FROM ${RUNTIME_IMAGE}
+COPY --from=build /out/celeriac /usr/local/bin/celeriac
+COPY --from=build /out/worker-readiness /usr/local/bin/worker-readiness
+COPY --from=build /out/worker-liveness /usr/local/bin/worker-liveness
+# State dir for the probe file. Kubernetes mounts an emptyDir here (read-only root filesystem);
+# the pre-created directory keeps a plain `docker run` working too.
+COPY --from=build --chown=1000:1000 /out/state /var/run/celeriac
+ENV CELERIAC_STATE_DIR=/var/run/celeriac
+USER 1000:1000
+EXPOSE 9808
+ENTRYPOINT ["/usr/local/bin/celeriac"]
+CMD ["worker"]

@@ -1,0 +1,176 @@
+{{/*
+Paths baked into the image by the Dockerfile. They are a contract with the image, not values.
+*/}}
+{{- define "celeriac.binary" -}}/usr/local/bin/celeriac{{- end -}}
+{{- define "celeriac.readinessBinary" -}}/usr/local/bin/worker-readiness{{- end -}}
+{{- define "celeriac.livenessBinary" -}}/usr/local/bin/worker-liveness{{- end -}}
+{{- define "celeriac.stateDir" -}}/var/run/celeriac{{- end -}}
+
+{{- define "celeriac.namespace" -}}
+{{- default .Release.Namespace .Values.workers.namespace -}}
+{{- end -}}
+
+{{- define "celeriac.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: {{ .Values.workers.name }}
+{{- end -}}
+
+{{/*
+Labels for every object. Built as a map so that commonLabels can never duplicate (or override)
+a chart-managed key.
+*/}}
+{{- define "celeriac.labels" -}}
+{{- $labels := include "celeriac.selectorLabels" . | fromYaml -}}
+{{- $_ := set $labels "app.kubernetes.io/version" (.Values.workers.image.tag | default .Chart.AppVersion | trunc 63 | trimSuffix "-") -}}
+{{- $_ := set $labels "app.kubernetes.io/managed-by" .Release.Service -}}
+{{- $_ := set $labels "helm.sh/chart" (printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_") -}}
+{{- toYaml (merge $labels (deepCopy (default (dict) .Values.workers.commonLabels))) -}}
+{{- end -}}
+
+{{/*
+Pod template labels: object labels, the Workload Identity opt-in, then podLabels (which cannot
+override the keys above).
+*/}}
+{{- define "celeriac.podLabels" -}}
+{{- $labels := include "celeriac.labels" . | fromYaml -}}
+{{- if .Values.workers.workloadIdentity.enabled -}}
+{{- $_ := set $labels "azure.workload.identity/use" "true" -}}
+{{- end -}}
+{{- toYaml (merge $labels (deepCopy (default (dict) .Values.workers.podLabels))) -}}
+{{- end -}}
+
+{{- define "celeriac.image" -}}
+{{- $img := .Values.workers.image -}}
+{{- if $img.digest -}}
+{{- printf "%s@%s" $img.repository $img.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $img.repository (default .Chart.AppVersion $img.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Drain deadline (--shutdown-timeout) in seconds.
+*/}}
+{{- define "celeriac.shutdownTimeout" -}}
+{{- $w := .Values.workers -}}
+{{- $grace := int $w.terminationGracePeriodSeconds -}}
+{{- $t := 0 -}}
+{{- if not (kindIs "invalid" $w.shutdownTimeoutSeconds) -}}
+{{- $t = int $w.shutdownTimeoutSeconds -}}
+{{- else if $w.spot.enabled -}}
+{{- $t = min (int $w.spot.shutdownTimeoutSeconds) (sub $grace (int $w.shutdownMarginSeconds)) | int -}}
+{{- else -}}
+{{- $t = sub $grace (int $w.shutdownMarginSeconds) | int -}}
+{{- end -}}
+{{- if lt $t 1 -}}
+{{- fail (printf "workers: the computed --shutdown-timeout is %d s; raise terminationGracePeriodSeconds (%d) or lower shutdownMarginSeconds" $t $grace) -}}
+{{- end -}}
+{{- if ge $t $grace -}}
+{{- fail (printf "workers.shutdownTimeoutSeconds (%d) must be below terminationGracePeriodSeconds (%d): the worker needs time to exit after the drain deadline" $t $grace) -}}
+{{- end -}}
+{{- $t -}}
+{{- end -}}
+
+{{/*
+nodeSelector. Under spot the agentpool key is dropped: a nodeSelector is ANDed with node
+affinity, and the pool named there is normally a regular (non-spot) pool. The pool choice
+then lives in the generated node affinity.
+*/}}
+{{- define "celeriac.nodeSelector" -}}
+{{- $sel := deepCopy (default (dict) .Values.workers.nodeSelector) -}}
+{{- if .Values.workers.spot.enabled -}}
+{{- $_ := unset $sel "kubernetes.azure.com/agentpool" -}}
+{{- end -}}
+{{- if $sel -}}
+{{- toYaml $sel -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Affinity: workers.affinity plus, under spot, the generated node affinity.
+*/}}
+{{- define "celeriac.affinity" -}}
+{{- $w := .Values.workers -}}
+{{- $aff := deepCopy (default (dict) $w.affinity) -}}
+{{- if $w.spot.enabled -}}
+{{- if hasKey $aff "nodeAffinity" -}}
+{{- fail "workers.affinity.nodeAffinity cannot be combined with workers.spot.enabled: the chart generates the node affinity for spot" -}}
+{{- end -}}
+{{- $spotExprs := list (dict "key" "kubernetes.azure.com/scalesetpriority" "operator" "In" "values" (list "spot")) -}}
+{{- if $w.spot.agentPool -}}
+{{- $spotExprs = append $spotExprs (dict "key" "kubernetes.azure.com/agentpool" "operator" "In" "values" (list $w.spot.agentPool)) -}}
+{{- end -}}
+{{- $spotTerm := dict "matchExpressions" $spotExprs -}}
+{{- $nodeAff := dict -}}
+{{- if eq $w.spot.mode "required" -}}
+{{- $_ := set $nodeAff "requiredDuringSchedulingIgnoredDuringExecution" (dict "nodeSelectorTerms" (list $spotTerm)) -}}
+{{- else -}}
+{{- $regularPool := get (default (dict) $w.nodeSelector) "kubernetes.azure.com/agentpool" -}}
+{{- if $regularPool -}}
+{{- $regularTerm := dict "matchExpressions" (list (dict "key" "kubernetes.azure.com/agentpool" "operator" "In" "values" (list $regularPool))) -}}
+{{- $_ := set $nodeAff "requiredDuringSchedulingIgnoredDuringExecution" (dict "nodeSelectorTerms" (list $spotTerm $regularTerm)) -}}
+{{- end -}}
+{{- $_ := set $nodeAff "preferredDuringSchedulingIgnoredDuringExecution" (list (dict "weight" 100 "preference" $spotTerm)) -}}
+{{- end -}}
+{{- $_ := set $aff "nodeAffinity" $nodeAff -}}
+{{- end -}}
+{{- if $aff -}}
+{{- toYaml $aff -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "celeriac.tolerations" -}}
+{{- $tol := default (list) .Values.workers.tolerations -}}
+{{- if .Values.workers.spot.enabled -}}
+{{- $tol = append $tol (dict "key" "kubernetes.azure.com/scalesetpriority" "operator" "Equal" "value" "spot" "effect" "NoSchedule") -}}
+{{- end -}}
+{{- if $tol -}}
+{{- toYaml $tol -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Whether the Secret reference in envFrom is optional. With App Configuration but no Key Vault
+references the provider never creates the Secret, so a hard reference would block the pods.
+*/}}
+{{- define "celeriac.secretOptional" -}}
+{{- if and .Values.appConfiguration.enabled (not .Values.appConfiguration.keyVault.enabled) -}}
+true
+{{- else -}}
+{{- .Values.workers.envFrom.secret.optional -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Cross-field checks the JSON schema cannot express (or expresses with poor messages).
+*/}}
+{{- define "celeriac.validate" -}}
+{{- $w := .Values.workers -}}
+{{- $ac := .Values.appConfiguration -}}
+{{- if $ac.enabled -}}
+{{- if or $w.envFrom.configMap.create $w.envFrom.secret.create -}}
+{{- fail "appConfiguration.enabled: the App Configuration provider owns the ConfigMap/Secret; set workers.envFrom.configMap.create and workers.envFrom.secret.create to false" -}}
+{{- end -}}
+{{- if not $ac.endpoint -}}
+{{- fail "appConfiguration.endpoint is required when appConfiguration.enabled (https://<store>.azconfig.io)" -}}
+{{- end -}}
+{{- if and $w.serviceAccount.create (not $w.serviceAccount.clientId) -}}
+{{- fail "appConfiguration.enabled: the provider authenticates with the ServiceAccount's azure.workload.identity/client-id annotation; set workers.serviceAccount.clientId" -}}
+{{- end -}}
+{{- end -}}
+{{- if $w.keda.enabled -}}
+{{- if not $w.keda.queueName -}}
+{{- fail "workers.keda.queueName is required when workers.keda.enabled (KEDA cannot expand $(BROKER_REQUESTS_QUEUE))" -}}
+{{- end -}}
+{{- if gt (int $w.keda.minReplicaCount) (int $w.keda.maxReplicaCount) -}}
+{{- fail "workers.keda.minReplicaCount must not exceed workers.keda.maxReplicaCount" -}}
+{{- end -}}
+{{- $pdb := $w.podDisruptionBudget -}}
+{{- if and $pdb.enabled (not (kindIs "invalid" $pdb.minAvailable)) (not (kindIs "string" $pdb.minAvailable)) -}}
+{{- if ge (int $pdb.minAvailable) (int $w.keda.minReplicaCount) -}}
+{{- fail "workers.podDisruptionBudget.minAvailable must be below workers.keda.minReplicaCount, or no pod could ever be evicted" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}

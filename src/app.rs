@@ -1,0 +1,108 @@
+//! The entry point a binary calls: the CLI, the registry and the worker.
+
+use std::sync::Arc;
+
+use tracing::{error, info};
+
+use crate::broker::mask_url;
+use crate::config::{self, Invocation, ProcessEnv, WorkerConfig, EX_USAGE};
+use crate::task::{builtins, Registry};
+
+/// A celeriac application: the tasks it can run.
+///
+/// ```no_run
+/// fn main() {
+///     let mut app = celeriac::App::new();
+///     app.registry_mut().register("proj.tasks.mul", &[], |_ctx, (x, y): (i64, i64)| Ok(x * y));
+///     app.run();
+/// }
+/// ```
+pub struct App {
+    registry: Registry,
+}
+
+impl Default for App {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl App {
+    /// An app with the `celeriac.*` diagnostic tasks registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::new();
+        builtins::register(&mut registry);
+        Self { registry }
+    }
+
+    /// The task registry, to add tasks.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// Parses the command line and runs it, then exits the process.
+    pub fn run(self) -> ! {
+        let code = self.run_with_args(std::env::args_os());
+        std::process::exit(code)
+    }
+
+    /// Parses `args` and runs them; returns the exit code.
+    pub fn run_with_args<I, T>(mut self, args: I) -> i32
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let config = match config::parse(args, &ProcessEnv) {
+            Ok(Invocation::Print(text)) => {
+                print!("{text}");
+                return 0;
+            }
+            Ok(Invocation::Worker(config)) => config,
+            Err(e) => {
+                eprintln!("celeriac: error: {e}");
+                return EX_USAGE;
+            }
+        };
+        crate::logging::init(config.log_level, config.log_format);
+        if !config.builtin_tasks {
+            self.registry.remove_prefix(builtins::PREFIX);
+        }
+        banner(&config, &self.registry);
+        let config = Arc::new(*config);
+        let registry = Arc::new(self.registry);
+        let slots = config.concurrency;
+        match crate::child::run_blocking(config, registry, slots) {
+            Ok(_) => {
+                info!("worker stopped");
+                0
+            }
+            Err(e) => {
+                error!("worker failed: {e}");
+                1
+            }
+        }
+    }
+}
+
+fn banner(config: &WorkerConfig, registry: &Registry) {
+    let queues: Vec<&str> = config.queues.iter().map(|q| q.name.as_str()).collect();
+    let backend = match &config.result_backend {
+        None => "disabled".to_owned(),
+        Some(config::BackendUrl::Rpc) => "rpc://".to_owned(),
+        Some(config::BackendUrl::Redis(u)) => mask_url(u),
+    };
+    info!(
+        "celeriac {} {} ready to start: transport {}, results {}, concurrency {} (prefork), task events {}, queues [{}]",
+        env!("CARGO_PKG_VERSION"),
+        config.hostname,
+        mask_url(&config.broker_url),
+        backend,
+        config.concurrency,
+        if config.task_events { "ON" } else { "OFF" },
+        queues.join(", ")
+    );
+    info!(
+        "[tasks] {}",
+        registry.names().collect::<Vec<_>>().join(", ")
+    );
+}

@@ -1,0 +1,44 @@
+//! rpc://: results published to the client's reply queue on the default exchange.
+
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel};
+
+use super::BackendError;
+use crate::broker::{publish, Outgoing};
+use crate::protocol::{ResultDocument, TaskMessage};
+
+/// The rpc result backend.
+pub struct RpcBackend {
+    channel: Channel,
+}
+
+impl RpcBackend {
+    /// Publishes results on `channel`.
+    pub fn new(channel: Channel) -> Self {
+        Self { channel }
+    }
+
+    /// Sends `doc` to the message's `reply_to` queue; without one there is
+    /// nobody to tell, as in Celery.
+    pub async fn store(&self, msg: &TaskMessage, doc: &ResultDocument) -> Result<(), BackendError> {
+        let Some(reply_to) = msg.reply_to.as_deref() else {
+            return Ok(());
+        };
+        let correlation_id = msg.correlation_id.clone().unwrap_or_else(|| msg.id.clone());
+        let properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_content_encoding("utf-8".into())
+            .with_headers(FieldTable::default())
+            .with_delivery_mode(1)
+            .with_priority(0)
+            .with_correlation_id(correlation_id.into());
+        let out = Outgoing {
+            exchange: String::new(),
+            routing_key: reply_to.to_owned(),
+            properties,
+            body: doc.to_json(),
+        };
+        publish(&self.channel, &out).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,483 @@
+//! A task child: one AMQP connection consuming the worker's queues, running
+//! tasks, settling messages and storing results. This is the unit the
+//! supervisor forks; it creates its tokio runtime and connection itself.
+
+mod execute;
+mod job;
+mod shared;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures_lite::StreamExt;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::Channel;
+use thiserror::Error;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+use tokio::task::{AbortHandle, JoinSet};
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+use crate::backend::{Backend, BackendError};
+use crate::broker::{connect, declare_queue, mask_url, BrokerError};
+use crate::config::WorkerConfig;
+use crate::protocol::{ExceptionInfo, TaskState};
+use crate::task::Registry;
+use execute::{discard_revoked, execute, is_expired, Finished, RunState};
+use job::{decode, reject, requeue, Decoded, Job};
+use shared::Shared;
+
+/// Why a child could not run.
+#[derive(Debug, Error)]
+pub enum ChildError {
+    /// The broker refused or dropped us.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// The result backend is unreachable.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The runtime could not be built.
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    /// The connection was lost while consuming.
+    #[error("connection to broker lost: {0}")]
+    ConnectionLost(String),
+}
+
+/// How a child's run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Drained after a shutdown signal.
+    Shutdown,
+}
+
+/// Runs a child to completion on a fresh single-threaded tokio runtime.
+/// Call it only in a process that has no other runtime (after fork).
+pub fn run_blocking(
+    config: Arc<WorkerConfig>,
+    registry: Arc<Registry>,
+    slots: usize,
+) -> Result<Exit, ChildError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(slots.max(1) + 2)
+        .build()
+        .map_err(ChildError::Runtime)?;
+    runtime.block_on(run(config, registry, slots))
+}
+
+enum Incoming {
+    Delivery(Box<lapin::message::Delivery>, ShortString),
+    Failed(lapin::Error),
+    Ended(ShortString),
+}
+
+struct ConsumerState {
+    queue: String,
+    tag: ShortString,
+    eta_since_rotation: usize,
+}
+
+struct Running {
+    job_msg: crate::protocol::TaskMessage,
+    acker: lapin::Acker,
+    acks_late: bool,
+    state: Arc<RunState>,
+    abort: AbortHandle,
+    route: (String, String),
+}
+
+struct Child {
+    shared: Arc<Shared>,
+    channel: Channel,
+    slots: usize,
+    consumers: Vec<ConsumerState>,
+    consumer_seq: u64,
+    tx: mpsc::UnboundedSender<Incoming>,
+    ready: VecDeque<Job>,
+    scheduled: BTreeMap<(chrono::DateTime<Utc>, u64), Job>,
+    sched_seq: u64,
+    running: JoinSet<Finished>,
+    running_info: HashMap<tokio::task::Id, Running>,
+}
+
+/// Connects, declares, consumes and runs tasks until a shutdown signal
+/// has been handled.
+pub async fn run(
+    config: Arc<WorkerConfig>,
+    registry: Arc<Registry>,
+    slots: usize,
+) -> Result<Exit, ChildError> {
+    let pid = std::process::id();
+    let conn = connect(
+        &config.broker_url,
+        &format!("celeriac {} pid {pid}", config.hostname),
+    )
+    .await?;
+    info!("Connected to {}", mask_url(&config.broker_url));
+    for spec in &config.queues {
+        declare_queue(&conn, spec).await?;
+    }
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(BrokerError::amqp("open channel"))?;
+    let confirmed = crate::broker::confirm_channel(&conn).await?;
+    let backend = match &config.result_backend {
+        Some(url) => {
+            let results = conn
+                .create_channel()
+                .await
+                .map_err(BrokerError::amqp("open channel"))?;
+            Some(Backend::connect(url, results).await?)
+        }
+        None => None,
+    };
+    let prefetch = u16::try_from(slots * usize::from(config.prefetch_multiplier)).unwrap_or(0);
+    // Per-consumer QoS (global=false): works on quorum queues and RabbitMQ 4.
+    channel
+        .basic_qos(prefetch, BasicQosOptions { global: false })
+        .await
+        .map_err(BrokerError::amqp("basic.qos"))?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        config: Arc::clone(&config),
+        registry,
+        confirmed,
+        backend,
+        pid,
+    });
+    let mut child = Child {
+        shared,
+        channel,
+        slots: slots.max(1),
+        consumers: Vec::new(),
+        consumer_seq: 0,
+        tx,
+        ready: VecDeque::new(),
+        scheduled: BTreeMap::new(),
+        sched_seq: 0,
+        running: JoinSet::new(),
+        running_info: HashMap::new(),
+    };
+    for spec in &config.queues {
+        child.consume(&spec.name).await?;
+    }
+    info!(queues = ?config.queues.iter().map(|q| q.name.as_str()).collect::<Vec<_>>(), prefetch, "consuming");
+    let result = child.serve(&mut rx).await;
+    let _ = child.channel.close(200, ShortString::from("bye")).await;
+    let _ = conn.close(200, ShortString::from("bye")).await;
+    result
+}
+
+impl Child {
+    async fn consume(&mut self, queue: &str) -> Result<(), ChildError> {
+        self.consumer_seq += 1;
+        let tag = ShortString::from(format!(
+            "celeriac-{}-{}",
+            self.shared.pid, self.consumer_seq
+        ));
+        let mut consumer = self
+            .channel
+            .basic_consume(
+                ShortString::from(queue),
+                tag.clone(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(BrokerError::amqp(format!("basic.consume {queue}")))?;
+        let tx = self.tx.clone();
+        let forward_tag = tag.clone();
+        tokio::spawn(async move {
+            while let Some(item) = consumer.next().await {
+                let sent = match item {
+                    Ok(d) => tx.send(Incoming::Delivery(Box::new(d), forward_tag.clone())),
+                    Err(e) => {
+                        let _ = tx.send(Incoming::Failed(e));
+                        break;
+                    }
+                };
+                if sent.is_err() {
+                    break;
+                }
+            }
+            let _ = tx.send(Incoming::Ended(forward_tag));
+        });
+        self.consumers.push(ConsumerState {
+            queue: queue.to_owned(),
+            tag,
+            eta_since_rotation: 0,
+        });
+        Ok(())
+    }
+
+    async fn serve(
+        &mut self,
+        rx: &mut mpsc::UnboundedReceiver<Incoming>,
+    ) -> Result<Exit, ChildError> {
+        let mut sigterm = signal(SignalKind::terminate()).map_err(ChildError::Runtime)?;
+        let mut sigint = signal(SignalKind::interrupt()).map_err(ChildError::Runtime)?;
+        let mut sigquit = signal(SignalKind::quit()).map_err(ChildError::Runtime)?;
+        let mut rotation = tokio::time::interval(Duration::from_millis(250));
+        rotation.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let far = Instant::now() + Duration::from_secs(86_400 * 365);
+        loop {
+            let next_eta = self.next_eta_instant().unwrap_or(far);
+            tokio::select! {
+                _ = sigterm.recv() => return self.shutdown(rx, false).await,
+                _ = sigint.recv() => return self.shutdown(rx, false).await,
+                _ = sigquit.recv() => return self.shutdown(rx, true).await,
+                Some(done) = self.running.join_next_with_id(), if !self.running.is_empty() => self.finished(done),
+                incoming = rx.recv() => match incoming {
+                    Some(Incoming::Delivery(d, tag)) => self.receive(*d, &tag).await,
+                    Some(Incoming::Failed(e)) => return Err(ChildError::ConnectionLost(e.to_string())),
+                    Some(Incoming::Ended(tag)) => {
+                        if self.consumers.iter().any(|c| c.tag == tag) {
+                            return Err(ChildError::ConnectionLost(format!("consumer {tag} was cancelled by the broker")));
+                        }
+                    }
+                    None => return Err(ChildError::ConnectionLost("consumers stopped".into())),
+                },
+                () = tokio::time::sleep_until(next_eta), if next_eta != far => self.release_due(),
+                _ = rotation.tick() => self.rotate_consumers().await?,
+            }
+            self.dispatch();
+        }
+    }
+
+    fn finished(&mut self, done: Result<(tokio::task::Id, Finished), tokio::task::JoinError>) {
+        let id = match &done {
+            Ok((id, _)) => *id,
+            Err(e) => e.id(),
+        };
+        if let Some(info) = self.running_info.remove(&id) {
+            if let Err(e) = done {
+                error!(task_id = %info.job_msg.id, "task runner for {} stopped abnormally: {e}", info.job_msg.id);
+            }
+        }
+    }
+
+    async fn receive(&mut self, delivery: lapin::message::Delivery, tag: &ShortString) {
+        let (mut job, acker_id) = match decode(delivery) {
+            Decoded::Job(job) => {
+                let id = job.msg.id.clone();
+                (*job, id)
+            }
+            Decoded::Bad { id, error, acker } => {
+                error!(task_id = %id, "Received invalid task message {id}, rejecting it (requeue=false): {error}");
+                reject(&acker, &id, false).await;
+                return;
+            }
+        };
+        let shared = Arc::clone(&self.shared);
+        let Some(task) = shared.registry.get(&job.msg.task) else {
+            error!(task_id = %acker_id, "Received unregistered task of type '{}' (id {acker_id}); rejecting it", job.msg.task);
+            let exc = ExceptionInfo::not_registered(&job.msg.task);
+            let mut doc = shared.document(
+                &job.msg,
+                TaskState::Failure,
+                serde_json::to_value(&exc).unwrap_or_default(),
+            );
+            doc.traceback = None;
+            shared.store(&job.msg, doc).await;
+            reject(&job.acker, &acker_id, false).await;
+            return;
+        };
+        info!(task_id = %acker_id, "Task {}[{}] received", job.msg.display_name(), acker_id);
+        if is_expired(&job.msg) {
+            let ignore = job.msg.ignore_result.unwrap_or(task.options.ignore_result);
+            discard_revoked(&shared, &job, "expired", ignore).await;
+            return;
+        }
+        match job.msg.eta {
+            Some(eta) if eta > Utc::now() => {
+                self.sched_seq += 1;
+                if let Some(c) = self.consumers.iter_mut().find(|c| &c.tag == tag) {
+                    c.eta_since_rotation += 1;
+                }
+                job.msg.eta = Some(eta);
+                self.scheduled.insert((eta, self.sched_seq), job);
+            }
+            _ => self.ready.push_back(job),
+        }
+    }
+
+    fn next_eta_instant(&self) -> Option<Instant> {
+        let (eta, _) = self.scheduled.keys().next()?;
+        let wait = (*eta - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        Some(Instant::now() + wait)
+    }
+
+    fn release_due(&mut self) {
+        let now = Utc::now();
+        while let Some(entry) = self.scheduled.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            self.ready.push_back(entry.remove());
+        }
+    }
+
+    /// Held ETA messages still count against the consumer that delivered
+    /// them. With per-consumer QoS the prefetch of a live consumer cannot be
+    /// raised, so a consumer holding ETA messages is replaced by a fresh one
+    /// (the held messages stay unacked on the channel), up to `--eta-limit`.
+    async fn rotate_consumers(&mut self) -> Result<(), ChildError> {
+        if self.scheduled.len() >= self.shared.config.eta_limit {
+            return Ok(());
+        }
+        let stale: Vec<usize> = (0..self.consumers.len())
+            .filter(|&i| self.consumers[i].eta_since_rotation > 0)
+            .collect();
+        for i in stale.into_iter().rev() {
+            let old = self.consumers.remove(i);
+            debug!(queue = %old.queue, "replacing consumer {} holding {} ETA task(s)", old.tag, old.eta_since_rotation);
+            self.channel
+                .basic_cancel(old.tag.clone(), BasicCancelOptions::default())
+                .await
+                .map_err(BrokerError::amqp("basic.cancel"))?;
+            self.consume(&old.queue).await?;
+        }
+        Ok(())
+    }
+
+    fn dispatch(&mut self) {
+        while self.running.len() < self.slots {
+            let Some(job) = self.ready.pop_front() else {
+                break;
+            };
+            let acks_late = self
+                .shared
+                .registry
+                .get(&job.msg.task)
+                .and_then(|t| t.options.acks_late)
+                .unwrap_or(self.shared.config.acks_late);
+            let state = Arc::new(RunState::default());
+            let route = (
+                job.delivery.exchange.clone(),
+                job.delivery.routing_key.clone(),
+            );
+            let job_msg = job.msg.clone();
+            let acker = job.acker.clone();
+            let abort =
+                self.running
+                    .spawn(execute(Arc::clone(&self.shared), job, Arc::clone(&state)));
+            self.running_info.insert(
+                abort.id(),
+                Running {
+                    job_msg,
+                    acker,
+                    acks_late,
+                    state,
+                    abort,
+                    route,
+                },
+            );
+        }
+    }
+
+    async fn shutdown(
+        &mut self,
+        rx: &mut mpsc::UnboundedReceiver<Incoming>,
+        cold: bool,
+    ) -> Result<Exit, ChildError> {
+        let timeout = if cold {
+            Duration::ZERO
+        } else {
+            self.shared.config.shutdown_timeout
+        };
+        info!(
+            "{} shutdown: stopping consumers, {} task(s) running, deadline {:?}",
+            if cold { "Cold" } else { "Warm" },
+            self.running.len(),
+            timeout
+        );
+        for c in std::mem::take(&mut self.consumers) {
+            if let Err(e) = self
+                .channel
+                .basic_cancel(c.tag.clone(), BasicCancelOptions::default())
+                .await
+            {
+                warn!("could not cancel consumer {}: {e}", c.tag);
+            }
+        }
+        // Everything received but not started goes back to the queue.
+        let mut returned = 0usize;
+        while let Ok(incoming) = rx.try_recv() {
+            if let Incoming::Delivery(d, _) = incoming {
+                let id = match decode(*d) {
+                    Decoded::Job(job) => {
+                        requeue(&job.acker, &job.msg.id).await;
+                        job.msg.id
+                    }
+                    Decoded::Bad { id, acker, .. } => {
+                        requeue(&acker, &id).await;
+                        id
+                    }
+                };
+                debug!(task_id = %id, "returned {id} to the queue");
+                returned += 1;
+            }
+        }
+        for job in self
+            .ready
+            .drain(..)
+            .chain(std::mem::take(&mut self.scheduled).into_values())
+        {
+            requeue(&job.acker, &job.msg.id).await;
+            returned += 1;
+        }
+        if returned > 0 {
+            info!("Returned {returned} unstarted message(s) to the broker");
+        }
+        let deadline = Instant::now() + timeout;
+        let mut sigterm = signal(SignalKind::terminate()).map_err(ChildError::Runtime)?;
+        let mut sigint = signal(SignalKind::interrupt()).map_err(ChildError::Runtime)?;
+        while !self.running.is_empty() {
+            tokio::select! {
+                Some(done) = self.running.join_next_with_id() => self.finished(done),
+                () = tokio::time::sleep_until(deadline) => break,
+                _ = sigterm.recv() => { warn!("second termination signal: stopping running tasks now"); break }
+                _ = sigint.recv() => { warn!("second interrupt: stopping running tasks now"); break }
+            }
+        }
+        self.hand_back_running().await;
+        Ok(Exit::Shutdown)
+    }
+
+    /// At the drain deadline: acks_late messages are requeued; early-acked
+    /// tasks are re-published under their own id (confirmed) before they are
+    /// stopped, so nothing is lost either way.
+    async fn hand_back_running(&mut self) {
+        for (_, run) in self.running_info.drain() {
+            run.abort.abort();
+            let id = &run.job_msg.id;
+            if run.acks_late || !run.state.acked.load(Ordering::Acquire) {
+                requeue(&run.acker, id).await;
+                warn!(task_id = %id, "Task {}[{}] did not finish before the deadline; requeued", run.job_msg.display_name(), id);
+            } else {
+                let route = (run.route.0.as_str(), run.route.1.as_str());
+                match self
+                    .shared
+                    .publish_task(&run.job_msg.republish_message(), route)
+                    .await
+                {
+                    Ok(()) => {
+                        warn!(task_id = %id, "Task {}[{}] did not finish before the deadline; re-published", run.job_msg.display_name(), id)
+                    }
+                    Err(e) => {
+                        error!(task_id = %id, "Task {}[{}] could not be re-published at shutdown: {e}", run.job_msg.display_name(), id)
+                    }
+                }
+            }
+        }
+        self.running.abort_all();
+        while self.running.join_next().await.is_some() {}
+    }
+}

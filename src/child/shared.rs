@@ -1,0 +1,81 @@
+//! What every running task of a child shares: channels, backend, registry.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use lapin::{BasicProperties, Channel};
+use tracing::warn;
+
+use crate::backend::Backend;
+use crate::broker::{json_to_table, publish_confirmed, BrokerError, Outgoing};
+use crate::config::WorkerConfig;
+use crate::protocol::{OutgoingTask, ResultDocument, TaskMessage};
+use crate::task::Registry;
+
+/// State shared by the child's loop and its running tasks.
+pub struct Shared {
+    /// The validated configuration.
+    pub config: Arc<WorkerConfig>,
+    /// Registered tasks.
+    pub registry: Arc<Registry>,
+    /// Confirm-mode channel for messages that must not be lost.
+    pub confirmed: Channel,
+    /// Result backend, if configured.
+    pub backend: Option<Backend>,
+    /// This child's pid.
+    pub pid: u32,
+}
+
+impl Shared {
+    /// Stores a result, logging (not failing) when the backend is unreachable.
+    pub async fn store(&self, msg: &TaskMessage, doc: ResultDocument) {
+        if let Some(backend) = &self.backend {
+            if let Err(e) = backend.store(msg, &doc).await {
+                warn!(task_id = %msg.id, "could not store {} for {}[{}]: {e}", doc.status.as_str(), msg.display_name(), msg.id);
+            }
+        }
+    }
+
+    /// A fresh result document for `msg`.
+    pub fn document(
+        &self,
+        msg: &TaskMessage,
+        status: crate::protocol::TaskState,
+        result: serde_json::Value,
+    ) -> ResultDocument {
+        let mut doc = ResultDocument::new(&msg.id, status, result, Utc::now());
+        doc.group_id = msg.group.clone();
+        doc.parent_id = msg.parent_id.clone();
+        doc
+    }
+
+    /// Publishes a task message under publisher confirms. `default_route`
+    /// is used when the message names none.
+    pub async fn publish_task(
+        &self,
+        task: &OutgoingTask,
+        default_route: (&str, &str),
+    ) -> Result<(), BrokerError> {
+        let (exchange, routing_key) = match &task.route {
+            Some((e, k)) => (e.as_str(), k.as_str()),
+            None => default_route,
+        };
+        let mut props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_content_encoding("utf-8".into())
+            .with_headers(json_to_table(&task.headers))
+            .with_delivery_mode(2)
+            .with_priority(task.priority)
+            .with_correlation_id(task.id.as_str().into());
+        if let Some(reply_to) = &task.reply_to {
+            props = props.with_reply_to(reply_to.as_str().into());
+        }
+        let out = Outgoing {
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            properties: props,
+            body: task.body.clone(),
+        };
+        publish_confirmed(&self.confirmed, &out).await
+    }
+}

@@ -1,0 +1,599 @@
+//! The `celeriac worker` command line and environment, validated before
+//! anything connects or forks. A bad value exits with code 64 (EX_USAGE) and
+//! one line naming it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use thiserror::Error;
+
+use crate::broker::{mask_url, parse_url, QueueSpec};
+
+/// Exit code for a bad flag or environment variable (sysexits EX_USAGE).
+pub const EX_USAGE: i32 = 64;
+
+/// The default broker, as Celery's.
+pub const DEFAULT_BROKER: &str = "amqp://guest:guest@localhost:5672//";
+
+/// The default state directory shared with the probe binaries.
+pub const DEFAULT_STATE_DIR: &str = "/tmp/celeriac";
+
+/// A configuration value that cannot be used.
+#[derive(Debug, Error, PartialEq)]
+#[error("{name}: {reason}")]
+pub struct ConfigError {
+    /// The flag or variable.
+    pub name: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(name: &str, reason: impl Into<String>) -> Self {
+        Self {
+            name: name.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "celeriac",
+    version,
+    about = "A Celery-compatible worker runtime",
+    disable_help_subcommand = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Start a worker: consume Celery tasks from RabbitMQ and run them.
+    Worker(Box<WorkerArgs>),
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `x-queue-type` for queues the worker declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QueueType {
+    /// Classic queues (Celery's default).
+    Classic,
+    /// Quorum queues (`task_default_queue_type = "quorum"`).
+    Quorum,
+}
+
+#[derive(clap::Args, Debug)]
+struct WorkerArgs {
+    /// Broker URL [env: CELERY_BROKER_URL, BROKER_URL] [default: amqp://guest:guest@localhost:5672//]
+    #[arg(short = 'b', long)]
+    broker: Option<String>,
+    /// Result backend: rpc:// or redis://host:port/db [env: CELERY_RESULT_BACKEND] [default: none]
+    #[arg(long)]
+    result_backend: Option<String>,
+    /// Queues to consume, comma-separated (repeatable)
+    #[arg(short = 'Q', long = "queues", default_value = "celery")]
+    queues: Vec<String>,
+    /// Number of task processes [default: the CPU limit of the container, else the CPU count]
+    #[arg(short = 'c', long, env = "CELERIAC_CONCURRENCY")]
+    concurrency: Option<usize>,
+    /// Pool implementation; only `prefork` exists
+    #[arg(short = 'P', long, default_value = "prefork")]
+    pool: String,
+    /// Send task events for monitors such as Flower
+    #[arg(short = 'E', long = "task-events", visible_alias = "events")]
+    task_events: bool,
+    /// Node name; %h = hostname, %n = its name part, %d = its domain
+    #[arg(short = 'n', long, default_value = "celery@%h")]
+    hostname: String,
+    /// Log level: DEBUG, INFO, WARNING, ERROR, CRITICAL
+    #[arg(short = 'l', long, default_value = "INFO", env = "CELERIAC_LOGLEVEL")]
+    loglevel: String,
+    /// Log format
+    #[arg(long, value_enum, default_value = "text", env = "CELERIAC_LOG_FORMAT")]
+    log_format: LogFormat,
+    /// Messages each process may reserve (prefetch = concurrency × this)
+    #[arg(long, default_value_t = 4)]
+    prefetch_multiplier: u16,
+    /// Acknowledge tasks after they run instead of before
+    #[arg(long)]
+    acks_late: bool,
+    /// Store a STARTED state when a task starts
+    #[arg(long)]
+    track_started: bool,
+    /// Hard time limit for every task, in seconds
+    #[arg(long)]
+    time_limit: Option<f64>,
+    /// Soft time limit for every task, in seconds
+    #[arg(long)]
+    soft_time_limit: Option<f64>,
+    /// Replace a task process after it ran this many tasks
+    #[arg(long)]
+    max_tasks_per_child: Option<u64>,
+    /// Replace a task process whose resident memory exceeds this many KiB after a task
+    #[arg(long)]
+    max_memory_per_child: Option<u64>,
+    /// Seconds a warm shutdown may take before unfinished tasks are handed back to the broker
+    #[arg(long, default_value_t = 100.0, env = "CELERIAC_SHUTDOWN_TIMEOUT")]
+    shutdown_timeout: f64,
+    /// Directory for the state file read by the probe binaries
+    #[arg(long, env = "CELERIAC_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// x-queue-type for queues this worker declares
+    #[arg(
+        long,
+        value_enum,
+        default_value = "classic",
+        env = "CELERIAC_QUEUE_TYPE"
+    )]
+    queue_type: QueueType,
+    /// Most ETA/countdown tasks one process holds in memory
+    #[arg(long, default_value_t = 1000)]
+    eta_limit: usize,
+    /// Do not register the celeriac.* diagnostic tasks
+    #[arg(long, env = "CELERIAC_WITHOUT_BUILTIN_TASKS")]
+    without_builtin_tasks: bool,
+    /// Accepted for Celery compatibility (celeriac has no gossip)
+    #[arg(long)]
+    without_gossip: bool,
+    /// Accepted for Celery compatibility (celeriac has no mingle)
+    #[arg(long)]
+    without_mingle: bool,
+    /// Accepted for Celery compatibility
+    #[arg(long)]
+    without_heartbeat: bool,
+}
+
+/// Where task results go.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BackendUrl {
+    /// `rpc://`: replies to the client's queue.
+    Rpc,
+    /// `redis://...`: `celery-task-meta-<id>` keys.
+    Redis(String),
+}
+
+/// A validated worker configuration.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Broker URL (contains the password: print it with [`mask_url`]).
+    pub broker_url: String,
+    /// Result backend.
+    pub result_backend: Option<BackendUrl>,
+    /// The queues to consume.
+    pub queues: Vec<QueueSpec>,
+    /// Number of task processes.
+    pub concurrency: usize,
+    /// Send task events.
+    pub task_events: bool,
+    /// This worker's node name.
+    pub hostname: String,
+    /// Log level directive for tracing.
+    pub log_level: tracing::Level,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Prefetch multiplier.
+    pub prefetch_multiplier: u16,
+    /// Global acks_late.
+    pub acks_late: bool,
+    /// Global track_started.
+    pub track_started: bool,
+    /// Global hard time limit.
+    pub time_limit: Option<f64>,
+    /// Global soft time limit.
+    pub soft_time_limit: Option<f64>,
+    /// Recycle after this many tasks.
+    pub max_tasks_per_child: Option<u64>,
+    /// Recycle above this RSS in KiB.
+    pub max_memory_per_child: Option<u64>,
+    /// Warm shutdown deadline.
+    pub shutdown_timeout: Duration,
+    /// Probe state directory.
+    pub state_dir: PathBuf,
+    /// Most held ETA tasks per process.
+    pub eta_limit: usize,
+    /// Register the diagnostic tasks.
+    pub builtin_tasks: bool,
+}
+
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum Invocation {
+    /// Run a worker.
+    Worker(Box<WorkerConfig>),
+    /// Print this text and exit 0 (help, version).
+    Print(String),
+}
+
+/// Reads process environment variables; replaced by a map in tests.
+pub trait Env {
+    /// The variable's value, if set and non-empty.
+    fn var(&self, key: &str) -> Option<String>;
+}
+
+/// The real process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, key: &str) -> Option<String> {
+        std::env::var(key).ok().filter(|v| !v.is_empty())
+    }
+}
+
+impl<const N: usize> Env for [(&str, &str); N] {
+    fn var(&self, key: &str) -> Option<String> {
+        self.iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| (*v).to_owned())
+    }
+}
+
+/// Parses and validates a command line (`args[0]` is the program name).
+pub fn parse<I, T>(args: I, env: &dyn Env) -> Result<Invocation, ConfigError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            return match e.kind() {
+                ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                    Ok(Invocation::Print(e.render().to_string()))
+                }
+                _ => Err(ConfigError::new(
+                    "command line",
+                    first_line(&e.render().to_string()),
+                )),
+            };
+        }
+    };
+    match cli.command {
+        Command::Worker(args) => validate(*args, env).map(|c| Invocation::Worker(Box::new(c))),
+    }
+}
+
+fn first_line(text: &str) -> String {
+    let line = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("invalid arguments");
+    line.trim_start_matches("error: ").to_owned()
+}
+
+fn validate(a: WorkerArgs, env: &dyn Env) -> Result<WorkerConfig, ConfigError> {
+    if a.pool != "prefork" {
+        return Err(ConfigError::new(
+            "--pool",
+            format!(
+                "{:?} is not supported: celeriac runs the prefork pool only",
+                a.pool
+            ),
+        ));
+    }
+    let (broker_name, broker_url) = match a.broker {
+        Some(url) => ("--broker", url),
+        None => match (env.var("CELERY_BROKER_URL"), env.var("BROKER_URL")) {
+            (Some(url), _) => ("CELERY_BROKER_URL", url),
+            (None, Some(url)) => ("BROKER_URL", url),
+            (None, None) => ("--broker", DEFAULT_BROKER.to_owned()),
+        },
+    };
+    parse_url(&broker_url).map_err(|e| ConfigError::new(broker_name, e.to_string()))?;
+
+    let (backend_name, backend) = match a.result_backend {
+        Some(url) => ("--result-backend", Some(url)),
+        None => ("CELERY_RESULT_BACKEND", env.var("CELERY_RESULT_BACKEND")),
+    };
+    let result_backend = backend
+        .map(|url| parse_backend(&url).map_err(|reason| ConfigError::new(backend_name, reason)))
+        .transpose()?;
+
+    let mut names = Vec::new();
+    for part in a.queues.iter().flat_map(|q| q.split(',')) {
+        let name = part.trim();
+        if name.is_empty() {
+            continue;
+        }
+        if name.len() > 255 {
+            return Err(ConfigError::new(
+                "--queues",
+                format!("queue name {name:?} is longer than 255 bytes"),
+            ));
+        }
+        if !names.iter().any(|n| n == name) {
+            names.push(name.to_owned());
+        }
+    }
+    if names.is_empty() {
+        return Err(ConfigError::new("--queues", "no queue given"));
+    }
+    let queue_type = match a.queue_type {
+        QueueType::Classic => None,
+        QueueType::Quorum => Some("quorum".to_owned()),
+    };
+    let queues = names
+        .iter()
+        .map(|n| QueueSpec {
+            queue_type: queue_type.clone(),
+            ..QueueSpec::celery_default(n)
+        })
+        .collect();
+
+    let concurrency = match a.concurrency {
+        Some(0) => return Err(ConfigError::new("--concurrency", "must be at least 1")),
+        Some(n) if n > 1024 => {
+            return Err(ConfigError::new(
+                "--concurrency",
+                format!("{n} is more than 1024"),
+            ))
+        }
+        Some(n) => n,
+        None => default_concurrency(),
+    };
+    let log_level = match a.loglevel.to_ascii_uppercase().as_str() {
+        "DEBUG" => tracing::Level::DEBUG,
+        "INFO" => tracing::Level::INFO,
+        "WARNING" | "WARN" => tracing::Level::WARN,
+        "ERROR" | "CRITICAL" | "FATAL" => tracing::Level::ERROR,
+        "TRACE" => tracing::Level::TRACE,
+        other => {
+            return Err(ConfigError::new(
+                "--loglevel",
+                format!("{other:?} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+            ))
+        }
+    };
+    let hostname = expand_hostname(&a.hostname, &local_hostname())
+        .map_err(|r| ConfigError::new("--hostname", r))?;
+    let positive = |name: &str, v: Option<f64>| -> Result<Option<f64>, ConfigError> {
+        match v {
+            Some(s) if !(s.is_finite() && s > 0.0) => Err(ConfigError::new(
+                name,
+                format!("{s} is not a positive number of seconds"),
+            )),
+            other => Ok(other),
+        }
+    };
+    let time_limit = positive("--time-limit", a.time_limit)?;
+    let soft_time_limit = positive("--soft-time-limit", a.soft_time_limit)?;
+    if !(a.shutdown_timeout.is_finite()
+        && a.shutdown_timeout >= 0.0
+        && a.shutdown_timeout <= 86_400.0)
+    {
+        return Err(ConfigError::new(
+            "--shutdown-timeout",
+            format!("{} is not between 0 and 86400 seconds", a.shutdown_timeout),
+        ));
+    }
+    if a.max_tasks_per_child == Some(0) {
+        return Err(ConfigError::new(
+            "--max-tasks-per-child",
+            "must be at least 1",
+        ));
+    }
+    if a.max_memory_per_child == Some(0) {
+        return Err(ConfigError::new(
+            "--max-memory-per-child",
+            "must be at least 1 KiB",
+        ));
+    }
+    if a.state_dir.as_os_str().is_empty() {
+        return Err(ConfigError::new("--state-dir", "must not be empty"));
+    }
+    if a.eta_limit == 0 {
+        return Err(ConfigError::new("--eta-limit", "must be at least 1"));
+    }
+    Ok(WorkerConfig {
+        broker_url,
+        result_backend,
+        queues,
+        concurrency,
+        task_events: a.task_events,
+        hostname,
+        log_level,
+        log_format: a.log_format,
+        prefetch_multiplier: a.prefetch_multiplier,
+        acks_late: a.acks_late,
+        track_started: a.track_started,
+        time_limit,
+        soft_time_limit,
+        max_tasks_per_child: a.max_tasks_per_child,
+        max_memory_per_child: a.max_memory_per_child,
+        shutdown_timeout: Duration::from_secs_f64(a.shutdown_timeout),
+        state_dir: a.state_dir,
+        eta_limit: a.eta_limit,
+        builtin_tasks: !a.without_builtin_tasks,
+    })
+}
+
+fn parse_backend(url: &str) -> Result<BackendUrl, String> {
+    let lower = url.to_ascii_lowercase();
+    if lower == "rpc" || lower.starts_with("rpc://") {
+        return Ok(BackendUrl::Rpc);
+    }
+    if lower.starts_with("redis://") || lower.starts_with("rediss://") {
+        return redis::Client::open(url)
+            .map(|_| BackendUrl::Redis(url.to_owned()))
+            .map_err(|e| {
+                format!("invalid Redis URL {}: {e}", mask_url(url)).replace(url, &mask_url(url))
+            });
+    }
+    Err(format!(
+        "{} is not supported: use rpc:// or redis://",
+        mask_url(url)
+    ))
+}
+
+/// The concurrency Celery would pick in a container: the cgroup v2 CPU limit
+/// (`cpu.max`) rounded up, else the number of CPUs.
+pub fn default_concurrency() -> usize {
+    std::fs::read_to_string("/sys/fs/cgroup/cpu.max")
+        .ok()
+        .and_then(|s| cpu_max_limit(&s))
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Parses cgroup v2 `cpu.max` (`"200000 100000"` → 2, `"max 100000"` → none).
+pub fn cpu_max_limit(text: &str) -> Option<usize> {
+    let mut parts = text.split_whitespace();
+    let quota: u64 = parts.next()?.parse().ok()?;
+    let period: u64 = parts.next()?.parse().ok()?;
+    if period == 0 {
+        return None;
+    }
+    Some((quota.div_ceil(period)).max(1) as usize)
+}
+
+fn local_hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Expands Celery's `%h`, `%n`, `%d` and `%%` in a node name, adding
+/// `celery@` when no `@` is given.
+pub fn expand_hostname(template: &str, host: &str) -> Result<String, String> {
+    let (name, domain) = host.split_once('.').unwrap_or((host, ""));
+    let mut out = String::new();
+    let mut chars = template.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('h') => out.push_str(host),
+            Some('n') => out.push_str(name),
+            Some('d') => out.push_str(domain),
+            Some('%') => out.push('%'),
+            Some(other) => return Err(format!("unknown placeholder %{other} in {template:?}")),
+            None => return Err(format!("dangling % in {template:?}")),
+        }
+    }
+    if out.trim().is_empty() {
+        return Err("node name is empty".into());
+    }
+    if !out.contains('@') {
+        out = format!("celery@{out}");
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(args: &[&str], env: &dyn Env) -> Result<WorkerConfig, ConfigError> {
+        let mut argv = vec!["celeriac", "worker"];
+        argv.extend_from_slice(args);
+        match parse(argv, env)? {
+            Invocation::Worker(c) => Ok(*c),
+            Invocation::Print(p) => panic!("unexpected print: {p}"),
+        }
+    }
+
+    #[test]
+    fn defaults_just_work() {
+        let c = worker(&[], &[]).unwrap();
+        assert_eq!(c.broker_url, DEFAULT_BROKER);
+        assert_eq!(c.queues, vec![QueueSpec::celery_default("celery")]);
+        assert_eq!(c.prefetch_multiplier, 4);
+        assert!(c.result_backend.is_none());
+        assert!(c.hostname.starts_with("celery@"));
+        assert!(c.concurrency >= 1);
+    }
+
+    #[test]
+    fn the_brief_command_line_parses() {
+        let c = worker(&["--pool", "prefork", "-Q", "requests", "--events"], &[]).unwrap();
+        assert!(c.task_events);
+        assert_eq!(c.queues[0].name, "requests");
+    }
+
+    #[test]
+    fn broker_from_env_in_celery_order() {
+        let env = [
+            ("BROKER_URL", "amqp://a:b@h1//"),
+            ("CELERY_BROKER_URL", "amqp://a:b@h2//"),
+        ];
+        assert_eq!(worker(&[], &env).unwrap().broker_url, "amqp://a:b@h2//");
+        let env = [("BROKER_URL", "amqp://a:b@h1//")];
+        assert_eq!(worker(&[], &env).unwrap().broker_url, "amqp://a:b@h1//");
+    }
+
+    #[test]
+    fn queues_split_and_dedupe() {
+        let c = worker(&["-Q", "a,b", "-Q", "a,c"], &[]).unwrap();
+        let names: Vec<_> = c.queues.iter().map(|q| q.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn bad_values_name_themselves_in_one_line() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["-P", "threads"], "--pool"),
+            (&["-c", "0"], "--concurrency"),
+            (&["--loglevel", "LOUD"], "--loglevel"),
+            (&["--result-backend", "mongodb://x"], "--result-backend"),
+            (&["-n", "w%q"], "--hostname"),
+            (&["--time-limit", "-1"], "--time-limit"),
+            (&["--broker", "http://u:hunter2@h/"], "--broker"),
+            (&["-Q", ","], "--queues"),
+        ];
+        for (args, name) in cases {
+            let err = worker(args, &[]).unwrap_err();
+            assert_eq!(&err.name, name, "{args:?}");
+            assert!(!err.to_string().contains('\n'));
+            assert!(!err.to_string().contains("hunter2"));
+        }
+        let err = worker(&["-c", "many"], &[]).unwrap_err();
+        assert!(err.reason.contains("--concurrency"), "{err}");
+        assert!(!err.to_string().contains('\n'));
+    }
+
+    #[test]
+    fn bad_env_names_the_variable() {
+        let err = worker(&[], &[("CELERY_BROKER_URL", "redis://h/0")]).unwrap_err();
+        assert_eq!(err.name, "CELERY_BROKER_URL");
+        let err = worker(&[], &[("CELERY_RESULT_BACKEND", "cache+memcached://x")]).unwrap_err();
+        assert_eq!(err.name, "CELERY_RESULT_BACKEND");
+    }
+
+    #[test]
+    fn hostname_templates() {
+        assert_eq!(
+            expand_hostname("celery@%h", "pod-1.ns.svc").unwrap(),
+            "celery@pod-1.ns.svc"
+        );
+        assert_eq!(expand_hostname("w@%n", "pod-1.ns.svc").unwrap(), "w@pod-1");
+        assert_eq!(
+            expand_hostname("%n@%d", "pod-1.ns.svc").unwrap(),
+            "pod-1@ns.svc"
+        );
+        assert_eq!(expand_hostname("worker1", "h").unwrap(), "celery@worker1");
+    }
+
+    #[test]
+    fn cgroup_cpu_limits_round_up() {
+        assert_eq!(cpu_max_limit("200000 100000\n"), Some(2));
+        assert_eq!(cpu_max_limit("20000 100000"), Some(1));
+        assert_eq!(cpu_max_limit("150000 100000"), Some(2));
+        assert_eq!(cpu_max_limit("max 100000"), None);
+    }
+}

@@ -1,0 +1,26 @@
+//! celeriac: a worker runtime that is wire-compatible with Python Celery.
+//!
+//! Python producers publish tasks with `send_task`/`delay` as usual; a
+//! celeriac worker consumes them from RabbitMQ, runs Rust functions
+//! registered under the same names, and stores results where
+//! `AsyncResult.get()` finds them (rpc:// or redis://).
+//!
+//! The crate is split by responsibility: [`protocol`] (the wire format, no
+//! I/O), [`broker`] (RabbitMQ), [`task`] (the registry and task API),
+//! [`backend`] (results), [`child`] (the consume-and-run loop), [`config`]
+//! (the command line).
+
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod app;
+pub mod backend;
+pub mod broker;
+pub mod child;
+pub mod config;
+pub mod logging;
+pub mod protocol;
+pub mod repr;
+pub mod task;
+
+pub use app::App;

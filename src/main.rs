@@ -1,0 +1,7 @@
+//! The `celeriac` binary: the worker with its built-in diagnostic tasks.
+
+#![forbid(unsafe_code)]
+
+fn main() {
+    celeriac::App::new().run()
+}

@@ -1,0 +1,23 @@
+//! Tasks: plain Rust functions registered under their Celery names.
+//!
+//! ```
+//! use celeriac::task::{Registry, TaskError};
+//! use serde::Deserialize;
+//!
+//! #[derive(Deserialize)]
+//! struct Add { x: i64, y: i64 }
+//!
+//! let mut registry = Registry::new();
+//! registry.register("proj.tasks.add", &["x", "y"], |_ctx, a: Add| Ok::<_, TaskError>(a.x + a.y));
+//! assert!(registry.get("proj.tasks.add").is_some());
+//! ```
+
+pub mod builtins;
+mod context;
+mod error;
+mod registry;
+
+pub use context::{Context, ContextParts, DeliveryInfo};
+pub use error::{Retry, TaskError};
+pub(crate) use registry::panic_exception;
+pub use registry::{bind_arguments, Registered, Registry, TaskFuture, TaskHandler, TaskOptions};

@@ -1,0 +1,951 @@
+"""Offline tests for the Helm chart (chart/) and its contract with the Dockerfile.
+
+No cluster and no Docker: `helm lint`/`helm template`, kubernetes-validate --strict for the
+built-in kinds, JSON schemas in crd_schemas/ for the CRD kinds (KEDA, App Configuration,
+PodMonitor), yamllint, and assertions on the parsed objects.
+
+helm comes from $HELM or target/tools/bin/helm (tests/setup/helm.sh provides it).
+Run: .venv/bin/python -m pytest tests/chart -q
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from yamllint import linter
+from yamllint.config import YamlLintConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "chart"
+CI_VALUES = CHART / "ci"
+CRD_SCHEMAS = Path(__file__).resolve().parent / "crd_schemas"
+DOCKERFILE = ROOT / "Dockerfile"
+
+# The chart's minimum (Chart.yaml kubeVersion) and a current AKS release.
+KUBE_VERSIONS = ("1.28.0", "1.33.0")
+RENDER_KUBE = "1.33.0"
+
+BUILTIN_KINDS = {"Deployment", "ServiceAccount", "PodDisruptionBudget", "ConfigMap", "Secret"}
+CRD_KINDS = {p.stem for p in CRD_SCHEMAS.glob("*.json")}
+
+BIN = "/usr/local/bin"
+CELERIAC = f"{BIN}/celeriac"
+READINESS = f"{BIN}/worker-readiness"
+LIVENESS = f"{BIN}/worker-liveness"
+STATE_DIR = "/var/run/celeriac"
+
+SPOT_TOLERATION = {
+    "key": "kubernetes.azure.com/scalesetpriority",
+    "operator": "Equal",
+    "value": "spot",
+    "effect": "NoSchedule",
+}
+SPOT_EXPR = {"key": "kubernetes.azure.com/scalesetpriority", "operator": "In", "values": ["spot"]}
+AGENTPOOL = "kubernetes.azure.com/agentpool"
+
+
+# --------------------------------------------------------------------------------------------
+# helm plumbing
+
+
+def _helm_path() -> str | None:
+    candidate = os.environ.get("HELM") or str(ROOT / "target" / "tools" / "bin" / "helm")
+    return candidate if os.path.isfile(candidate) and os.access(candidate, os.X_OK) else None
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    path = _helm_path()
+    if path is None:
+        pytest.fail(
+            "helm not found: set HELM=/path/to/helm or run `bash tests/setup/helm.sh` "
+            "(it installs helm into target/tools/bin/helm)",
+            pytrace=False,
+        )
+    return path
+
+
+class RenderError(Exception):
+    pass
+
+
+@functools.lru_cache(maxsize=None)
+def _template(helm: str, files: tuple[str, ...], sets: tuple[str, ...], kube: str) -> str:
+    cmd = [helm, "template", "celeriac", str(CHART), "--namespace", "workers-blue", "--kube-version", kube]
+    for f in files:
+        cmd += ["-f", str(CI_VALUES / f)]
+    for s in sets:
+        # "json:key=<json>" passes a JSON value (--set-json); anything else is a plain --set.
+        cmd += ["--set-json", s.removeprefix("json:")] if s.startswith("json:") else ["--set", s]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise RenderError(proc.stderr)
+    return proc.stdout
+
+
+def render_text(helm: str, *files: str, sets: tuple[str, ...] = (), kube: str = RENDER_KUBE) -> str:
+    return _template(helm, tuple(files), tuple(sets), kube)
+
+
+def render(helm: str, *files: str, sets: tuple[str, ...] = (), kube: str = RENDER_KUBE) -> list[dict]:
+    return [d for d in yaml.safe_load_all(render_text(helm, *files, sets=sets, kube=kube)) if d]
+
+
+def render_fails(helm: str, *files: str, sets: tuple[str, ...] = ()) -> str:
+    with pytest.raises(RenderError) as err:
+        render_text(helm, *files, sets=sets)
+    return str(err.value)
+
+
+def kinds(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: list[dict], kind: str) -> dict:
+    found = kinds(docs, kind)
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def pod_spec(docs: list[dict]) -> dict:
+    return one(docs, "Deployment")["spec"]["template"]["spec"]
+
+
+def container(docs: list[dict]) -> dict:
+    containers = pod_spec(docs)["containers"]
+    assert [c["name"] for c in containers] == ["worker"]
+    return containers[0]
+
+
+def arg_after(args: list[str], flag: str) -> str:
+    assert args.count(flag) == 1, f"{flag} should appear once in {args}"
+    return args[args.index(flag) + 1]
+
+
+# The values matrix: defaults plus every example under chart/ci/.
+CASES = {"defaults": ()} | {p.name.removesuffix("-values.yaml"): (p.name,) for p in sorted(CI_VALUES.glob("*-values.yaml"))}
+REQUIRED_CASES = {"defaults", "spot", "keda", "appconfig", "identity", "podmonitor"}
+
+
+def test_matrix_covers_the_required_cases():
+    assert REQUIRED_CASES <= set(CASES)
+
+
+# --------------------------------------------------------------------------------------------
+# lint, schema validation of every rendered object, yamllint
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_helm_lint_strict(helm, case):
+    cmd = [helm, "lint", "--strict", str(CHART), "--kube-version", RENDER_KUBE]
+    for f in CASES[case]:
+        cmd += ["-f", str(CI_VALUES / f)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("kube", KUBE_VERSIONS)
+@pytest.mark.parametrize("case", CASES)
+def test_rendered_objects_validate(helm, case, kube, tmp_path):
+    docs = render(helm, *CASES[case], kube=kube)
+    assert docs, "nothing rendered"
+    unknown = {d["kind"] for d in docs} - BUILTIN_KINDS - CRD_KINDS
+    assert not unknown, f"no schema for rendered kinds {unknown}: add one to crd_schemas/ or BUILTIN_KINDS"
+
+    builtin = [d for d in docs if d["kind"] in BUILTIN_KINDS]
+    manifest = tmp_path / "builtin.yaml"
+    manifest.write_text(yaml.safe_dump_all(builtin, sort_keys=False))
+    proc = subprocess.run(
+        [sys.executable, "-m", "kubernetes_validate", "--strict", "-k", kube, str(manifest)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "WARN" not in out and "ERROR" not in out, out
+    assert out.count("passed for resource") == len(builtin), out
+
+    for doc in docs:
+        if doc["kind"] in CRD_KINDS:
+            schema = json.loads((CRD_SCHEMAS / f"{doc['kind']}.json").read_text())
+            jsonschema.Draft7Validator(schema).validate(doc)
+
+
+def test_crd_schemas_reject_misspelled_fields():
+    """The hand-written CRD schemas are strict: a typo in a rendered field must not pass."""
+    schema = json.loads((CRD_SCHEMAS / "ScaledObject.json").read_text())
+    bad = {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": {"name": "worker", "namespace": "workers-blue"},
+        "spec": {"scaleTargetRef": {"name": "worker"}, "maxReplicas": 3, "triggers": []},
+    }
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft7Validator(schema).validate(bad)
+
+
+# Rendered output mixes toYaml's compact sequences with hand-written indented ones, so
+# indentation is not checked; the rules that catch real bugs are duplicate keys (a pod
+# label/annotation given twice silently keeps one), YAML 1.1 truthy strings and syntax.
+YAMLLINT_RENDERED = YamlLintConfig(
+    """
+extends: default
+rules:
+  document-start: disable
+  indentation: disable
+  line-length: disable
+  comments: disable
+  comments-indentation: disable
+"""
+)
+YAMLLINT_SOURCES = YamlLintConfig(
+    """
+extends: default
+rules:
+  document-start: disable
+  line-length: {max: 120}
+"""
+)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_yamllint_rendered(helm, case):
+    problems = list(linter.run(render_text(helm, *CASES[case]), YAMLLINT_RENDERED))
+    assert not problems, "\n".join(f"{p.line}:{p.column} {p.rule} {p.desc}" for p in problems)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [CHART / "Chart.yaml", CHART / "values.yaml", *sorted(CI_VALUES.glob("*.yaml"))],
+    ids=lambda p: str(p.relative_to(CHART)),
+)
+def test_yamllint_chart_sources(path):
+    problems = list(linter.run(path.read_text(), YAMLLINT_SOURCES))
+    assert not problems, "\n".join(f"{p.line}:{p.column} {p.rule} {p.desc}" for p in problems)
+
+
+def test_user_labels_cannot_duplicate_or_override_managed_keys(helm):
+    """Labels and annotations are merged as maps: a user key equal to a chart key neither
+    produces a duplicate YAML key nor changes the selector or the Workload Identity opt-in."""
+    sets = (
+        "json:workers.podLabels=" + json.dumps({"app.kubernetes.io/name": "x", "azure.workload.identity/use": "false", "team": "a"}),
+        "json:workers.commonLabels=" + json.dumps({"app.kubernetes.io/instance": "x", "cost-center": "42"}),
+        "json:workers.podAnnotations=" + json.dumps({"kubectl.kubernetes.io/default-container": "x"}),
+    )
+    text = render_text(helm, sets=sets)
+    assert not [p for p in linter.run(text, YAMLLINT_RENDERED) if p.rule == "key-duplicates"]
+    docs = render(helm, sets=sets)
+    meta = one(docs, "Deployment")["spec"]["template"]["metadata"]
+    assert meta["labels"]["app.kubernetes.io/name"] == "celeriac"
+    assert meta["labels"]["app.kubernetes.io/instance"] == "celeriac"
+    assert meta["labels"]["azure.workload.identity/use"] == "true"
+    assert meta["labels"]["team"] == "a" and meta["labels"]["cost-center"] == "42"
+    assert meta["annotations"]["kubectl.kubernetes.io/default-container"] == "worker"
+    for doc in docs:
+        assert doc["metadata"]["labels"]["cost-center"] == "42"
+
+
+# --------------------------------------------------------------------------------------------
+# defaults: every field of the brief
+
+
+def test_defaults_deployment(helm):
+    docs = render(helm)
+    dep = one(docs, "Deployment")
+    assert dep["metadata"]["name"] == "worker"
+    assert dep["metadata"]["namespace"] == "workers-blue"
+    assert dep["spec"]["replicas"] == 3
+    assert dep["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    tmpl = dep["spec"]["template"]
+    assert tmpl["metadata"]["labels"]["azure.workload.identity/use"] == "true"
+    for key, value in dep["spec"]["selector"]["matchLabels"].items():
+        assert tmpl["metadata"]["labels"][key] == value
+    spec = tmpl["spec"]
+    assert spec["serviceAccountName"] == "sa-workers-workloadidentity"
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["terminationGracePeriodSeconds"] == 120
+    assert spec["nodeSelector"] == {AGENTPOOL: "workers"}
+    assert "tolerations" not in spec
+    assert "affinity" not in spec
+    assert spec["enableServiceLinks"] is False
+
+
+def test_defaults_worker_command(helm):
+    c = container(render(helm))
+    assert c["command"] == [CELERIAC]
+    assert c["args"] == [
+        "worker",
+        "--pool", "prefork",
+        "-Q", "$(BROKER_REQUESTS_QUEUE)",
+        "--events",
+        "--shutdown-timeout", "105",
+        "--state-dir", STATE_DIR,
+        "--metrics-bind", "0.0.0.0:9808",
+    ]  # fmt: skip
+    assert "--concurrency" not in c["args"]
+    assert c["image"] == "celeriac:0.1.0"
+
+
+def test_defaults_environment(helm):
+    c = container(render(helm))
+    assert c["env"] == [{"name": "CELERIAC_STATE_DIR", "value": STATE_DIR}]
+    assert c["envFrom"] == [
+        {"configMapRef": {"name": "configmap-api-workers", "optional": False}},
+        {"secretRef": {"name": "secret-api-workers", "optional": False}},
+    ]
+
+
+def test_defaults_probes(helm):
+    c = container(render(helm))
+    assert c["startupProbe"]["exec"]["command"] == [LIVENESS]
+    assert c["readinessProbe"]["exec"]["command"] == [READINESS]
+    assert c["livenessProbe"]["exec"]["command"] == [LIVENESS]
+    for name in ("startupProbe", "readinessProbe", "livenessProbe"):
+        probe = c[name]
+        assert set(probe) - {"exec"} <= {
+            "initialDelaySeconds", "periodSeconds", "timeoutSeconds", "failureThreshold", "terminationGracePeriodSeconds",
+        }  # fmt: skip
+        assert all(isinstance(arg, str) for arg in probe["exec"]["command"])
+        assert probe["timeoutSeconds"] >= 2
+    # The startup probe replaces the blind 60 s delay.
+    assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] == 180
+    assert c["livenessProbe"]["initialDelaySeconds"] == 0
+    assert c["readinessProbe"]["initialDelaySeconds"] == 0
+    assert c["readinessProbe"] != c["livenessProbe"]
+
+
+def test_liveness_initial_delay_configurable_without_startup_probe(helm):
+    c = container(render(helm, sets=("workers.probes.liveness.initialDelaySeconds=60", "workers.probes.startup.enabled=false")))
+    assert "startupProbe" not in c
+    assert c["livenessProbe"]["initialDelaySeconds"] == 60
+
+
+def test_liveness_probe_grace_override(helm):
+    c = container(render(helm, sets=("workers.probes.liveness.terminationGracePeriodSeconds=30",)))
+    assert c["livenessProbe"]["terminationGracePeriodSeconds"] == 30
+
+
+def test_defaults_resources(helm):
+    assert container(render(helm))["resources"] == {
+        "requests": {"cpu": "100m", "memory": "850Mi"},
+        "limits": {"cpu": "200m", "memory": "1Gi"},
+    }
+
+
+def test_defaults_hardening(helm):
+    docs = render(helm)
+    spec = pod_spec(docs)
+    assert spec["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "runAsGroup": 1000,
+        "fsGroup": 1000,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    c = container(docs)
+    sc = c["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["runAsNonRoot"] is True
+    assert sc["runAsUser"] == 1000
+    assert sc["privileged"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert mounts == {STATE_DIR: "state", "/tmp": "tmp"}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert set(volumes) == {"state", "tmp"}
+    assert all(set(v) == {"name", "emptyDir"} for v in volumes.values())
+    assert volumes["state"]["emptyDir"]["medium"] == "Memory"
+    assert "hostNetwork" not in spec and "hostPID" not in spec
+
+
+def test_defaults_metrics_port(helm):
+    assert container(render(helm))["ports"] == [{"name": "metrics", "containerPort": 9808, "protocol": "TCP"}]
+
+
+def test_defaults_service_account(helm):
+    sa = one(render(helm), "ServiceAccount")
+    assert sa["metadata"]["name"] == "sa-workers-workloadidentity"
+    assert sa["metadata"]["namespace"] == "workers-blue"
+    assert sa["automountServiceAccountToken"] is False
+    assert "annotations" not in sa["metadata"]  # no client id given
+
+
+def test_reuse_existing_service_account(helm):
+    docs = render(helm, sets=("workers.serviceAccount.create=false", "workers.serviceAccount.name=existing-sa"))
+    assert not kinds(docs, "ServiceAccount")
+    assert pod_spec(docs)["serviceAccountName"] == "existing-sa"
+
+
+def test_defaults_pdb(helm):
+    docs = render(helm)
+    pdb = one(docs, "PodDisruptionBudget")
+    assert pdb["metadata"]["namespace"] == "workers-blue"
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert "minAvailable" not in pdb["spec"]
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    assert pdb["spec"]["selector"] == one(docs, "Deployment")["spec"]["selector"]
+
+
+def test_pdb_min_available(helm):
+    pdb = one(render(helm, sets=("workers.podDisruptionBudget.minAvailable=2",)), "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 2 and "maxUnavailable" not in pdb["spec"]
+
+
+def test_defaults_topology_spread(helm):
+    docs = render(helm)
+    selector = one(docs, "Deployment")["spec"]["selector"]["matchLabels"]
+    spread = pod_spec(docs)["topologySpreadConstraints"]
+    assert [c["topologyKey"] for c in spread] == ["topology.kubernetes.io/zone", "kubernetes.io/hostname"]
+    for c in spread:
+        assert c["maxSkew"] == 1
+        assert c["whenUnsatisfiable"] == "ScheduleAnyway"
+        assert c["labelSelector"]["matchLabels"] == selector
+        assert c["matchLabelKeys"] == ["pod-template-hash"]
+
+
+def test_defaults_render_no_config_objects_or_crds(helm):
+    """The seed expects configmap-api-workers and secret-api-workers to exist already."""
+    docs = render(helm)
+    assert sorted(d["kind"] for d in docs) == ["Deployment", "PodDisruptionBudget", "ServiceAccount"]
+
+
+def test_all_objects_share_the_target_namespace(helm):
+    for case, files in CASES.items():
+        for doc in render(helm, *files):
+            expected = "workers-green" if case == "identity" else "workers-blue"
+            assert doc["metadata"]["namespace"] == expected, (case, doc["kind"])
+
+
+def test_empty_namespace_means_release_namespace(helm):
+    cmd = [_helm_path(), "template", "r", str(CHART), "-n", "other", "--set", "workers.namespace="]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    assert {d["metadata"]["namespace"] for d in yaml.safe_load_all(out) if d} == {"other"}
+
+
+# --------------------------------------------------------------------------------------------
+# identity
+
+
+def test_custom_namespace_and_identity(helm):
+    docs = render(helm, "identity-values.yaml")
+    sa = one(docs, "ServiceAccount")
+    assert sa["metadata"] == sa["metadata"] | {"name": "sa-workers-green", "namespace": "workers-green"}
+    assert sa["metadata"]["annotations"] == {
+        "azure.workload.identity/client-id": "99999999-8888-7777-6666-555555555555",
+        "azure.workload.identity/tenant-id": "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee",
+        "azure.workload.identity/service-account-token-expiration": "7200",
+    }
+    dep = one(docs, "Deployment")
+    assert dep["metadata"]["namespace"] == "workers-green"
+    assert dep["spec"]["template"]["spec"]["serviceAccountName"] == "sa-workers-green"
+    assert dep["spec"]["template"]["metadata"]["labels"]["azure.workload.identity/use"] == "true"
+
+
+def test_workload_identity_label_can_be_disabled(helm):
+    labels = one(render(helm, sets=("workers.workloadIdentity.enabled=false",)), "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert "azure.workload.identity/use" not in labels
+
+
+# --------------------------------------------------------------------------------------------
+# spot: every selector/affinity combination
+
+
+SPOT_CASES = {
+    "off": ((), {AGENTPOOL: "workers"}, None),
+    "required-any-spot-pool": (
+        ("workers.spot.enabled=true",),
+        None,
+        {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [SPOT_EXPR]}]}},
+    ),
+    "required-named-spot-pool": (
+        ("workers.spot.enabled=true", "workers.spot.agentPool=workersspot"),
+        None,
+        {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [SPOT_EXPR, {"key": AGENTPOOL, "operator": "In", "values": ["workersspot"]}]}
+                ]
+            }
+        },
+    ),
+    "preferred-with-regular-fallback": (
+        ("workers.spot.enabled=true", "workers.spot.mode=preferred"),
+        None,
+        {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [SPOT_EXPR]},
+                    {"matchExpressions": [{"key": AGENTPOOL, "operator": "In", "values": ["workers"]}]},
+                ]
+            },
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 100, "preference": {"matchExpressions": [SPOT_EXPR]}}
+            ],
+        },
+    ),
+    "preferred-without-agentpool-selector": (
+        ("workers.spot.enabled=true", "workers.spot.mode=preferred", "workers.nodeSelector=null"),
+        None,
+        {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 100, "preference": {"matchExpressions": [SPOT_EXPR]}}
+            ]
+        },
+    ),
+    "required-keeps-other-selector-keys": (
+        ("workers.spot.enabled=true", "workers.nodeSelector.kubernetes\\.io/os=linux"),
+        {"kubernetes.io/os": "linux"},
+        {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [SPOT_EXPR]}]}},
+    ),
+    "off-custom-pool": (("workers.nodeSelector.kubernetes\\.azure\\.com/agentpool=batch",), {AGENTPOOL: "batch"}, None),
+}
+
+
+@pytest.mark.parametrize("case", SPOT_CASES)
+def test_spot_scheduling(helm, case):
+    sets, node_selector, node_affinity = SPOT_CASES[case]
+    spec = pod_spec(render(helm, sets=sets))
+    assert spec.get("nodeSelector") == node_selector
+    if node_affinity is None:
+        assert "affinity" not in spec
+        assert "tolerations" not in spec
+    else:
+        assert spec["affinity"] == {"nodeAffinity": node_affinity}
+        assert spec["tolerations"] == [SPOT_TOLERATION]
+        # The conflict the chart resolves: never AND a pool selector with a spot-only affinity.
+        assert AGENTPOOL not in (spec.get("nodeSelector") or {})
+
+
+def test_spot_example_file(helm):
+    spec = pod_spec(render(helm, "spot-values.yaml"))
+    assert "nodeSelector" not in spec
+    assert spec["tolerations"] == [SPOT_TOLERATION]
+    terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert terms == [{"matchExpressions": [SPOT_EXPR, {"key": AGENTPOOL, "operator": "In", "values": ["workersspot"]}]}]
+
+
+def test_spot_keeps_user_tolerations_and_pod_affinity(helm):
+    spec = pod_spec(render(helm, "all-features-values.yaml"))
+    assert spec["tolerations"] == [
+        {"key": "dedicated", "operator": "Equal", "value": "workers", "effect": "NoSchedule"},
+        SPOT_TOLERATION,
+    ]
+    assert set(spec["affinity"]) == {"podAntiAffinity", "nodeAffinity"}
+
+
+def test_spot_rejects_user_node_affinity(helm):
+    err = render_fails(
+        helm,
+        sets=(
+            "workers.spot.enabled=true",
+            'json:workers.affinity={"nodeAffinity":{"requiredDuringSchedulingIgnoredDuringExecution":{"nodeSelectorTerms":[]}}}',
+        ),
+    )
+    assert "nodeAffinity" in err
+
+
+def test_user_node_affinity_passes_through_without_spot(helm):
+    aff = {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 1, "preference": {"matchExpressions": [{"key": "k", "operator": "Exists"}]}}]}}  # fmt: skip
+    spec = pod_spec(render(helm, sets=("json:workers.affinity=" + json.dumps(aff),)))
+    assert spec["affinity"] == aff
+
+
+# --------------------------------------------------------------------------------------------
+# drain timing
+
+
+@pytest.mark.parametrize(
+    ("sets", "expected"),
+    [
+        ((), "105"),
+        (("workers.spot.enabled=true",), "20"),
+        (("workers.spot.enabled=true", "workers.spot.shutdownTimeoutSeconds=25"), "25"),
+        (("workers.terminationGracePeriodSeconds=60",), "45"),
+        (("workers.terminationGracePeriodSeconds=30", "workers.spot.enabled=true"), "15"),
+        (("workers.shutdownTimeoutSeconds=90",), "90"),
+        (("workers.shutdownTimeoutSeconds=90", "workers.spot.enabled=true"), "90"),
+        (("workers.shutdownMarginSeconds=30",), "90"),
+    ],
+)
+def test_shutdown_timeout(helm, sets, expected):
+    docs = render(helm, sets=sets)
+    assert arg_after(container(docs)["args"], "--shutdown-timeout") == expected
+    assert int(expected) < pod_spec(docs)["terminationGracePeriodSeconds"]
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ("workers.shutdownTimeoutSeconds=120",),
+        ("workers.shutdownTimeoutSeconds=200",),
+        ("workers.terminationGracePeriodSeconds=10",),
+    ],
+)
+def test_shutdown_timeout_must_fit_the_grace_period(helm, sets):
+    assert "shutdown" in render_fails(helm, sets=sets).lower()
+
+
+def test_concurrency_and_extra_args(helm):
+    args = container(render(helm, sets=("workers.concurrency=4", 'json:workers.extraArgs=["--prefetch-multiplier","1"]')))["args"]
+    assert arg_after(args, "--concurrency") == "4"
+    assert args[-2:] == ["--prefetch-multiplier", "1"]
+
+
+def test_events_can_be_disabled(helm):
+    assert "--events" not in container(render(helm, sets=("workers.events=false",)))["args"]
+
+
+def test_image_digest_wins_over_tag(helm):
+    c = container(render(helm, "all-features-values.yaml"))
+    assert c["image"] == "example.azurecr.io/celeriac@sha256:" + "0123456789abcdef" * 4
+
+
+# --------------------------------------------------------------------------------------------
+# KEDA
+
+
+def test_keda_scaled_object(helm):
+    docs = render(helm, "keda-values.yaml")
+    assert "replicas" not in one(docs, "Deployment")["spec"]
+    so = one(docs, "ScaledObject")
+    spec = so["spec"]
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "worker"}
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (2, 20)
+    assert (spec["pollingInterval"], spec["cooldownPeriod"]) == (30, 300)
+    assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
+    [trigger] = spec["triggers"]
+    assert trigger["type"] == "rabbitmq"
+    assert trigger["metadata"] == {
+        "protocol": "http",
+        "mode": "QueueLength",
+        "value": "20",
+        "queueName": "api-requests",
+        "vhostName": "/",
+    }
+    ta = one(docs, "TriggerAuthentication")
+    assert trigger["authenticationRef"] == {"name": ta["metadata"]["name"]}
+    assert ta["metadata"]["namespace"] == so["metadata"]["namespace"] == "workers-blue"
+    assert ta["spec"]["secretTargetRef"] == [
+        {"parameter": "host", "name": "secret-api-workers", "key": "RABBITMQ_MANAGEMENT_URL"},
+        {"parameter": "username", "name": "secret-api-workers", "key": "RABBITMQ_USERNAME"},
+        {"parameter": "password", "name": "secret-api-workers", "key": "RABBITMQ_PASSWORD"},
+    ]
+
+
+def test_keda_separate_auth_secret(helm):
+    ta = one(render(helm, "keda-values.yaml", sets=("workers.keda.auth.secretName=keda-rabbitmq",)), "TriggerAuthentication")
+    assert {ref["name"] for ref in ta["spec"]["secretTargetRef"]} == {"keda-rabbitmq"}
+
+
+def test_no_keda_objects_by_default(helm):
+    docs = render(helm)
+    assert not kinds(docs, "ScaledObject") and not kinds(docs, "TriggerAuthentication")
+
+
+def test_keda_pdb_min_available_must_be_below_min_replicas(helm):
+    err = render_fails(helm, "keda-values.yaml", sets=("workers.podDisruptionBudget.minAvailable=2",))
+    assert "minReplicaCount" in err
+
+
+# --------------------------------------------------------------------------------------------
+# App Configuration provider
+
+
+def test_app_configuration_owns_config_objects(helm):
+    docs = render(helm, "appconfig-values.yaml")
+    assert not kinds(docs, "ConfigMap") and not kinds(docs, "Secret")
+    provider = one(docs, "AzureAppConfigurationProvider")
+    assert provider["apiVersion"] == "azconfig.io/v1"
+    assert provider["metadata"]["namespace"] == "workers-blue"
+    spec = provider["spec"]
+    assert spec["endpoint"] == "https://celeriac-store.azconfig.io"
+    assert spec["target"] == {"configMapName": "configmap-api-workers"}
+    assert spec["auth"] == {"workloadIdentity": {"serviceAccountName": "sa-workers-workloadidentity"}}
+    assert spec["configuration"] == {
+        "selectors": [{"keyFilter": "workers/*", "labelFilter": "blue"}],
+        "trimKeyPrefixes": ["workers/"],
+        "refresh": {"enabled": True, "interval": "1m", "monitoring": {"keyValues": [{"key": "workers/sentinel"}]}},
+    }
+    assert spec["secret"] == {
+        "target": {"secretName": "secret-api-workers"},
+        "auth": {"workloadIdentity": {"serviceAccountName": "sa-workers-workloadidentity"}},
+        "refresh": {"enabled": True, "interval": "1h"},
+    }
+    sa = one(docs, "ServiceAccount")
+    assert sa["metadata"]["annotations"]["azure.workload.identity/client-id"] == "11111111-2222-3333-4444-555555555555"
+    # Key Vault references populate the Secret, so the pod depends on it (hard reference).
+    assert container(docs)["envFrom"] == [
+        {"configMapRef": {"name": "configmap-api-workers", "optional": False}},
+        {"secretRef": {"name": "secret-api-workers", "optional": False}},
+    ]
+
+
+def test_app_configuration_without_key_vault_makes_secret_optional(helm):
+    docs = render(helm, "all-features-values.yaml")
+    assert "secret" not in one(docs, "AzureAppConfigurationProvider")["spec"]
+    assert not kinds(docs, "ConfigMap") and not kinds(docs, "Secret")
+    assert container(docs)["envFrom"][1] == {"secretRef": {"name": "secret-api-workers", "optional": True}}
+
+
+@pytest.mark.parametrize(
+    ("sets", "needle"),
+    [
+        (("workers.envFrom.configMap.create=true",), "create"),
+        (("workers.envFrom.secret.create=true",), "create"),
+        (("appConfiguration.endpoint=",), "endpoint"),
+        (("workers.serviceAccount.clientId=",), "clientId"),
+    ],
+)
+def test_app_configuration_conflicts_fail(helm, sets, needle):
+    assert needle in render_fails(helm, "appconfig-values.yaml", sets=sets)
+
+
+# --------------------------------------------------------------------------------------------
+# chart-rendered ConfigMap/Secret (off by default)
+
+
+def test_chart_rendered_config(helm):
+    docs = render(helm, "chart-config-values.yaml")
+    cm = one(docs, "ConfigMap")
+    assert cm["metadata"]["name"] == "configmap-api-workers"
+    assert cm["data"] == {"BROKER_REQUESTS_QUEUE": "api-requests"}
+    secret = one(docs, "Secret")
+    assert secret["metadata"]["name"] == "secret-api-workers"
+    assert secret["type"] == "Opaque"
+    assert set(secret["stringData"]) == {"CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"}
+    annotations = one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert re.fullmatch(r"[0-9a-f]{64}", annotations["checksum/config"])
+    assert re.fullmatch(r"[0-9a-f]{64}", annotations["checksum/secret"])
+    assert arg_after(container(docs)["args"], "--concurrency") == "4"
+
+
+def test_config_checksum_changes_with_data(helm):
+    def checksum(queue):
+        docs = render(helm, "chart-config-values.yaml", sets=(f"workers.envFrom.configMap.data.BROKER_REQUESTS_QUEUE={queue}",))
+        return one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+
+    assert checksum("a") != checksum("b")
+
+
+# --------------------------------------------------------------------------------------------
+# PodMonitor
+
+
+@pytest.mark.parametrize("api", ["monitoring.coreos.com/v1", "azmonitoring.coreos.com/v1"])
+def test_pod_monitor(helm, api):
+    docs = render(helm, "podmonitor-values.yaml", sets=(f"workers.podMonitor.apiVersion={api}",))
+    pm = one(docs, "PodMonitor")
+    assert pm["apiVersion"] == api
+    assert pm["metadata"]["namespace"] == "workers-blue"
+    pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert pm["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert pm["spec"]["podMetricsEndpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "15s", "scrapeTimeout": "10s"}]
+    assert "metrics" in {p["name"] for p in container(docs)["ports"]}
+
+
+def test_no_pod_monitor_by_default(helm):
+    assert not kinds(render(helm), "PodMonitor")
+
+
+# --------------------------------------------------------------------------------------------
+# values.schema.json refuses bad values
+
+
+@pytest.mark.parametrize(
+    ("sets", "needle"),
+    [
+        (("bogus=1",), "bogus"),
+        (("workers.bogus=1",), "bogus"),
+        (("workers.probes.liveness.initialDelaySecond=60",), "initialDelaySecond"),
+        (("workers.spot.enabled=notabool",), "enabled"),
+        (("workers.replicas=three",), "replicas"),
+        (("workers.concurrency=many",), "concurrency"),
+        (("workers.spot.mode=sometimes",), "mode"),
+        (("workers.spot.shutdownTimeoutSeconds=30",), "shutdownTimeoutSeconds"),
+        (("workers.image.pullPolicy=Sometimes",), "pullPolicy"),
+        (("workers.resources.requests.cpu=lots",), "cpu"),
+        (("workers.metrics.port=80",), "port"),
+        (("workers.runAsUser=0",), "runAsUser"),
+        (("workers.serviceAccount.clientId=not-a-guid",), "clientId"),
+        (("workers.serviceAccount.tokenExpirationSeconds=60",), "tokenExpirationSeconds"),
+        (("workers.keda.enabled=true",), "queueName"),
+        (("workers.keda.protocol=amqps",), "protocol"),
+        (("workers.podMonitor.apiVersion=v1",), "apiVersion"),
+        (("workers.namespace=Workers_Blue",), "namespace"),
+        (
+            (
+                "appConfiguration.enabled=true",
+                "appConfiguration.endpoint=https://x.azconfig.io",
+                "workers.serviceAccount.clientId=11111111-2222-3333-4444-555555555555",
+                "workers.envFrom.secret.create=true",
+            ),
+            "create",
+        ),
+    ],
+)
+def test_schema_rejects_bad_values(helm, sets, needle):
+    err = render_fails(helm, sets=sets)
+    assert needle in err, err
+
+
+def test_schema_accepts_every_example(helm):
+    for files in CASES.values():
+        render(helm, *files)
+
+
+# --------------------------------------------------------------------------------------------
+# documentation covers every value
+
+
+def _schema_paths(node: dict, prefix: str = "") -> list[str]:
+    paths = []
+    for key, sub in node.get("properties", {}).items():
+        path = f"{prefix}{key}"
+        paths.append(path)
+        if sub.get("type") == "object" or "properties" in sub:
+            paths += _schema_paths(sub, path + ".")
+    return paths
+
+
+def _values_paths(node: dict, schema: dict, prefix: str = "") -> list[str]:
+    paths = []
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        paths.append(path)
+        sub = schema.get("properties", {}).get(key, {})
+        if isinstance(value, dict) and "properties" in sub:
+            paths += _values_paths(value, sub, path + ".")
+    return paths
+
+
+def test_every_value_is_typed_defaulted_and_documented():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    schema_paths = set(_schema_paths(schema))
+    values_paths = set(_values_paths(values, schema))
+    assert schema_paths == values_paths, (
+        f"schema-only: {sorted(schema_paths - values_paths)}, values-only: {sorted(values_paths - schema_paths)}"
+    )
+    readme = (CHART / "README.md").read_text()
+    undocumented = sorted(p for p in values_paths if f"`{p}`" not in readme)
+    assert not undocumented, f"chart/README.md does not document: {undocumented}"
+
+
+# --------------------------------------------------------------------------------------------
+# Dockerfile contract
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        word, _, rest = line.partition(" ")
+        out.append((word.upper(), rest.strip()))
+    return out
+
+
+def _stages() -> list[list[tuple[str, str]]]:
+    stages: list[list[tuple[str, str]]] = []
+    for ins in _dockerfile_instructions():
+        if ins[0] == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append(ins)
+    return stages
+
+
+def _cargo_build(run: str) -> list[str]:
+    for command in re.split(r"&&|;", run):
+        tokens = shlex.split(command)
+        if tokens[:2] == ["cargo", "build"]:
+            return tokens[2:]
+    return []
+
+
+def test_dockerfile_builds_the_named_packages():
+    builds = [_cargo_build(rest) for stage in _stages() for word, rest in stage if word == "RUN"]
+    builds = [b for b in builds if b]
+    assert len(builds) == 1, "expected exactly one `cargo build`"
+    args = builds[0]
+    assert "--release" in args and "--locked" in args
+    packages = {args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-p", "--package")}
+    assert packages == {"celeriac", "celeriac-probes"}
+
+
+def test_dockerfile_binaries_match_the_chart(helm):
+    stages = _stages()
+    assert len(stages) >= 2, "expected a build stage and a runtime stage"
+    build_runs = " ".join(rest for stage in stages[:-1] for word, rest in stage if word == "RUN")
+    final = stages[-1]
+
+    copies = {}
+    for word, rest in final:
+        if word == "COPY":
+            tokens = [t for t in shlex.split(rest) if not t.startswith("--")]
+            *sources, dest = tokens
+            for src in sources:
+                copies[dest if len(sources) == 1 else f"{dest.rstrip('/')}/{Path(src).name}"] = src
+
+    c = container(render(helm))
+    chart_paths = {c["command"][0]}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        chart_paths.add(c[probe]["exec"]["command"][0])
+    assert chart_paths == {CELERIAC, READINESS, LIVENESS}
+    for path in chart_paths:
+        assert path in copies, f"{path} is used by the chart but not copied into the runtime image"
+        name = Path(path).name
+        assert Path(copies[path]).name == name
+        assert f"target/release/{name}" in build_runs, f"{name} is not taken from the cargo build output"
+
+    entrypoint = [rest for word, rest in final if word == "ENTRYPOINT"]
+    assert len(entrypoint) == 1
+    assert json.loads(entrypoint[0]) == c["command"] == [CELERIAC], "ENTRYPOINT must be exec form"
+
+
+def test_dockerfile_runtime_matches_pod_settings(helm):
+    final = _stages()[-1]
+    c = container(render(helm))
+    spec = pod_spec(render(helm))
+
+    base = final[0][1].split()[0]
+    args = dict(re.findall(r"(\w+)=(\S+)", " ".join(rest for word, rest in _dockerfile_instructions() if word == "ARG")))
+    base = args.get(base.strip("${}"), base)
+    assert "distroless/cc" in base or "bookworm-slim" in base, base
+
+    [user] = [rest for word, rest in final if word == "USER"]
+    assert user == f"{spec['securityContext']['runAsUser']}:{spec['securityContext']['runAsGroup']}"
+    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(rest for word, rest in final if word == "ENV")))
+    assert env["CELERIAC_STATE_DIR"] == arg_after(c["args"], "--state-dir") == STATE_DIR
+    exposed = {rest for word, rest in final if word == "EXPOSE"}
+    assert exposed == {str(c["ports"][0]["containerPort"])}
+
+
+def test_dockerfile_toolchain():
+    args = dict(re.findall(r"(\w+)=(\S+)", " ".join(rest for word, rest in _dockerfile_instructions() if word == "ARG")))
+    assert args["RUST_IMAGE"].startswith("rust:1.95")
+
+
+def test_dockerignore_keeps_sources_and_drops_bulk():
+    patterns = {
+        line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line.strip() and not line.startswith("#")
+    }
+    assert {"target", ".git", ".venv"} <= patterns
+    for needed in ("src", "Cargo.toml", "Cargo.lock", "probes", "examples"):
+        assert needed not in patterns and f"/{needed}" not in patterns and "*" not in patterns
