@@ -430,7 +430,7 @@ def test_all_objects_share_the_target_namespace(helm):
 
 
 def test_empty_namespace_means_release_namespace(helm):
-    cmd = [_helm_path(), "template", "r", str(CHART), "-n", "other", "--set", "workers.namespace="]
+    cmd = [helm, "template", "r", str(CHART), "-n", "other", "--set", "workers.namespace="]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     assert {d["metadata"]["namespace"] for d in yaml.safe_load_all(out) if d} == {"other"}
 
@@ -821,14 +821,18 @@ def _schema_paths(node: dict, prefix: str = "") -> list[str]:
     return paths
 
 
-def _values_paths(node: dict, schema: dict, prefix: str = "") -> list[str]:
+def _values_paths(node: dict, schema: dict, prefix: str = "", leaves_only: bool = False) -> list[str]:
+    """Dotted paths of values.yaml; descends only where the schema declares properties, so
+    free-form maps (nodeSelector, annotations, data) count as one value."""
     paths = []
     for key, value in node.items():
         path = f"{prefix}{key}"
-        paths.append(path)
         sub = schema.get("properties", {}).get(key, {})
-        if isinstance(value, dict) and "properties" in sub:
-            paths += _values_paths(value, sub, path + ".")
+        nested = isinstance(value, dict) and "properties" in sub
+        if not (leaves_only and nested):
+            paths.append(path)
+        if nested:
+            paths += _values_paths(value, sub, path + ".", leaves_only)
     return paths
 
 
@@ -841,7 +845,8 @@ def test_every_value_is_typed_defaulted_and_documented():
         f"schema-only: {sorted(schema_paths - values_paths)}, values-only: {sorted(values_paths - schema_paths)}"
     )
     readme = (CHART / "README.md").read_text()
-    undocumented = sorted(p for p in values_paths if f"`{p}`" not in readme)
+    leaves = _values_paths(values, schema, leaves_only=True)
+    undocumented = sorted(p for p in leaves if f"`{p}`" not in readme)
     assert not undocumented, f"chart/README.md does not document: {undocumented}"
 
 

@@ -1,0 +1,177 @@
+"""Shared fixtures: a real celeriac worker process, real Python Celery
+clients, and raw AMQP access, all against the local RabbitMQ and Redis."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import time
+import uuid
+
+import amqp
+import pytest
+import redis as redis_lib
+from celery import Celery
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+BROKER = os.environ.get("TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def worker_binary():
+    path = os.environ.get("CELERIAC_BIN") or str(ROOT / "target" / "debug" / "celeriac")
+    if not os.path.exists(path):
+        pytest.fail(f"celeriac binary not found at {path}: run cargo build or tests/run.sh")
+    return path
+
+
+class Worker:
+    """A running `celeriac worker` with its log captured to a file."""
+
+    def __init__(self, args, env, log_path):
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [worker_binary(), "worker", *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def log(self):
+        return pathlib.Path(self.log_path).read_text(errors="replace")
+
+    def wait_for_log(self, text, timeout=20.0, count=1):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.log().count(text) >= count:
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited with {self.proc.returncode} before logging {text!r}:\n{self.log()}")
+            time.sleep(0.05)
+        raise AssertionError(f"worker did not log {text!r} within {timeout}s:\n{self.log()}")
+
+    def send(self, sig):
+        self.proc.send_signal(sig)
+
+    def stop(self, sig=signal.SIGTERM, timeout=60):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def alive(self):
+        return self.proc.poll() is None
+
+
+@pytest.fixture
+def queue_name():
+    """A queue no other test uses; deleted afterwards."""
+    name = f"celeriac-test-{uuid.uuid4().hex[:10]}"
+    yield name
+    with amqp_channel() as ch:
+        for suffix in ("", ".dlq"):
+            try:
+                ch.queue_delete(name + suffix)
+            except amqp.exceptions.AMQPError:
+                pass
+        for exchange in (name, name + ".dlx"):
+            try:
+                ch.exchange_delete(exchange)
+            except amqp.exceptions.AMQPError:
+                pass
+
+
+@pytest.fixture
+def start_worker(tmp_path, queue_name):
+    """start_worker(*args, env=None, queue=None, ready=True) -> Worker."""
+    workers = []
+
+    def start(*args, env=None, queue=None, ready=True, broker=BROKER):
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY", "BROKER", "CELERIAC"))}
+        full_env["CELERY_BROKER_URL"] = broker
+        full_env["CELERIAC_STATE_DIR"] = str(tmp_path / f"state-{len(workers)}")
+        full_env.update(env or {})
+        argv = ["-Q", queue or queue_name, "-n", f"w{len(workers)}-{queue_name}@%h", *args]
+        w = Worker(argv, full_env, tmp_path / f"worker-{len(workers)}.log")
+        workers.append(w)
+        if ready:
+            w.wait_for_log("consuming")
+        return w
+
+    yield start
+    for w in workers:
+        if w.alive():
+            w.stop(signal.SIGKILL)
+        else:
+            w.stop()
+
+
+def celery_app(queue, backend="rpc://"):
+    app = Celery("celeriac-tests", broker=BROKER, backend=backend)
+    app.conf.task_default_queue = queue
+    app.conf.broker_connection_retry_on_startup = True
+    return app
+
+
+@pytest.fixture
+def rpc_app(queue_name):
+    app = celery_app(queue_name, "rpc://")
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def redis_app(queue_name):
+    app = celery_app(queue_name, REDIS_URL)
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def redis_client():
+    client = redis_lib.Redis.from_url(REDIS_URL)
+    yield client
+    client.close()
+
+
+class amqp_channel:
+    """`with amqp_channel() as ch:` — a raw py-amqp channel on the test broker."""
+
+    def __enter__(self):
+        self.conn = amqp.Connection(host="127.0.0.1:5672", userid="guest", password="guest", virtual_host="/")
+        self.conn.connect()
+        self.ch = self.conn.channel()
+        return self.ch
+
+    def __exit__(self, *exc):
+        try:
+            self.conn.close()
+        except Exception:
+            pass
+
+
+def queue_depth(name):
+    with amqp_channel() as ch:
+        _, count, _ = ch.queue_declare(name, passive=True)
+        return count
+
+
+def wait_until(predicate, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Runs every test celeriac has, on a fresh machine too:
+#   1. makes sure RabbitMQ (127.0.0.1:5672) and Redis (127.0.0.1:6379) answer,
+#      installing them from Debian's packages and starting them if needed;
+#   2. creates the Python venv (.venv) with Celery, Flower and the test tools;
+#   3. fetches helm for the chart tests;
+#   4. builds the workspace, runs the Rust tests (unit + fixture tests), then
+#      the interop tests against real Python Celery and the chart tests.
+# Usage: tests/run.sh [extra pytest args]
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+say() { printf '== %s\n' "$*" >&2; }
+
+answers() { # host port
+    (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null
+}
+
+wait_for() { # name host port seconds
+    local i
+    for ((i = 0; i < $4 * 2; i++)); do
+        answers "$2" "$3" && return 0
+        sleep 0.5
+    done
+    echo "$1 did not start on $2:$3 within $4 s" >&2
+    return 1
+}
+
+apt_install() {
+    say "installing $* from Debian's packages"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2
+    apt-get install -y -qq "$@" >&2
+}
+
+ensure_rabbitmq() {
+    if answers 127.0.0.1 5672; then return 0; fi
+    command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
+    say "starting RabbitMQ"
+    rabbitmq-server -detached >&2 || true
+    wait_for RabbitMQ 127.0.0.1 5672 120
+    # The broker answers before it accepts logins; wait until it is fully up.
+    rabbitmqctl await_startup >/dev/null 2>&1 || sleep 5
+}
+
+ensure_redis() {
+    if answers 127.0.0.1 6379; then return 0; fi
+    command -v redis-server >/dev/null || apt_install redis-server
+    say "starting Redis"
+    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >&2
+    wait_for Redis 127.0.0.1 6379 30
+}
+
+ensure_venv() {
+    local stamp=".venv/.requirements.sha256"
+    local want
+    want="$(sha256sum tests/requirements.txt | cut -d' ' -f1)"
+    if [[ -x .venv/bin/python && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then return 0; fi
+    say "creating the Python venv (.venv)"
+    [[ -x .venv/bin/python ]] || python3 -m venv .venv
+    .venv/bin/python -m pip install -q --disable-pip-version-check -r tests/requirements.txt >&2
+    echo "$want" >"$stamp"
+}
+
+ensure_rabbitmq
+ensure_redis
+ensure_venv
+HELM="$(tests/setup/helm.sh)"
+export HELM
+
+say "building"
+cargo build --workspace --all-targets --locked
+export CELERIAC_BIN="$root/target/debug/celeriac"
+
+say "Rust tests"
+cargo test --workspace --locked
+
+say "interop and chart tests"
+.venv/bin/python -m pytest -q -p no:cacheprovider tests/interop tests/chart "$@"
