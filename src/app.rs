@@ -11,11 +11,9 @@ use crate::task::{builtins, Registry};
 /// A celeriac application: the tasks it can run.
 ///
 /// ```no_run
-/// fn main() {
-///     let mut app = celeriac::App::new();
-///     app.registry_mut().register("proj.tasks.mul", &[], |_ctx, (x, y): (i64, i64)| Ok(x * y));
-///     app.run();
-/// }
+/// let mut app = celeriac::App::new();
+/// app.registry_mut().register("proj.tasks.mul", &[], |_ctx, (x, y): (i64, i64)| Ok(x * y));
+/// app.run();
 /// ```
 pub struct App {
     registry: Registry,

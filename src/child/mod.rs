@@ -257,8 +257,9 @@ impl Child {
             Err(e) => e.id(),
         };
         if let Some(info) = self.running_info.remove(&id) {
-            if let Err(e) = done {
-                error!(task_id = %info.job_msg.id, "task runner for {} stopped abnormally: {e}", info.job_msg.id);
+            match done {
+                Ok((_, finished)) => debug!(task_id = %finished.id, "slot free"),
+                Err(e) => error!(task_id = %info.job_msg.id, "task runner for {} stopped abnormally: {e}", info.job_msg.id),
             }
         }
     }

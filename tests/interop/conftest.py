@@ -28,11 +28,11 @@ def worker_binary():
 class Worker:
     """A running `celeriac worker` with its log captured to a file."""
 
-    def __init__(self, args, env, log_path):
+    def __init__(self, args, env, log_path, binary=None):
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [worker_binary(), "worker", *args],
+            [binary or worker_binary(), "worker", *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -97,13 +97,13 @@ def start_worker(tmp_path, queue_name):
     """start_worker(*args, env=None, queue=None, ready=True) -> Worker."""
     workers = []
 
-    def start(*args, env=None, queue=None, ready=True, broker=BROKER):
+    def start(*args, env=None, queue=None, ready=True, broker=BROKER, binary=None):
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY", "BROKER", "CELERIAC"))}
         full_env["CELERY_BROKER_URL"] = broker
         full_env["CELERIAC_STATE_DIR"] = str(tmp_path / f"state-{len(workers)}")
         full_env.update(env or {})
         argv = ["-Q", queue or queue_name, "-n", f"w{len(workers)}-{queue_name}@%h", *args]
-        w = Worker(argv, full_env, tmp_path / f"worker-{len(workers)}.log")
+        w = Worker(argv, full_env, tmp_path / f"worker-{len(workers)}.log", binary)
         workers.append(w)
         if ready:
             w.wait_for_log("consuming")

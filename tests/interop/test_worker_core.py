@@ -170,3 +170,18 @@ def test_acks_late_flow(start_worker, rpc_app, queue_name):
     results = [rpc_app.send_task("celeriac.add", (i, i)) for i in range(20)]
     assert [r.get(timeout=15) for r in results] == [2 * i for i in range(20)]
     assert queue_depth(queue_name) == 0
+
+
+def test_example_crate_defines_its_own_tasks(start_worker, rpc_app):
+    import pathlib
+
+    binary = pathlib.Path(__file__).resolve().parents[2] / "target" / "debug" / "custom-tasks"
+    assert binary.exists(), "cargo build --workspace builds examples/custom-tasks"
+    start_worker("--result-backend", "rpc://", binary=str(binary))
+    lines = [{"price": 9.5, "qty": 2}, {"price": 1.25, "qty": 4}]
+    assert rpc_app.send_task("shop.tasks.invoice_total", (lines,), {"vat": 0.2}).get(timeout=15) == 28.8
+    with pytest.raises(ValueError, match="at least one line"):
+        rpc_app.send_task("shop.tasks.invoice_total", ([],)).get(timeout=15)
+    assert rpc_app.send_task("shop.tasks.slugify", ("Hello, Celery World!",)).get(timeout=15) == "hello-celery-world"
+    assert rpc_app.send_task("shop.tasks.slugify", ("  ",)).get(timeout=15) == ""
+    assert rpc_app.send_task("celeriac.add", (1, 2)).get(timeout=15) == 3
