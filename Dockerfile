@@ -9,10 +9,7 @@ ARG RUST_IMAGE=rust:1.95-slim-bookworm
 ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12
 
 FROM ${RUST_IMAGE} AS build
-# cmake: build helper for aws-lc-sys (rustls' crypto backend); the C compiler ships with the image.
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends cmake pkg-config \
-    && rm -rf /var/lib/apt/lists/*
+# TLS is rustls + ring (no OpenSSL); ring's C/asm parts build with the gcc the image ships.
 WORKDIR /build
 COPY . .
 RUN cargo build --release --locked -p celeriac -p celeriac-probes \
