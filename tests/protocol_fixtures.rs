@@ -4,13 +4,20 @@
 
 use std::path::PathBuf;
 
-use celeriac::protocol::{DecodeError, ExceptionInfo, RawMessage, ResultDocument, TaskMessage, TaskState};
+use celeriac::protocol::{
+    DecodeError, ExceptionInfo, RawMessage, ResultDocument, TaskMessage, TaskState,
+};
 use chrono::{TimeZone, Utc};
 use serde_json::{json, Map, Value};
 
 fn fixture(name: &str) -> Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/celery-5.7").join(name);
-    serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/celery-5.7")
+        .join(name);
+    serde_json::from_str(
+        &std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap()
 }
 
 struct Captured {
@@ -22,9 +29,16 @@ struct Captured {
 impl Captured {
     fn load(name: &str) -> Self {
         let fixture = fixture(name);
-        let headers = fixture["properties"]["headers"].as_object().cloned().unwrap_or_default();
+        let headers = fixture["properties"]["headers"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
         let body = fixture["body_text"].as_str().unwrap().to_owned();
-        Self { fixture, headers, body }
+        Self {
+            fixture,
+            headers,
+            body,
+        }
     }
 
     fn raw(&self) -> RawMessage<'_> {
@@ -41,7 +55,8 @@ impl Captured {
     }
 
     fn decode(&self) -> TaskMessage {
-        TaskMessage::decode(&self.raw()).unwrap_or_else(|e| panic!("{}: {e}", self.fixture["description"]))
+        TaskMessage::decode(self.raw())
+            .unwrap_or_else(|e| panic!("{}: {e}", self.fixture["description"]))
     }
 }
 
@@ -56,7 +71,11 @@ fn every_captured_task_message_decodes() {
         }
         let c = Captured::load(&name);
         let msg = c.decode();
-        assert_eq!(Some(msg.id.as_str()), c.fixture["properties"]["correlation_id"].as_str(), "{name}");
+        assert_eq!(
+            Some(msg.id.as_str()),
+            c.fixture["properties"]["correlation_id"].as_str(),
+            "{name}"
+        );
         assert!(!msg.task.is_empty(), "{name}");
         count += 1;
     }
@@ -70,8 +89,14 @@ fn v2_positional_args() {
     assert_eq!(msg.task, "tasks.add");
     assert_eq!(msg.args, vec![json!(2), json!(3)]);
     assert!(msg.kwargs.is_empty());
-    assert_eq!(msg.ignore_result, None, "send_task sends ignore_result as null");
-    assert_eq!(msg.reply_to.as_deref(), Some("efbac2a6-8ac3-3b60-8864-01f556cbfe9c"));
+    assert_eq!(
+        msg.ignore_result, None,
+        "send_task sends ignore_result as null"
+    );
+    assert_eq!(
+        msg.reply_to.as_deref(),
+        Some("efbac2a6-8ac3-3b60-8864-01f556cbfe9c")
+    );
     assert_eq!((msg.time_limit, msg.soft_time_limit), (None, None));
     assert_eq!(msg.retries, 0);
 }
@@ -79,17 +104,35 @@ fn v2_positional_args() {
 #[test]
 fn v2_unicode_and_nested() {
     let msg = Captured::load("task-v2-args-kwargs-unicode-nested.json").decode();
-    let text = serde_json::to_string(&msg.kwargs).unwrap() + &serde_json::to_string(&msg.args).unwrap();
-    assert!(text.contains('🚀') || text.contains('é'), "surrogate pairs decoded: {text}");
-    assert!(msg.args.iter().chain(msg.kwargs.values()).any(|v| v.to_string().contains("1099511627776")), "2^40 kept: {text}");
+    let text =
+        serde_json::to_string(&msg.kwargs).unwrap() + &serde_json::to_string(&msg.args).unwrap();
+    assert!(
+        text.contains('🚀') || text.contains('é'),
+        "surrogate pairs decoded: {text}"
+    );
+    assert!(
+        msg.args
+            .iter()
+            .chain(msg.kwargs.values())
+            .any(|v| v.to_string().contains("1099511627776")),
+        "2^40 kept: {text}"
+    );
 }
 
 #[test]
 fn v2_eta_forms() {
     let msg = Captured::load("task-v2-eta-aware-plus0200.json").decode();
-    assert_eq!(msg.eta, Some(Utc.with_ymd_and_hms(2031, 1, 2, 3, 4, 5).unwrap()));
+    assert_eq!(
+        msg.eta,
+        Some(Utc.with_ymd_and_hms(2031, 1, 2, 3, 4, 5).unwrap())
+    );
     let msg = Captured::load("task-v2-eta-aware-utc.json").decode();
-    assert_eq!(msg.eta.unwrap().timestamp(), Utc.with_ymd_and_hms(2031, 1, 2, 3, 4, 5).unwrap().timestamp());
+    assert_eq!(
+        msg.eta.unwrap().timestamp(),
+        Utc.with_ymd_and_hms(2031, 1, 2, 3, 4, 5)
+            .unwrap()
+            .timestamp()
+    );
     let msg = Captured::load("task-v2-countdown-10.json").decode();
     assert!(msg.eta.is_some());
     let msg = Captured::load("task-v2-expires-60.json").decode();
@@ -99,16 +142,27 @@ fn v2_eta_forms() {
 #[test]
 fn timelimit_is_hard_then_soft() {
     let msg = Captured::load("task-v2-timelimit.json").decode();
-    assert_eq!((msg.time_limit, msg.soft_time_limit), (Some(2.0), Some(1.0)));
+    assert_eq!(
+        (msg.time_limit, msg.soft_time_limit),
+        (Some(2.0), Some(1.0))
+    );
 }
 
 #[test]
 fn ignore_result_shadow_priority() {
-    assert_eq!(Captured::load("task-v2-ignore-result.json").decode().ignore_result, Some(true));
+    assert_eq!(
+        Captured::load("task-v2-ignore-result.json")
+            .decode()
+            .ignore_result,
+        Some(true)
+    );
     let shadow = Captured::load("task-v2-shadow.json").decode();
     assert!(shadow.shadow.is_some());
     assert_eq!(shadow.display_name(), shadow.shadow.as_deref().unwrap());
-    assert_eq!(Captured::load("task-v2-priority-5.json").decode().priority, Some(5));
+    assert_eq!(
+        Captured::load("task-v2-priority-5.json").decode().priority,
+        Some(5)
+    );
 }
 
 #[test]
@@ -139,10 +193,17 @@ fn retry_republish_matches_celery() {
     let captured = Captured::load("task-v2-retry-republish.json");
     let eta = celeriac::protocol::parse_iso(captured.headers["eta"].as_str().unwrap()).unwrap();
     let ours = original.retry_message(eta);
-    assert_eq!(Value::Object(ours.headers.clone()), Value::Object(captured.headers.clone()), "headers differ only where Celery's do");
+    assert_eq!(
+        Value::Object(ours.headers.clone()),
+        Value::Object(captured.headers.clone()),
+        "headers differ only where Celery's do"
+    );
     let our_body: Value = serde_json::from_slice(&ours.body).unwrap();
     assert_eq!(our_body, captured.fixture["body_json"]);
-    assert_eq!(ours.reply_to.as_deref(), captured.fixture["properties"]["reply_to"].as_str());
+    assert_eq!(
+        ours.reply_to.as_deref(),
+        captured.fixture["properties"]["reply_to"].as_str()
+    );
 }
 
 #[test]
@@ -152,25 +213,35 @@ fn bad_input_is_refused_without_deserializing() {
     raw.content_type = Some("application/x-python-serialize");
     raw.body = b"\x80\x04\x95 not json";
     assert_eq!(
-        TaskMessage::decode(&raw),
-        Err(DecodeError::ContentDisallowed("application/x-python-serialize".into()))
+        TaskMessage::decode(raw),
+        Err(DecodeError::ContentDisallowed(
+            "application/x-python-serialize".into()
+        ))
     );
     let mut raw = c.raw();
     raw.body = b"[[1, 2], {}";
-    assert!(matches!(TaskMessage::decode(&raw), Err(DecodeError::Body(_))));
+    assert!(matches!(
+        TaskMessage::decode(raw),
+        Err(DecodeError::Body(_))
+    ));
     assert_eq!(raw.message_id(), "094c4737-f8c0-4f74-b73c-92f3e787f65e");
     let mut raw = c.raw();
     raw.body = b"[[1, 2], {}]";
-    assert!(matches!(TaskMessage::decode(&raw), Err(DecodeError::Invalid(_))));
+    assert!(matches!(
+        TaskMessage::decode(raw),
+        Err(DecodeError::Invalid(_))
+    ));
     let mut raw = c.raw();
     raw.body = b"[[1, 2], [3], {}]";
-    assert!(matches!(TaskMessage::decode(&raw), Err(DecodeError::Invalid(m)) if m.contains("mapping")));
+    assert!(
+        matches!(TaskMessage::decode(raw), Err(DecodeError::Invalid(m)) if m.contains("mapping"))
+    );
     let mut raw = c.raw();
     raw.headers.insert("eta".into(), json!("next tuesday"));
-    assert!(matches!(TaskMessage::decode(&raw), Err(DecodeError::Invalid(m)) if m.contains("eta")));
+    assert!(matches!(TaskMessage::decode(raw), Err(DecodeError::Invalid(m)) if m.contains("eta")));
     let mut raw = c.raw();
     raw.headers.remove("task");
-    assert_eq!(TaskMessage::decode(&raw), Err(DecodeError::Unknown));
+    assert_eq!(TaskMessage::decode(raw), Err(DecodeError::Unknown));
 }
 
 #[test]
@@ -180,25 +251,51 @@ fn result_documents_have_celerys_keys_in_order() {
         ("rpc-result-failure.json", TaskState::Failure),
         ("rpc-result-started.json", TaskState::Started),
     ] {
-        let captured: Value = serde_json::from_str(fixture(name)["body_text"].as_str().unwrap()).unwrap();
-        let mut doc = ResultDocument::new(captured["task_id"].as_str().unwrap(), state, captured["result"].clone(), Utc::now());
+        let captured: Value =
+            serde_json::from_str(fixture(name)["body_text"].as_str().unwrap()).unwrap();
+        let mut doc = ResultDocument::new(
+            captured["task_id"].as_str().unwrap(),
+            state,
+            captured["result"].clone(),
+            Utc::now(),
+        );
         doc.traceback = captured["traceback"].as_str().map(str::to_owned);
         let ours: Value = serde_json::from_slice(&doc.to_json()).unwrap();
         let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
         assert_eq!(keys(&ours), keys(&captured), "{name}");
         assert_eq!(ours["status"], captured["status"]);
         assert_eq!(ours["result"], captured["result"]);
-        assert_eq!(ours["date_done"].is_null(), captured["date_done"].is_null(), "{name}");
+        assert_eq!(
+            ours["date_done"].is_null(),
+            captured["date_done"].is_null(),
+            "{name}"
+        );
     }
 }
 
 #[test]
 fn exceptions_match_captured_failures() {
-    let failure: Value = serde_json::from_str(fixture("rpc-result-failure.json")["body_text"].as_str().unwrap()).unwrap();
+    let failure: Value = serde_json::from_str(
+        fixture("rpc-result-failure.json")["body_text"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
     let ours = serde_json::to_value(ExceptionInfo::builtin("ValueError", "bad")).unwrap();
     assert_eq!(ours, failure["result"]);
-    let revoked: Value = serde_json::from_str(fixture("rpc-result-revoked-expired.json")["body_text"].as_str().unwrap()).unwrap();
-    assert_eq!(serde_json::to_value(ExceptionInfo::revoked("expired")).unwrap(), revoked["result"]);
+    let revoked: Value = serde_json::from_str(
+        fixture("rpc-result-revoked-expired.json")["body_text"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        serde_json::to_value(ExceptionInfo::revoked("expired")).unwrap(),
+        revoked["result"]
+    );
     let redis = fixture("redis-result-success.json");
-    assert!(redis["redis_key"].as_str().unwrap().starts_with("celery-task-meta-"));
+    assert!(redis["redis_key"]
+        .as_str()
+        .unwrap()
+        .starts_with("celery-task-meta-"));
 }

@@ -14,7 +14,7 @@ use super::shared::Shared;
 use crate::protocol::{signature_message, ExceptionInfo, TaskMessage, TaskState};
 use crate::repr::{short_repr, MAX_REPR};
 use crate::task::panic_exception;
-use crate::task::{Context, ContextParts, TaskError};
+use crate::task::{Context, TaskError};
 
 /// How a task run ended, for the child's bookkeeping.
 #[derive(Debug)]
@@ -85,21 +85,13 @@ pub async fn execute(shared: Arc<Shared>, job: Job, state: Arc<RunState>) -> Fin
         .soft_time_limit
         .or(opts.soft_time_limit)
         .or(cfg.soft_time_limit);
-    let ctx = Context::new(ContextParts {
-        id: id.clone(),
-        task: msg.task.clone(),
-        retries: msg.retries,
-        eta: msg.eta,
-        expires: msg.expires,
-        hostname: cfg.hostname.clone(),
-        root_id: msg.root_id.clone(),
-        parent_id: msg.parent_id.clone(),
-        group: msg.group.clone(),
-        headers: msg.headers.clone(),
-        delivery_info: job.delivery.clone(),
-        time_limit: hard,
-        soft_time_limit: soft,
-    });
+    let ctx = Context::new(
+        Arc::clone(&job.msg),
+        Arc::clone(&shared.hostname),
+        job.delivery.clone(),
+        hard,
+        soft,
+    );
     let started = Instant::now();
     let future = task
         .handler
@@ -288,6 +280,13 @@ async fn run_with_limits(
     let deadline = |s: Option<f64>| s.map(|s| start + Duration::from_secs_f64(s));
     let (mut soft_at, hard_at) = (deadline(soft), deadline(hard));
     let far = start + Duration::from_secs(86_400 * 365);
+    if soft.is_none() && hard.is_none() {
+        use futures_lite::FutureExt;
+        return std::panic::AssertUnwindSafe(future)
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|payload| Err(crate::task::panic_payload_exception(payload)));
+    }
     let mut handle = tokio::spawn(future);
     loop {
         tokio::select! {

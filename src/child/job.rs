@@ -2,6 +2,9 @@
 
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
+use std::sync::Arc;
+
+use futures_lite::future::poll_once;
 use lapin::Acker;
 use tracing::warn;
 
@@ -12,7 +15,7 @@ use crate::task::DeliveryInfo;
 /// A decoded task and the handle that settles its message.
 pub struct Job {
     /// The decoded request.
-    pub msg: TaskMessage,
+    pub msg: Arc<TaskMessage>,
     /// Settles the broker message.
     pub acker: Acker,
     /// Where it came from.
@@ -54,23 +57,31 @@ pub fn decode(d: Delivery) -> Decoded {
         priority: d.properties.priority().unwrap_or(0),
         redelivered: d.redelivered,
     };
-    match TaskMessage::decode(&raw) {
+    let id = raw.message_id();
+    match TaskMessage::decode(raw) {
         Ok(msg) => Decoded::Job(Box::new(Job {
-            msg,
+            msg: Arc::new(msg),
             acker: d.acker,
             delivery,
         })),
         Err(error) => Decoded::Bad {
-            id: raw.message_id(),
+            id,
             error,
             acker: d.acker,
         },
     }
 }
 
-/// Acknowledges, logging a failure (the broker will redeliver).
+/// Acknowledges the message.
+///
+/// The ack frame is handed to the connection before this returns, but the
+/// write itself is not awaited: a task never waits on a round trip to the
+/// connection's I/O thread. If the channel is gone the ack is lost with it,
+/// and the broker redelivers the message (the connection loss is logged by
+/// the consumer).
 pub async fn ack(acker: &Acker, id: &str) {
-    if let Err(e) = acker.ack(BasicAckOptions::default()).await {
+    let send = acker.ack(BasicAckOptions::default());
+    if let Some(Err(e)) = poll_once(send).await {
         warn!(task_id = %id, "couldn't ack {id}: {e}");
     }
 }

@@ -24,6 +24,8 @@ pub struct Shared {
     pub backend: Option<Backend>,
     /// This child's pid.
     pub pid: u32,
+    /// The node name, shared with every task context.
+    pub hostname: Arc<str>,
 }
 
 impl Shared {

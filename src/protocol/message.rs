@@ -145,7 +145,7 @@ pub struct TaskMessage {
 
 impl TaskMessage {
     /// Decodes a raw broker message.
-    pub fn decode(raw: &RawMessage<'_>) -> Result<Self, DecodeError> {
+    pub fn decode(raw: RawMessage<'_>) -> Result<Self, DecodeError> {
         let content_type = raw.content_type.unwrap_or("").trim().to_ascii_lowercase();
         if content_type != ACCEPTED_CONTENT_TYPE {
             let shown = if content_type.is_empty() {
@@ -171,11 +171,11 @@ impl TaskMessage {
         if raw.headers.contains_key("task") {
             if body.is_object() && body.get("args").is_some() {
                 // A v2 task header over a v1 body (`hybrid_to_proto2`).
-                return decode_v1(raw, &body);
+                return decode_v1(&raw, &body);
             }
             decode_v2(raw, body)
         } else if body.get("task").is_some() {
-            decode_v1(raw, &body)
+            decode_v1(&raw, &body)
         } else {
             Err(DecodeError::Unknown)
         }
@@ -273,7 +273,7 @@ fn args_kwargs(
     Ok((args, kwargs))
 }
 
-fn decode_v2(raw: &RawMessage<'_>, body: Value) -> Result<TaskMessage, DecodeError> {
+fn decode_v2(raw: RawMessage<'_>, body: Value) -> Result<TaskMessage, DecodeError> {
     let h = &raw.headers;
     let task =
         opt_str(h, "task")?.ok_or_else(|| DecodeError::Invalid("task header is empty".into()))?;
@@ -329,7 +329,7 @@ fn decode_v2(raw: &RawMessage<'_>, body: Value) -> Result<TaskMessage, DecodeErr
         reply_to: raw.reply_to.filter(|s| !s.is_empty()).map(str::to_owned),
         correlation_id: raw.correlation_id.map(str::to_owned),
         priority: raw.priority,
-        headers: h.clone(),
+        headers: raw.headers,
     })
 }
 

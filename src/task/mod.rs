@@ -17,7 +17,7 @@ mod context;
 mod error;
 mod registry;
 
-pub use context::{Context, ContextParts, DeliveryInfo};
+pub use context::{Context, DeliveryInfo};
 pub use error::{Retry, TaskError};
-pub(crate) use registry::panic_exception;
 pub use registry::{bind_arguments, Registered, Registry, TaskFuture, TaskHandler, TaskOptions};
+pub(crate) use registry::{panic_exception, panic_payload_exception};

@@ -240,14 +240,23 @@ fn encode_return<R: Serialize>(value: R) -> Result<Value, TaskError> {
 }
 
 pub(crate) fn panic_exception(join: tokio::task::JoinError) -> TaskError {
-    let message = match join.try_into_panic() {
-        Ok(payload) => payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "panic".into()),
-        Err(e) => e.to_string(),
-    };
+    match join.try_into_panic() {
+        Ok(payload) => panic_payload_exception(payload),
+        Err(e) => TaskError::Exception(ExceptionInfo::new(
+            "Panic",
+            "celeriac.exceptions",
+            vec![e.to_string().into()],
+        )),
+    }
+}
+
+/// A panic in task code, as the exception Python sees (`celeriac.exceptions.Panic`).
+pub(crate) fn panic_payload_exception(payload: Box<dyn std::any::Any + Send>) -> TaskError {
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into());
     TaskError::Exception(ExceptionInfo::new(
         "Panic",
         "celeriac.exceptions",

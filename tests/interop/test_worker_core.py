@@ -185,3 +185,32 @@ def test_example_crate_defines_its_own_tasks(start_worker, rpc_app):
     assert rpc_app.send_task("shop.tasks.slugify", ("Hello, Celery World!",)).get(timeout=15) == "hello-celery-world"
     assert rpc_app.send_task("shop.tasks.slugify", ("  ",)).get(timeout=15) == ""
     assert rpc_app.send_task("celeriac.add", (1, 2)).get(timeout=15) == 3
+
+
+def test_held_eta_tasks_do_not_starve_the_queue(start_worker, redis_app):
+    # -c 1 --prefetch-multiplier 2: without raising the prefetch, two ETA
+    # tasks would fill the window and block everything behind them.
+    start_worker("--result-backend", REDIS_URL, "-c", "1", "--prefetch-multiplier", "2")
+    eta = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=6)
+    later = [redis_app.send_task("celeriac.noop", eta=eta) for _ in range(6)]
+    now = [redis_app.send_task("celeriac.add", (i, i)) for i in range(4)]
+    assert [r.get(timeout=15) for r in now] == [0, 2, 4, 6]
+    for r in now:
+        done = datetime.datetime.fromisoformat(str(r.date_done)) if not isinstance(r.date_done, datetime.datetime) else r.date_done
+        if done.tzinfo is None:
+            done = done.replace(tzinfo=datetime.timezone.utc)
+        assert done < eta, "an immediate task waited for the held ETA tasks"
+    assert all(r.get(timeout=20) is None for r in later)
+
+
+def test_sigterm_drains_single_worker(start_worker, rpc_app, queue_name):
+    w = start_worker("--result-backend", "rpc://", "-c", "1")
+    running = rpc_app.send_task("celeriac.sleep", (1.5,))
+    w.wait_for_log(f"[{running.id}] received")
+    queued = [rpc_app.send_task("celeriac.add", (i, 1)) for i in range(3)]
+    time.sleep(0.3)
+    assert w.stop() == 0
+    assert running.get(timeout=5) == 1.5, "the running task finished before exit"
+    assert queue_depth(queue_name) == 3, "prefetched tasks went back to the queue"
+    start_worker("--result-backend", "rpc://")
+    assert [r.get(timeout=15) for r in queued] == [1, 2, 3]
