@@ -220,11 +220,11 @@ fn bad_input_is_refused_without_deserializing() {
     );
     let mut raw = c.raw();
     raw.body = b"[[1, 2], {}";
+    assert_eq!(raw.message_id(), "094c4737-f8c0-4f74-b73c-92f3e787f65e");
     assert!(matches!(
         TaskMessage::decode(raw),
         Err(DecodeError::Body(_))
     ));
-    assert_eq!(raw.message_id(), "094c4737-f8c0-4f74-b73c-92f3e787f65e");
     let mut raw = c.raw();
     raw.body = b"[[1, 2], {}]";
     assert!(matches!(
