@@ -113,10 +113,10 @@ struct WorkerArgs {
     #[arg(long)]
     track_started: bool,
     /// Hard time limit for every task, in seconds
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     time_limit: Option<f64>,
     /// Soft time limit for every task, in seconds
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     soft_time_limit: Option<f64>,
     /// Replace a task process after it ran this many tasks
     #[arg(long)]
@@ -125,7 +125,7 @@ struct WorkerArgs {
     #[arg(long)]
     max_memory_per_child: Option<u64>,
     /// Seconds a warm shutdown may take before unfinished tasks are handed back to the broker
-    #[arg(long, default_value_t = 100.0, env = "CELERIAC_SHUTDOWN_TIMEOUT")]
+    #[arg(long, default_value_t = 100.0, env = "CELERIAC_SHUTDOWN_TIMEOUT", allow_negative_numbers = true)]
     shutdown_timeout: f64,
     /// Directory for the state file read by the probe binaries
     #[arg(long, env = "CELERIAC_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
