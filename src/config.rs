@@ -125,7 +125,12 @@ struct WorkerArgs {
     #[arg(long)]
     max_memory_per_child: Option<u64>,
     /// Seconds a warm shutdown may take before unfinished tasks are handed back to the broker
-    #[arg(long, default_value_t = 100.0, env = "CELERIAC_SHUTDOWN_TIMEOUT", allow_negative_numbers = true)]
+    #[arg(
+        long,
+        default_value_t = 100.0,
+        env = "CELERIAC_SHUTDOWN_TIMEOUT",
+        allow_negative_numbers = true
+    )]
     shutdown_timeout: f64,
     /// Directory for the state file read by the probe binaries
     #[arg(long, env = "CELERIAC_STATE_DIR", default_value = DEFAULT_STATE_DIR)]

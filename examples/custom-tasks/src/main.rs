@@ -42,29 +42,37 @@ fn main() {
 
     // A blocking function: runs on its own thread, never stalls the worker.
     tasks
-        .register("shop.tasks.invoice_total", &["lines", "vat"], |_ctx, a: InvoiceTotal| {
-            if a.lines.is_empty() {
-                return Err(TaskError::value_error("an invoice needs at least one line"));
-            }
-            let net: f64 = a.lines.iter().map(|l| l.price * f64::from(l.qty)).sum();
-            Ok((net * (1.0 + a.vat.unwrap_or(0.0)) * 100.0).round() / 100.0)
-        })
+        .register(
+            "shop.tasks.invoice_total",
+            &["lines", "vat"],
+            |_ctx, a: InvoiceTotal| {
+                if a.lines.is_empty() {
+                    return Err(TaskError::value_error("an invoice needs at least one line"));
+                }
+                let net: f64 = a.lines.iter().map(|l| l.price * f64::from(l.qty)).sum();
+                Ok((net * (1.0 + a.vat.unwrap_or(0.0)) * 100.0).round() / 100.0)
+            },
+        )
         .acks_late(true);
 
     // An async function, retried on a transient condition.
-    tasks.register_async("shop.tasks.slugify", &["text"], |ctx, a: Slugify| async move {
-        if a.text.trim().is_empty() && ctx.retries() < 1 {
-            return Err(TaskError::retry().countdown(0.1).into());
-        }
-        let slug: String = a
-            .text
-            .to_lowercase()
-            .split(|c: char| !c.is_alphanumeric())
-            .filter(|w| !w.is_empty())
-            .collect::<Vec<_>>()
-            .join("-");
-        Ok::<_, TaskError>(slug)
-    });
+    tasks.register_async(
+        "shop.tasks.slugify",
+        &["text"],
+        |ctx, a: Slugify| async move {
+            if a.text.trim().is_empty() && ctx.retries() < 1 {
+                return Err(TaskError::retry().countdown(0.1).into());
+            }
+            let slug: String = a
+                .text
+                .to_lowercase()
+                .split(|c: char| !c.is_alphanumeric())
+                .filter(|w| !w.is_empty())
+                .collect::<Vec<_>>()
+                .join("-");
+            Ok::<_, TaskError>(slug)
+        },
+    );
 
     app.run()
 }
