@@ -68,14 +68,14 @@ impl App {
         banner(&config, &self.registry);
         let config = Arc::new(*config);
         let registry = Arc::new(self.registry);
-        let slots = config.concurrency;
-        match crate::child::run_blocking(config, registry, slots) {
-            Ok(_) => {
-                info!("worker stopped");
-                0
+        match crate::supervisor::Supervisor::new(config, registry) {
+            Ok(supervisor) => {
+                let code = supervisor.run();
+                info!("worker stopped (exit code {code})");
+                code
             }
             Err(e) => {
-                error!("worker failed: {e}");
+                error!("cannot start the supervisor: {e}");
                 1
             }
         }

@@ -146,6 +146,9 @@ struct WorkerArgs {
     /// Most ETA/countdown tasks one process holds in memory
     #[arg(long, default_value_t = 1000)]
     eta_limit: usize,
+    /// A message whose task process died this many times is rejected without requeue
+    #[arg(long, default_value_t = 3)]
+    max_task_deaths: u32,
     /// Do not register the celeriac.* diagnostic tasks
     #[arg(long, env = "CELERIAC_WITHOUT_BUILTIN_TASKS")]
     without_builtin_tasks: bool,
@@ -210,6 +213,8 @@ pub struct WorkerConfig {
     pub eta_limit: usize,
     /// Register the diagnostic tasks.
     pub builtin_tasks: bool,
+    /// Quarantine a message after its process died this many times.
+    pub max_task_deaths: u32,
 }
 
 /// What the command line asks for.
@@ -400,6 +405,9 @@ fn validate(a: WorkerArgs, env: &dyn Env) -> Result<WorkerConfig, ConfigError> {
     if a.state_dir.as_os_str().is_empty() {
         return Err(ConfigError::new("--state-dir", "must not be empty"));
     }
+    if a.max_task_deaths == 0 {
+        return Err(ConfigError::new("--max-task-deaths", "must be at least 1"));
+    }
     if a.eta_limit == 0 {
         return Err(ConfigError::new("--eta-limit", "must be at least 1"));
     }
@@ -423,6 +431,7 @@ fn validate(a: WorkerArgs, env: &dyn Env) -> Result<WorkerConfig, ConfigError> {
         state_dir: a.state_dir,
         eta_limit: a.eta_limit,
         builtin_tasks: !a.without_builtin_tasks,
+        max_task_deaths: a.max_task_deaths,
     })
 }
 

@@ -8,7 +8,8 @@
 //! The crate is split by responsibility: [`protocol`] (the wire format, no
 //! I/O), [`broker`] (RabbitMQ), [`task`] (the registry and task API),
 //! [`backend`] (results), [`child`] (the consume-and-run loop), [`config`]
-//! (the command line).
+//! (the command line), [`supervisor`] (the prefork parent) and [`shm`]
+//! (the memory it shares with its children).
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -21,6 +22,8 @@ pub mod config;
 pub mod logging;
 pub mod protocol;
 pub mod repr;
+pub mod shm;
+pub mod supervisor;
 pub mod task;
 
 pub use app::App;

@@ -13,6 +13,7 @@ use super::job::{ack, reject, Job};
 use super::shared::Shared;
 use crate::protocol::{signature_message, ExceptionInfo, TaskMessage, TaskState};
 use crate::repr::{short_repr, MAX_REPR};
+use crate::shm::{now_ms, RunningTask, TaskFlags};
 use crate::task::panic_exception;
 use crate::task::{Context, TaskError};
 
@@ -93,10 +94,41 @@ pub async fn execute(shared: Arc<Shared>, job: Job, state: Arc<RunState>) -> Fin
         soft,
     );
     let started = Instant::now();
+    if let Some(link) = shared.link {
+        let now = now_ms();
+        let hard_ms = hard.map_or(0, |h| (h * 1000.0) as u64);
+        let mut flags = 0;
+        if acks_late {
+            flags |= TaskFlags::ACKS_LATE;
+        }
+        if opts.reject_on_worker_lost.unwrap_or(false) {
+            flags |= TaskFlags::REJECT_ON_WORKER_LOST;
+        }
+        if ignore_result {
+            flags |= TaskFlags::IGNORE_RESULT;
+        }
+        link.slot().start_task(&RunningTask {
+            id: id.clone(),
+            name: msg.task.clone(),
+            reply_to: msg.reply_to.clone().unwrap_or_default(),
+            correlation_id: msg.correlation_id.clone().unwrap_or_default(),
+            started_ms: now,
+            deadline_ms: if hard_ms > 0 { now + hard_ms } else { 0 },
+            hard_limit_ms: hard_ms,
+            flags,
+        });
+    }
     let future = task
         .handler
         .call(ctx.clone(), msg.args.clone(), msg.kwargs.clone());
-    let outcome = run_with_limits(future, &ctx, task.blocking, soft, hard).await;
+    // Under the supervisor a blocking task is stopped at the hard limit by
+    // killing its process; only a task that can be aborted is stopped here.
+    let in_process_hard = if task.blocking && shared.link.is_some() {
+        None
+    } else {
+        hard
+    };
+    let outcome = run_with_limits(future, &ctx, task.blocking, soft, in_process_hard).await;
     let runtime = started.elapsed().as_secs_f64();
 
     let acked = state.acked.load(Ordering::Acquire);
@@ -191,6 +223,9 @@ pub async fn execute(shared: Arc<Shared>, job: Job, state: Arc<RunState>) -> Fin
                 ack(&job.acker, &id).await;
             }
         }
+    }
+    if let Some(link) = shared.link {
+        link.slot().finish_task();
     }
     Finished { id }
 }

@@ -27,6 +27,7 @@ use crate::backend::{Backend, BackendError};
 use crate::broker::{connect, declare_queue, mask_url, BrokerError};
 use crate::config::WorkerConfig;
 use crate::protocol::{ExceptionInfo, TaskState};
+use crate::shm::{ChildState, Lost, LostReason, SharedState, Slot, TaskFlags};
 use crate::task::Registry;
 use execute::{discard_revoked, execute, is_expired, Finished, RunState};
 use job::{decode, reject, requeue, Decoded, Job};
@@ -47,6 +48,9 @@ pub enum ChildError {
     /// The connection was lost while consuming.
     #[error("connection to broker lost: {0}")]
     ConnectionLost(String),
+    /// The child could not connect, declare or start consuming.
+    #[error("{0}")]
+    Boot(String),
 }
 
 /// How a child's run ended.
@@ -54,6 +58,51 @@ pub enum ChildError {
 pub enum Exit {
     /// Drained after a shutdown signal.
     Shutdown,
+    /// Drained to be replaced (`--max-tasks-per-child`, `--max-memory-per-child`).
+    Recycled,
+}
+
+/// A child's place in the supervisor's shared memory.
+#[derive(Clone, Copy)]
+pub struct Link {
+    /// The child's slot index.
+    pub index: usize,
+    /// The shared region.
+    pub shm: SharedState,
+}
+
+impl Link {
+    /// This child's slot.
+    pub fn slot(&self) -> &'static Slot {
+        &self.shm.slots()[self.index]
+    }
+}
+
+/// The body of a forked task child: runs [`run_blocking`] with one task
+/// slot and returns the process exit code.
+pub fn child_main(
+    index: usize,
+    shm: SharedState,
+    config: Arc<WorkerConfig>,
+    registry: Arc<Registry>,
+) -> i32 {
+    let link = Link { index, shm };
+    let span = tracing::info_span!("child", n = index + 1);
+    let _entered = span.enter();
+    link.slot().set_state(ChildState::Booting);
+    match run_blocking(config, registry, 1, Some(link)) {
+        Ok(Exit::Shutdown) => 0,
+        Ok(Exit::Recycled) => 0,
+        Err(ChildError::Boot(why)) => {
+            error!("cannot start: {why}");
+            link.slot().set_error(&why);
+            crate::supervisor::EXIT_BOOT_FAILURE
+        }
+        Err(e) => {
+            error!("stopped: {e}");
+            1
+        }
+    }
 }
 
 /// Runs a child to completion on a fresh single-threaded tokio runtime.
@@ -62,13 +111,14 @@ pub fn run_blocking(
     config: Arc<WorkerConfig>,
     registry: Arc<Registry>,
     slots: usize,
+    link: Option<Link>,
 ) -> Result<Exit, ChildError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(slots.max(1) + 2)
         .build()
         .map_err(ChildError::Runtime)?;
-    runtime.block_on(run(config, registry, slots))
+    runtime.block_on(run(config, registry, slots, link))
 }
 
 enum Incoming {
@@ -104,6 +154,8 @@ struct Child {
     sched_seq: u64,
     running: JoinSet<Finished>,
     running_info: HashMap<tokio::task::Id, Running>,
+    tasks_run: u64,
+    recycle: bool,
 }
 
 /// Connects, declares, consumes and runs tasks until a shutdown signal
@@ -112,29 +164,53 @@ pub async fn run(
     config: Arc<WorkerConfig>,
     registry: Arc<Registry>,
     slots: usize,
+    link: Option<Link>,
 ) -> Result<Exit, ChildError> {
     let pid = std::process::id();
+    if link.is_some_and(|l| l.shm.draining()) {
+        return Ok(Exit::Shutdown);
+    }
+    let boot = |e: ChildError| ChildError::Boot(e.to_string());
     let conn = connect(
         &config.broker_url,
         &format!("celeriac {} pid {pid}", config.hostname),
     )
-    .await?;
+    .await
+    .map_err(|e| boot(e.into()))?;
     info!("Connected to {}", mask_url(&config.broker_url));
     for spec in &config.queues {
-        declare_queue(&conn, spec).await?;
+        declare_queue(&conn, spec)
+            .await
+            .map_err(|e| boot(e.into()))?;
     }
-    let channel = conn
-        .create_channel()
+    let channel = conn.create_channel().await.map_err(|e| {
+        boot(
+            BrokerError::Amqp {
+                what: "open channel".into(),
+                source: e,
+            }
+            .into(),
+        )
+    })?;
+    let confirmed = crate::broker::confirm_channel(&conn)
         .await
-        .map_err(BrokerError::amqp("open channel"))?;
-    let confirmed = crate::broker::confirm_channel(&conn).await?;
+        .map_err(|e| boot(e.into()))?;
     let backend = match &config.result_backend {
         Some(url) => {
-            let results = conn
-                .create_channel()
-                .await
-                .map_err(BrokerError::amqp("open channel"))?;
-            Some(Backend::connect(url, results).await?)
+            let results = conn.create_channel().await.map_err(|e| {
+                boot(
+                    BrokerError::Amqp {
+                        what: "open channel".into(),
+                        source: e,
+                    }
+                    .into(),
+                )
+            })?;
+            Some(
+                Backend::connect(url, results)
+                    .await
+                    .map_err(|e| boot(e.into()))?,
+            )
         }
         None => None,
     };
@@ -143,7 +219,15 @@ pub async fn run(
     channel
         .basic_qos(prefetch, BasicQosOptions { global: false })
         .await
-        .map_err(BrokerError::amqp("basic.qos"))?;
+        .map_err(|e| {
+            boot(
+                BrokerError::Amqp {
+                    what: "basic.qos".into(),
+                    source: e,
+                }
+                .into(),
+            )
+        })?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         config: Arc::clone(&config),
@@ -152,6 +236,7 @@ pub async fn run(
         backend,
         pid,
         hostname: Arc::from(config.hostname.as_str()),
+        link,
     });
     let mut child = Child {
         shared,
@@ -165,9 +250,14 @@ pub async fn run(
         sched_seq: 0,
         running: JoinSet::new(),
         running_info: HashMap::new(),
+        tasks_run: 0,
+        recycle: false,
     };
     for spec in &config.queues {
-        child.consume(&spec.name).await?;
+        child.consume(&spec.name).await.map_err(boot)?;
+    }
+    if let Some(l) = link {
+        l.slot().set_state(ChildState::Consuming);
     }
     info!(queues = ?config.queues.iter().map(|q| q.name.as_str()).collect::<Vec<_>>(), prefetch, "consuming");
     let result = child.serve(&mut rx).await;
@@ -227,6 +317,8 @@ impl Child {
         let mut sigquit = signal(SignalKind::quit()).map_err(ChildError::Runtime)?;
         let mut rotation = tokio::time::interval(Duration::from_millis(250));
         rotation.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
         loop {
             let next_eta = self.next_eta_instant().unwrap_or(far);
@@ -234,8 +326,15 @@ impl Child {
                 _ = sigterm.recv() => return self.shutdown(rx, false).await,
                 _ = sigint.recv() => return self.shutdown(rx, false).await,
                 _ = sigquit.recv() => return self.shutdown(rx, true).await,
-                Some(done) = self.running.join_next_with_id(), if !self.running.is_empty() => self.finished(done),
-                incoming = rx.recv() => {
+                Some(done) = self.running.join_next_with_id(), if !self.running.is_empty() => {
+                    self.finished(done);
+                    if self.recycle {
+                        self.shutdown(rx, false).await?;
+                        return Ok(Exit::Recycled);
+                    }
+                }
+                _ = heartbeat.tick() => self.tick().await,
+                incoming = rx.recv(), if !self.recycle => {
                     self.incoming(incoming).await?;
                     // Take what else has arrived before dispatching: fewer wake-ups under load.
                     for _ in 0..64 {
@@ -272,10 +371,122 @@ impl Child {
         };
         if let Some(info) = self.running_info.remove(&id) {
             match done {
-                Ok((_, finished)) => debug!(task_id = %finished.id, "slot free"),
+                Ok((_, finished)) => {
+                    debug!(task_id = %finished.id, "slot free");
+                    self.after_task();
+                }
                 Err(e) => {
                     error!(task_id = %info.job_msg.id, "task runner for {} stopped abnormally: {e}", info.job_msg.id)
                 }
+            }
+        }
+    }
+
+    /// `--max-tasks-per-child` and `--max-memory-per-child` (checked after
+    /// each task, as Celery does): finish cleanly and let the supervisor
+    /// start a fresh process.
+    fn after_task(&mut self) {
+        self.tasks_run += 1;
+        let cfg = &self.shared.config;
+        if cfg
+            .max_tasks_per_child
+            .is_some_and(|max| self.tasks_run >= max)
+        {
+            info!("recycling this process after {} task(s)", self.tasks_run);
+            self.recycle = true;
+        }
+        if let Some(limit) = cfg.max_memory_per_child {
+            let rss = resident_kib();
+            if rss > limit {
+                info!("recycling this process: resident memory {rss} KiB is above {limit} KiB");
+                self.recycle = true;
+            }
+        }
+    }
+
+    /// Once a second: tell the supervisor we are alive, and store the
+    /// failure of early-acked tasks whose process died.
+    async fn tick(&mut self) {
+        let Some(link) = self.shared.link else { return };
+        link.slot().beat();
+        while let Some(lost) = link.shm.claim_report() {
+            let msg = lost_message(&lost);
+            let exc = lost_exception(&lost);
+            error!(task_id = %msg.id, "Task {}[{}] failed: {}", msg.task, msg.id, exc.repr());
+            if lost.task.flags & TaskFlags::IGNORE_RESULT == 0 {
+                let mut doc = self.shared.document(
+                    &msg,
+                    TaskState::Failure,
+                    serde_json::to_value(&exc).unwrap_or_default(),
+                );
+                doc.traceback = Some(exc.traceback());
+                self.shared.store(&msg, doc).await;
+            }
+        }
+    }
+
+    /// For a redelivered message: the record of its process dying, if that is
+    /// why it came back. The supervisor may still be writing the record when
+    /// the broker redelivers, so a task still listed as running in another
+    /// slot is waited for briefly.
+    async fn lost_record(&self, id: &str) -> Option<Lost> {
+        let link = self.shared.link?;
+        for _ in 0..40 {
+            if let Some(lost) = link.shm.find_lost(id) {
+                return Some(lost);
+            }
+            link.shm.running_elsewhere(id, link.index)?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
+    /// Celery's WorkerLostError semantics for an acks-late message whose
+    /// process died, plus a quarantine for messages that keep killing it.
+    /// Returns true when the message was settled (not to be run).
+    async fn settle_lost(&self, job: &Job, lost: &Lost) -> bool {
+        let link = self
+            .shared
+            .link
+            .expect("lost records exist only under a supervisor");
+        let msg = &job.msg;
+        let ignore = msg
+            .ignore_result
+            .unwrap_or(lost.task.flags & TaskFlags::IGNORE_RESULT != 0);
+        let store = |exc: ExceptionInfo| async move {
+            if !ignore {
+                let mut doc = self.shared.document(
+                    msg,
+                    TaskState::Failure,
+                    serde_json::to_value(&exc).unwrap_or_default(),
+                );
+                doc.traceback = Some(exc.traceback());
+                self.shared.store(msg, doc).await;
+            }
+        };
+        if lost.deaths >= self.shared.config.max_task_deaths {
+            error!(
+                task_id = %msg.id,
+                "Task {}[{}] killed its task process {} times; rejecting it without requeue (dead-lettered if the queue has a dead-letter exchange)",
+                msg.display_name(), msg.id, lost.deaths
+            );
+            store(lost_exception(lost)).await;
+            reject(&job.acker, &msg.id, false).await;
+            link.shm.settle_lost(lost.index);
+            return true;
+        }
+        match lost.reason {
+            LostReason::WorkerLost if lost.task.flags & TaskFlags::REJECT_ON_WORKER_LOST != 0 => {
+                warn!(task_id = %msg.id, "Task {}[{}] was requeued after its process died; running it again", msg.display_name(), msg.id);
+                false
+            }
+            _ => {
+                let exc = lost_exception(lost);
+                error!(task_id = %msg.id, "Task {}[{}] failed: {}", msg.display_name(), msg.id, exc.repr());
+                store(exc).await;
+                job::ack(&job.acker, &msg.id).await;
+                link.shm.settle_lost(lost.index);
+                true
             }
         }
     }
@@ -307,6 +518,13 @@ impl Child {
             return;
         };
         info!(task_id = %acker_id, "Task {}[{}] received", job.msg.display_name(), acker_id);
+        if job.delivery.redelivered {
+            if let Some(lost) = self.lost_record(&acker_id).await {
+                if self.settle_lost(&job, &lost).await {
+                    return;
+                }
+            }
+        }
         if is_expired(&job.msg) {
             let ignore = job.msg.ignore_result.unwrap_or(task.options.ignore_result);
             discard_revoked(&shared, &job, "expired", ignore).await;
@@ -403,6 +621,9 @@ impl Child {
         rx: &mut mpsc::UnboundedReceiver<Incoming>,
         cold: bool,
     ) -> Result<Exit, ChildError> {
+        if let Some(link) = self.shared.link {
+            link.slot().set_state(ChildState::Draining);
+        }
         let timeout = if cold {
             Duration::ZERO
         } else {
@@ -495,5 +716,48 @@ impl Child {
         }
         self.running.abort_all();
         while self.running.join_next().await.is_some() {}
+    }
+}
+
+/// This process's resident memory in KiB (`VmRSS`).
+fn resident_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A message standing in for a lost task when only its record is left.
+fn lost_message(lost: &Lost) -> crate::protocol::TaskMessage {
+    let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    crate::protocol::TaskMessage {
+        id: lost.task.id.clone(),
+        task: lost.task.name.clone(),
+        reply_to: non_empty(&lost.task.reply_to),
+        correlation_id: non_empty(&lost.task.correlation_id),
+        ..Default::default()
+    }
+}
+
+/// The exception Celery stores for a lost task.
+fn lost_exception(lost: &Lost) -> ExceptionInfo {
+    match lost.reason {
+        LostReason::TimeLimit => {
+            ExceptionInfo::time_limit_exceeded(lost.task.hard_limit_ms as f64 / 1000.0)
+        }
+        LostReason::WorkerLost => {
+            let how = match nix::sys::signal::Signal::try_from(lost.signal as i32) {
+                Ok(sig) if lost.signal != 0 => format!("signal {} ({sig:?})", lost.signal),
+                _ => "exitcode 1".to_owned(),
+            };
+            ExceptionInfo::worker_lost(format!(
+                "Worker exited prematurely: {how} Job: {}.",
+                lost.deaths
+            ))
+        }
     }
 }

@@ -26,6 +26,8 @@ pub struct Shared {
     pub pid: u32,
     /// The node name, shared with every task context.
     pub hostname: Arc<str>,
+    /// The supervisor's shared memory, when running as a forked child.
+    pub link: Option<super::Link>,
 }
 
 impl Shared {

@@ -91,7 +91,7 @@ pub struct Embed {
 }
 
 /// A decoded Celery task request.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct TaskMessage {
     /// 1 or 2.
     pub protocol: u8,

@@ -1,0 +1,472 @@
+//! Memory shared between the supervisor and every child, without locks:
+//! one slot per child (written only by that child, read by everyone) and a
+//! ring of lost-task records (written only by the supervisor, claimed by
+//! children with compare-and-swap).
+//!
+//! The region is mapped `MAP_SHARED | MAP_ANONYMOUS` once, before the first
+//! fork, so every child sees the same physical pages. It holds only atomics,
+//! so any bit pattern (including the initial zeros) is a valid value.
+
+use std::num::NonZeroUsize;
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
+
+/// Bytes of text a slot or record carries (task id, name, reply_to, correlation id).
+const TEXT_WORDS: usize = 64;
+/// Bytes of the last boot error a slot keeps.
+const ERROR_WORDS: usize = 32;
+/// Lost-task records kept.
+pub const LOST_RING: usize = 64;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Fixed-size text written under a sequence lock.
+#[repr(C)]
+struct SeqText<const N: usize> {
+    seq: AtomicU64,
+    words: [AtomicU64; N],
+}
+
+impl<const N: usize> SeqText<N> {
+    fn write(&self, parts: &[&str]) {
+        let mut bytes = Vec::with_capacity(N * 8);
+        for p in parts {
+            bytes.extend_from_slice(p.as_bytes());
+            bytes.push(0);
+        }
+        bytes.truncate(N * 8);
+        bytes.resize(N * 8, 0);
+        self.seq.fetch_add(1, Ordering::AcqRel); // odd: writing
+        for (word, chunk) in self.words.iter().zip(bytes.chunks_exact(8)) {
+            word.store(
+                u64::from_le_bytes(chunk.try_into().expect("8 bytes")),
+                Ordering::Relaxed,
+            );
+        }
+        self.seq.fetch_add(1, Ordering::Release); // even: done
+    }
+
+    fn read(&self) -> Vec<String> {
+        loop {
+            let before = self.seq.load(Ordering::Acquire);
+            if before % 2 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let mut bytes = Vec::with_capacity(N * 8);
+            for word in &self.words {
+                bytes.extend_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
+            }
+            fence(Ordering::Acquire);
+            if self.seq.load(Ordering::Relaxed) == before {
+                let text = String::from_utf8_lossy(&bytes);
+                let mut parts: Vec<String> = text.split('\0').map(str::to_owned).collect();
+                while parts.last().is_some_and(String::is_empty) {
+                    parts.pop();
+                }
+                return parts;
+            }
+        }
+    }
+}
+
+/// What a child is doing, as its slot says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum ChildState {
+    /// No child in this slot.
+    Empty = 0,
+    /// Forked, connecting.
+    Booting = 1,
+    /// Connected and consuming every queue.
+    Consuming = 2,
+    /// Lost the broker; reconnecting.
+    Reconnecting = 3,
+    /// Draining after a shutdown or recycle request.
+    Draining = 4,
+}
+
+impl ChildState {
+    fn from_u32(v: u32) -> Self {
+        match v {
+            1 => Self::Booting,
+            2 => Self::Consuming,
+            3 => Self::Reconnecting,
+            4 => Self::Draining,
+            _ => Self::Empty,
+        }
+    }
+}
+
+/// The task a child is running, as published in its slot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunningTask {
+    /// Task id.
+    pub id: String,
+    /// Task name.
+    pub name: String,
+    /// rpc reply queue ("" if none).
+    pub reply_to: String,
+    /// Correlation id ("" if none).
+    pub correlation_id: String,
+    /// When it started (ms since epoch).
+    pub started_ms: u64,
+    /// Hard deadline (ms since epoch), 0 for none.
+    pub deadline_ms: u64,
+    /// The hard limit in ms, 0 for none.
+    pub hard_limit_ms: u64,
+    /// Flags (see [`TaskFlags`]).
+    pub flags: u64,
+}
+
+/// Bits in [`RunningTask::flags`].
+pub struct TaskFlags;
+
+impl TaskFlags {
+    /// The message is acknowledged after the task.
+    pub const ACKS_LATE: u64 = 1;
+    /// Requeue when the child dies (acks_late only).
+    pub const REJECT_ON_WORKER_LOST: u64 = 2;
+    /// No result is stored.
+    pub const IGNORE_RESULT: u64 = 4;
+}
+
+/// One child's slot.
+#[repr(C)]
+pub struct Slot {
+    pid: AtomicU32,
+    state: AtomicU32,
+    heartbeat_ms: AtomicU64,
+    /// Tasks started since the worker started (all generations of this slot).
+    pub processed: AtomicU64,
+    /// Tasks that succeeded.
+    pub succeeded: AtomicU64,
+    /// Tasks that failed.
+    pub failed: AtomicU64,
+    /// Tasks that asked for a retry.
+    pub retried: AtomicU64,
+    task_started_ms: AtomicU64,
+    task_deadline_ms: AtomicU64,
+    task_hard_limit_ms: AtomicU64,
+    task_flags: AtomicU64,
+    task: SeqText<TEXT_WORDS>,
+    error: SeqText<ERROR_WORDS>,
+}
+
+impl Slot {
+    /// The pid of the child owning the slot (0 = none).
+    pub fn pid(&self) -> u32 {
+        self.pid.load(Ordering::Acquire)
+    }
+    pub(crate) fn set_pid(&self, pid: u32) {
+        self.pid.store(pid, Ordering::Release);
+    }
+    /// The child's state.
+    pub fn state(&self) -> ChildState {
+        ChildState::from_u32(self.state.load(Ordering::Acquire))
+    }
+    /// Publishes the child's state and beats.
+    pub fn set_state(&self, state: ChildState) {
+        self.state.store(state as u32, Ordering::Release);
+        self.beat();
+    }
+    /// The child's last heartbeat (ms since epoch).
+    pub fn heartbeat_ms(&self) -> u64 {
+        self.heartbeat_ms.load(Ordering::Acquire)
+    }
+    /// Records that the child is alive now.
+    pub fn beat(&self) {
+        self.heartbeat_ms.store(now_ms(), Ordering::Release);
+    }
+    /// Publishes the task now running.
+    pub fn start_task(&self, t: &RunningTask) {
+        self.task
+            .write(&[&t.id, &t.name, &t.reply_to, &t.correlation_id]);
+        self.task_flags.store(t.flags, Ordering::Relaxed);
+        self.task_hard_limit_ms
+            .store(t.hard_limit_ms, Ordering::Relaxed);
+        self.task_deadline_ms
+            .store(t.deadline_ms, Ordering::Relaxed);
+        self.task_started_ms
+            .store(t.started_ms.max(1), Ordering::Release);
+        self.processed.fetch_add(1, Ordering::Relaxed);
+        self.beat();
+    }
+    /// Clears the running task.
+    pub fn finish_task(&self) {
+        self.task_started_ms.store(0, Ordering::Release);
+        self.task_deadline_ms.store(0, Ordering::Relaxed);
+        self.beat();
+    }
+    /// The task running now, if any.
+    pub fn running_task(&self) -> Option<RunningTask> {
+        let started_ms = self.task_started_ms.load(Ordering::Acquire);
+        if started_ms == 0 {
+            return None;
+        }
+        let mut parts = self.task.read().into_iter();
+        let mut next = || parts.next().unwrap_or_default();
+        let (id, name, reply_to, correlation_id) = (next(), next(), next(), next());
+        Some(RunningTask {
+            id,
+            name,
+            reply_to,
+            correlation_id,
+            started_ms,
+            deadline_ms: self.task_deadline_ms.load(Ordering::Relaxed),
+            hard_limit_ms: self.task_hard_limit_ms.load(Ordering::Relaxed),
+            flags: self.task_flags.load(Ordering::Relaxed),
+        })
+    }
+    /// Records why the child could not start.
+    pub fn set_error(&self, message: &str) {
+        self.error.write(&[message]);
+    }
+    /// The child's last boot error ("" if none).
+    pub fn error(&self) -> String {
+        self.error.read().into_iter().next().unwrap_or_default()
+    }
+    pub(crate) fn reset(&self) {
+        self.finish_task();
+        self.error.write(&[]);
+        self.state
+            .store(ChildState::Empty as u32, Ordering::Release);
+    }
+}
+
+/// Why a task's child went away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum LostReason {
+    /// The child died (signal or crash): `WorkerLostError`.
+    WorkerLost = 1,
+    /// The supervisor killed it at the hard time limit: `TimeLimitExceeded`.
+    TimeLimit = 2,
+}
+
+/// States of a lost-task record.
+const LOST_FREE: u32 = 0;
+const LOST_REPORT: u32 = 1;
+const LOST_WAIT_REDELIVERY: u32 = 2;
+const LOST_DONE: u32 = 3;
+
+/// A task whose child died while running it.
+#[repr(C)]
+pub struct LostRecord {
+    state: AtomicU32,
+    reason: AtomicU32,
+    deaths: AtomicU32,
+    signal: AtomicU32,
+    hard_limit_ms: AtomicU64,
+    flags: AtomicU64,
+    at_ms: AtomicU64,
+    task: SeqText<TEXT_WORDS>,
+}
+
+/// A lost task, as read from the ring.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lost {
+    /// Index in the ring (to mark it done).
+    pub index: usize,
+    /// The task.
+    pub task: RunningTask,
+    /// Why.
+    pub reason: LostReason,
+    /// How many times a child died running it.
+    pub deaths: u32,
+    /// The signal that killed the child (0 if it exited).
+    pub signal: u32,
+}
+
+#[repr(C)]
+struct Header {
+    lost_next: AtomicU64,
+    draining: AtomicU32,
+    supervisor_heartbeat_ms: AtomicU64,
+}
+
+/// The shared region.
+#[derive(Clone, Copy)]
+pub struct SharedState {
+    header: &'static Header,
+    slots: &'static [Slot],
+    lost: &'static [LostRecord],
+}
+
+impl SharedState {
+    /// Maps a region for `slots` children. Call once, before forking.
+    pub fn map(slots: usize) -> std::io::Result<Self> {
+        let header_size = std::mem::size_of::<Header>().next_multiple_of(64);
+        let slots_size = std::mem::size_of::<Slot>() * slots;
+        let lost_offset = (header_size + slots_size).next_multiple_of(64);
+        let total = lost_offset + std::mem::size_of::<LostRecord>() * LOST_RING;
+        let length = NonZeroUsize::new(total).expect("non-empty region");
+        // SAFETY: an anonymous shared mapping with no address hint cannot alias
+        // any existing Rust object; on success it returns `total` bytes of
+        // zeroed, page-aligned, readable and writable memory.
+        #[allow(unsafe_code)]
+        let base = unsafe {
+            mmap_anonymous(
+                None,
+                length,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+            )
+        }
+        .map_err(std::io::Error::from)?
+        .as_ptr()
+        .cast::<u8>();
+        // SAFETY: the mapping is never unmapped, so references into it are
+        // valid for 'static. Every type placed here is #[repr(C)] and made only
+        // of atomics, for which all-zero (and any other) bytes are valid
+        // values; offsets are multiples of 64, above their 8-byte alignment,
+        // and all regions lie within the `total` bytes mapped. Atomics make
+        // concurrent access from several processes sound on Linux.
+        #[allow(unsafe_code)]
+        let (header, slots, lost) = unsafe {
+            (
+                &*base.cast::<Header>(),
+                std::slice::from_raw_parts(base.add(header_size).cast::<Slot>(), slots),
+                std::slice::from_raw_parts(base.add(lost_offset).cast::<LostRecord>(), LOST_RING),
+            )
+        };
+        Ok(Self {
+            header,
+            slots,
+            lost,
+        })
+    }
+
+    /// Every slot.
+    pub fn slots(&self) -> &'static [Slot] {
+        self.slots
+    }
+
+    /// Whether the worker is draining.
+    pub fn draining(&self) -> bool {
+        self.header.draining.load(Ordering::Acquire) != 0
+    }
+    pub(crate) fn set_draining(&self) {
+        self.header.draining.store(1, Ordering::Release);
+    }
+    /// The supervisor's last heartbeat.
+    pub fn supervisor_heartbeat_ms(&self) -> u64 {
+        self.header.supervisor_heartbeat_ms.load(Ordering::Acquire)
+    }
+    pub(crate) fn supervisor_beat(&self) {
+        self.header
+            .supervisor_heartbeat_ms
+            .store(now_ms(), Ordering::Release);
+    }
+
+    /// Supervisor only: records that `task` was lost. Returns how many times
+    /// a child has now died running this task id.
+    pub(crate) fn record_lost(&self, task: &RunningTask, reason: LostReason, signal: u32) -> u32 {
+        let previous = self.find_lost(&task.id).map_or(0, |l| l.deaths);
+        if let Some(old) = self.find_lost(&task.id) {
+            self.lost[old.index]
+                .state
+                .store(LOST_DONE, Ordering::Release);
+        }
+        let index = (self.header.lost_next.fetch_add(1, Ordering::AcqRel) as usize) % LOST_RING;
+        let r = &self.lost[index];
+        r.state.store(LOST_FREE, Ordering::Release);
+        r.task
+            .write(&[&task.id, &task.name, &task.reply_to, &task.correlation_id]);
+        r.reason.store(reason as u32, Ordering::Relaxed);
+        r.deaths.store(previous + 1, Ordering::Relaxed);
+        r.signal.store(signal, Ordering::Relaxed);
+        r.hard_limit_ms.store(task.hard_limit_ms, Ordering::Relaxed);
+        r.flags.store(task.flags, Ordering::Relaxed);
+        r.at_ms.store(now_ms(), Ordering::Relaxed);
+        // An early-acked task's message is gone: a child must store its
+        // failure. An acks-late message comes back from the broker, and the
+        // child that receives it decides.
+        let state = if task.flags & TaskFlags::ACKS_LATE != 0 {
+            LOST_WAIT_REDELIVERY
+        } else {
+            LOST_REPORT
+        };
+        r.state.store(state, Ordering::Release);
+        previous + 1
+    }
+
+    fn read_lost(&self, index: usize) -> Option<Lost> {
+        if matches!(
+            self.lost[index].state.load(Ordering::Acquire),
+            LOST_FREE | LOST_DONE
+        ) {
+            return None;
+        }
+        Some(self.read_record(index))
+    }
+
+    fn read_record(&self, index: usize) -> Lost {
+        let r = &self.lost[index];
+        let mut parts = r.task.read().into_iter();
+        let mut next = || parts.next().unwrap_or_default();
+        let (id, name, reply_to, correlation_id) = (next(), next(), next(), next());
+        let reason = if r.reason.load(Ordering::Relaxed) == LostReason::TimeLimit as u32 {
+            LostReason::TimeLimit
+        } else {
+            LostReason::WorkerLost
+        };
+        Lost {
+            index,
+            task: RunningTask {
+                id,
+                name,
+                reply_to,
+                correlation_id,
+                started_ms: 0,
+                deadline_ms: 0,
+                hard_limit_ms: r.hard_limit_ms.load(Ordering::Relaxed),
+                flags: r.flags.load(Ordering::Relaxed),
+            },
+            reason,
+            deaths: r.deaths.load(Ordering::Relaxed),
+            signal: r.signal.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The live record for task `id`, if a child died running it.
+    pub fn find_lost(&self, id: &str) -> Option<Lost> {
+        (0..LOST_RING)
+            .filter_map(|i| self.read_lost(i))
+            .find(|l| l.task.id == id)
+    }
+
+    /// Claims one lost early-acked task whose failure nobody stored yet.
+    pub fn claim_report(&self) -> Option<Lost> {
+        (0..LOST_RING).find_map(|i| {
+            let r = &self.lost[i];
+            r.state
+                .compare_exchange(LOST_REPORT, LOST_DONE, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+                .then(|| self.read_record(i))
+        })
+    }
+
+    /// Marks a record handled.
+    pub fn settle_lost(&self, index: usize) {
+        self.lost[index].state.store(LOST_DONE, Ordering::Release);
+    }
+
+    /// Whether task `id` is the running task of a slot other than `own`
+    /// whose child is gone (pid 0 or not alive).
+    pub fn running_elsewhere(&self, id: &str, own: usize) -> Option<RunningTask> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != own)
+            .filter_map(|(_, s)| s.running_task())
+            .find(|t| t.id == id)
+    }
+}

@@ -1,0 +1,317 @@
+//! The prefork supervisor: a single-threaded process (std, nix and
+//! signal-hook only) that forks the task children, reaps them (orphans too,
+//! as PID 1), replaces them with backoff, enforces hard time limits and runs
+//! the SIGTERM drain. It never creates a thread, a tokio runtime or a broker
+//! connection, so it can fork safely at any time.
+
+mod fork;
+mod signals;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use tracing::{debug, error, info, warn};
+
+use crate::config::WorkerConfig;
+use crate::shm::{now_ms, LostReason, SharedState};
+use crate::task::Registry;
+pub use fork::{thread_count, ForkError};
+use signals::Signals;
+
+/// Exit code of a child that could not connect or declare (a boot failure).
+pub const EXIT_BOOT_FAILURE: i32 = 3;
+/// Consecutive boot failures, with no child ever consuming, that stop the worker.
+pub const MAX_BOOT_FAILURES: u32 = 5;
+/// How often the loop wakes without a signal.
+const TICK: Duration = Duration::from_millis(100);
+/// A child idle this long without a heartbeat is considered wedged.
+const WEDGED_AFTER: Duration = Duration::from_secs(60);
+/// Grace after the hard limit before the supervisor kills the child (the
+/// child aborts async tasks itself at the limit).
+const HARD_LIMIT_GRACE_MS: u64 = 1_000;
+
+struct ChildEntry {
+    pid: Option<Pid>,
+    started: Instant,
+    respawn_at: Instant,
+    quick_exits: u32,
+    killed_for: Option<LostReason>,
+}
+
+/// The supervisor's state.
+pub struct Supervisor {
+    config: Arc<WorkerConfig>,
+    registry: Arc<Registry>,
+    shm: SharedState,
+    signals: Signals,
+    children: Vec<ChildEntry>,
+    drain_deadline: Option<Instant>,
+    cold: bool,
+    boot_failures: u32,
+    ever_consumed: bool,
+    fatal: Option<String>,
+}
+
+impl Supervisor {
+    /// Prepares the shared memory and signal handlers. Nothing is forked yet.
+    pub fn new(config: Arc<WorkerConfig>, registry: Arc<Registry>) -> std::io::Result<Self> {
+        let n = config.concurrency;
+        let shm = SharedState::map(n)?;
+        let signals = Signals::install()?;
+        let now = Instant::now();
+        let children = (0..n)
+            .map(|_| ChildEntry {
+                pid: None,
+                started: now,
+                respawn_at: now,
+                quick_exits: 0,
+                killed_for: None,
+            })
+            .collect();
+        Ok(Self {
+            config,
+            registry,
+            shm,
+            signals,
+            children,
+            drain_deadline: None,
+            cold: false,
+            boot_failures: 0,
+            ever_consumed: false,
+            fatal: None,
+        })
+    }
+
+    /// Runs until the worker has drained or failed; returns the exit code.
+    pub fn run(mut self) -> i32 {
+        // Orphans of our children (for example probe processes left behind
+        // by an exec) are re-parented to us and reaped like children.
+        if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+            debug!("cannot become a child subreaper: {e}");
+        }
+        loop {
+            self.shm.supervisor_beat();
+            let pending = self.signals.wait(TICK);
+            if pending.quit {
+                self.begin_drain(true);
+            } else if pending.terminate {
+                if self.drain_deadline.is_some() {
+                    warn!("second termination signal: children stop running tasks now");
+                    self.signal_children(Signal::SIGQUIT);
+                } else {
+                    self.begin_drain(false);
+                }
+            }
+            self.reap();
+            self.enforce_limits();
+            if let Some(deadline) = self.drain_deadline {
+                if self.live_children() == 0 {
+                    info!("all task processes stopped");
+                    return if self.cold { 1 } else { 0 };
+                }
+                if Instant::now() >= deadline {
+                    error!("task processes did not stop in time; killing them");
+                    self.signal_children(Signal::SIGKILL);
+                }
+                continue;
+            }
+            if let Some(reason) = self.fatal.take() {
+                error!("{reason}");
+                self.begin_drain(false);
+                self.cold = true;
+                continue;
+            }
+            if let Err(e) = self.spawn_missing() {
+                error!("cannot start task processes: {e}");
+                self.begin_drain(false);
+                self.cold = true;
+            }
+        }
+    }
+
+    fn live_children(&self) -> usize {
+        self.children.iter().filter(|c| c.pid.is_some()).count()
+    }
+
+    fn begin_drain(&mut self, cold: bool) {
+        if self.drain_deadline.is_none() {
+            info!(
+                "{} shutdown: stopping {} task process(es)",
+                if cold { "Cold" } else { "Warm" },
+                self.live_children()
+            );
+            self.shm.set_draining();
+            self.drain_deadline =
+                Some(Instant::now() + self.config.shutdown_timeout + Duration::from_secs(10));
+        }
+        self.cold |= cold;
+        self.signal_children(if cold {
+            Signal::SIGQUIT
+        } else {
+            Signal::SIGTERM
+        });
+    }
+
+    fn signal_children(&self, signal: Signal) {
+        for pid in self.children.iter().filter_map(|c| c.pid) {
+            let _ = kill(pid, signal);
+        }
+    }
+
+    fn spawn_missing(&mut self) -> Result<(), ForkError> {
+        let now = Instant::now();
+        for index in 0..self.children.len() {
+            let entry = &self.children[index];
+            if entry.pid.is_some() || entry.respawn_at > now {
+                continue;
+            }
+            let pid = fork::spawn_child(
+                index,
+                &self.shm,
+                &self.signals,
+                &self.config,
+                &self.registry,
+            )?;
+            debug!(pid = pid.as_raw(), index, "started task process");
+            let entry = &mut self.children[index];
+            entry.pid = Some(pid);
+            entry.started = Instant::now();
+            entry.killed_for = None;
+        }
+        if !self.ever_consumed
+            && self
+                .shm
+                .slots()
+                .iter()
+                .any(|s| s.state() == crate::shm::ChildState::Consuming)
+        {
+            self.ever_consumed = true;
+            self.boot_failures = 0;
+        }
+        Ok(())
+    }
+
+    fn reap(&mut self) {
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => self.child_exited(pid, Some(code), None),
+                Ok(WaitStatus::Signaled(pid, signal, _)) => {
+                    self.child_exited(pid, None, Some(signal))
+                }
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    }
+
+    fn child_exited(&mut self, pid: Pid, code: Option<i32>, signal: Option<Signal>) {
+        let Some(index) = self.children.iter().position(|c| c.pid == Some(pid)) else {
+            debug!(pid = pid.as_raw(), "reaped orphan");
+            return;
+        };
+        let slot = &self.shm.slots()[index];
+        let entry = &mut self.children[index];
+        entry.pid = None;
+        let how = match (code, signal) {
+            (_, Some(sig)) => format!("signal {} ({sig:?})", sig as i32),
+            (Some(c), _) => format!("exit code {c}"),
+            _ => "unknown status".into(),
+        };
+        if let Some(task) = slot.running_task() {
+            let reason = entry.killed_for.unwrap_or(LostReason::WorkerLost);
+            let deaths = self
+                .shm
+                .record_lost(&task, reason, signal.map_or(0, |s| s as u32));
+            error!(
+                task_id = %task.id,
+                "Task {}[{}] lost: task process {} exited with {how} while running it ({} time(s))",
+                task.name, task.id, pid, deaths
+            );
+        }
+        let boot_error = slot.error();
+        slot.reset();
+        slot.set_pid(0);
+        let lived = entry.started.elapsed();
+        if self.drain_deadline.is_some() {
+            debug!(pid = pid.as_raw(), "task process stopped with {how}");
+            return;
+        }
+        if code == Some(EXIT_BOOT_FAILURE) {
+            self.boot_failures += 1;
+            let why = if boot_error.is_empty() {
+                "it could not start".to_owned()
+            } else {
+                boot_error
+            };
+            if !self.ever_consumed && self.boot_failures >= MAX_BOOT_FAILURES {
+                self.fatal = Some(format!(
+                    "cannot start task processes after {} tries: {why}",
+                    self.boot_failures
+                ));
+                return;
+            }
+            warn!(
+                "task process {pid} failed to start ({}/{}): {why}",
+                self.boot_failures, MAX_BOOT_FAILURES
+            );
+        } else if code == Some(0) {
+            info!("task process {pid} exited (recycled); replacing it");
+        } else {
+            warn!("task process {pid} exited with {how}; replacing it");
+        }
+        let entry = &mut self.children[index];
+        entry.quick_exits = if lived < Duration::from_secs(5) && code != Some(0) {
+            entry.quick_exits + 1
+        } else {
+            0
+        };
+        let backoff = if entry.quick_exits == 0 {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(100 * (1u64 << entry.quick_exits.min(8)))
+                .min(Duration::from_secs(30))
+        };
+        entry.respawn_at = Instant::now() + backoff;
+    }
+
+    fn enforce_limits(&mut self) {
+        let now = now_ms();
+        for (index, entry) in self.children.iter_mut().enumerate() {
+            let Some(pid) = entry.pid else { continue };
+            let slot = &self.shm.slots()[index];
+            match slot.running_task() {
+                Some(task)
+                    if task.deadline_ms > 0 && now > task.deadline_ms + HARD_LIMIT_GRACE_MS =>
+                {
+                    if entry.killed_for.is_none() {
+                        error!(
+                            task_id = %task.id,
+                            "Hard time limit ({}s) exceeded for {}[{}]; killing task process {pid}",
+                            task.hard_limit_ms as f64 / 1000.0,
+                            task.name,
+                            task.id
+                        );
+                        entry.killed_for = Some(LostReason::TimeLimit);
+                        let _ = kill(pid, Signal::SIGKILL);
+                    }
+                }
+                None if slot.heartbeat_ms() > 0
+                    && now.saturating_sub(slot.heartbeat_ms())
+                        > WEDGED_AFTER.as_millis() as u64
+                    && entry.killed_for.is_none() =>
+                {
+                    error!(
+                        "task process {pid} sent no heartbeat for {}s while idle; killing it",
+                        WEDGED_AFTER.as_secs()
+                    );
+                    entry.killed_for = Some(LostReason::WorkerLost);
+                    let _ = kill(pid, Signal::SIGKILL);
+                }
+                _ => {}
+            }
+        }
+    }
+}
