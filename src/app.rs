@@ -65,6 +65,9 @@ impl App {
         if !config.builtin_tasks {
             self.registry.remove_prefix(builtins::PREFIX);
         }
+        if config.test_tasks {
+            crate::task::testing::register(&mut self.registry);
+        }
         banner(&config, &self.registry);
         let config = Arc::new(*config);
         let registry = Arc::new(self.registry);

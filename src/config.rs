@@ -152,6 +152,12 @@ struct WorkerArgs {
     /// Do not register the celeriac.* diagnostic tasks
     #[arg(long, env = "CELERIAC_WITHOUT_BUILTIN_TASKS")]
     without_builtin_tasks: bool,
+    /// Register celeriac.test.* (crash, spin, hog, record): for celeriac's own tests only
+    #[arg(long, hide = true)]
+    with_test_tasks: bool,
+    /// Requeue an acks-late message when its task process dies (task_reject_on_worker_lost)
+    #[arg(long)]
+    reject_on_worker_lost: bool,
     /// Accepted for Celery compatibility (celeriac has no gossip)
     #[arg(long)]
     without_gossip: bool,
@@ -215,6 +221,10 @@ pub struct WorkerConfig {
     pub builtin_tasks: bool,
     /// Quarantine a message after its process died this many times.
     pub max_task_deaths: u32,
+    /// Register the celeriac.test.* tasks.
+    pub test_tasks: bool,
+    /// Global reject_on_worker_lost.
+    pub reject_on_worker_lost: bool,
 }
 
 /// What the command line asks for.
@@ -432,6 +442,8 @@ fn validate(a: WorkerArgs, env: &dyn Env) -> Result<WorkerConfig, ConfigError> {
         eta_limit: a.eta_limit,
         builtin_tasks: !a.without_builtin_tasks,
         max_task_deaths: a.max_task_deaths,
+        test_tasks: a.with_test_tasks,
+        reject_on_worker_lost: a.reject_on_worker_lost,
     })
 }
 

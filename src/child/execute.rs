@@ -101,7 +101,10 @@ pub async fn execute(shared: Arc<Shared>, job: Job, state: Arc<RunState>) -> Fin
         if acks_late {
             flags |= TaskFlags::ACKS_LATE;
         }
-        if opts.reject_on_worker_lost.unwrap_or(false) {
+        if opts
+            .reject_on_worker_lost
+            .unwrap_or(cfg.reject_on_worker_lost)
+        {
             flags |= TaskFlags::REJECT_ON_WORKER_LOST;
         }
         if ignore_result {

@@ -284,19 +284,19 @@ impl Supervisor {
             let slot = &self.shm.slots()[index];
             match slot.running_task() {
                 Some(task)
-                    if task.deadline_ms > 0 && now > task.deadline_ms + HARD_LIMIT_GRACE_MS =>
+                    if task.deadline_ms > 0
+                        && now > task.deadline_ms + HARD_LIMIT_GRACE_MS
+                        && entry.killed_for.is_none() =>
                 {
-                    if entry.killed_for.is_none() {
-                        error!(
-                            task_id = %task.id,
-                            "Hard time limit ({}s) exceeded for {}[{}]; killing task process {pid}",
-                            task.hard_limit_ms as f64 / 1000.0,
-                            task.name,
-                            task.id
-                        );
-                        entry.killed_for = Some(LostReason::TimeLimit);
-                        let _ = kill(pid, Signal::SIGKILL);
-                    }
+                    error!(
+                        task_id = %task.id,
+                        "Hard time limit ({}s) exceeded for {}[{}]; killing task process {pid}",
+                        task.hard_limit_ms as f64 / 1000.0,
+                        task.name,
+                        task.id
+                    );
+                    entry.killed_for = Some(LostReason::TimeLimit);
+                    let _ = kill(pid, Signal::SIGKILL);
                 }
                 None if slot.heartbeat_ms() > 0
                     && now.saturating_sub(slot.heartbeat_ms())

@@ -16,6 +16,7 @@ pub mod builtins;
 mod context;
 mod error;
 mod registry;
+pub mod testing;
 
 pub use context::{Context, DeliveryInfo};
 pub use error::{Retry, TaskError};

@@ -175,3 +175,35 @@ def wait_until(predicate, timeout=20.0, what="condition"):
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def child_pids(pid):
+    """Direct children of `pid`, from /proc."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(entry))
+    return sorted(out)
+
+
+def thread_count(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    return 0
+
+
+def declare_with_dead_letters(queue):
+    with amqp_channel() as ch:
+        ch.exchange_declare(queue + ".dlx", "fanout", durable=True, auto_delete=False)
+        ch.queue_declare(queue + ".dlq", durable=True, auto_delete=False)
+        ch.queue_bind(queue + ".dlq", queue + ".dlx", "")
+        ch.queue_declare(queue, durable=True, auto_delete=False, arguments={"x-dead-letter-exchange": queue + ".dlx"})

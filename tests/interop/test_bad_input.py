@@ -11,7 +11,7 @@ import amqp
 import pytest
 from kombu import Exchange, Queue
 
-from conftest import amqp_channel, queue_depth, wait_until, worker_binary
+from conftest import amqp_channel, declare_with_dead_letters, queue_depth, wait_until, worker_binary
 
 
 def publish_raw(queue, body, content_type="application/json", headers=None, correlation_id=None):
@@ -29,14 +29,6 @@ def v2_headers(task_id, task="celeriac.add", **extra):
          "timelimit": [None, None], "root_id": task_id, "parent_id": None, "argsrepr": "()", "kwargsrepr": "{}"}
     h.update(extra)
     return h
-
-
-def declare_with_dead_letters(queue):
-    with amqp_channel() as ch:
-        ch.exchange_declare(queue + ".dlx", "fanout", durable=True, auto_delete=False)
-        ch.queue_declare(queue + ".dlq", durable=True, auto_delete=False)
-        ch.queue_bind(queue + ".dlq", queue + ".dlx", "")
-        ch.queue_declare(queue, durable=True, auto_delete=False, arguments={"x-dead-letter-exchange": queue + ".dlx"})
 
 
 BAD_MESSAGES = {

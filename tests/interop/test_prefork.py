@@ -1,0 +1,215 @@
+"""The prefork supervisor: fork discipline, crash isolation, hard limits,
+recycling and a SIGTERM drain that loses nothing. Every scenario ends with an
+account kept in Redis by `celeriac.test.record`: each published token is
+completed or still queued, and none runs twice unless acks-late redelivery
+allows it."""
+
+import os
+import re
+import signal
+import threading
+import time
+import uuid
+
+import pytest
+from billiard.exceptions import TimeLimitExceeded, WorkerLostError
+
+from conftest import child_pids, declare_with_dead_letters, queue_depth, thread_count, wait_until
+
+TEST = "--with-test-tasks"
+
+
+class Account:
+    """Tokens published through `celeriac.test.record`, and what Redis says ran."""
+
+    def __init__(self, app, redis_client):
+        self.app, self.redis = app, redis_client
+        self.key = f"celeriac-account-{uuid.uuid4().hex[:8]}"
+        self.tokens = []
+
+    def send(self, seconds=0.0, **options):
+        token = uuid.uuid4().hex[:12]
+        self.tokens.append(token)
+        return self.app.send_task("celeriac.test.record", (self.key, token, seconds), **options)
+
+    def counts(self):
+        raw = self.redis.hgetall(self.key)
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    def completed(self):
+        return set(self.counts())
+
+    def duplicates(self):
+        return {k: v for k, v in self.counts().items() if v > 1}
+
+    def wait_all(self, timeout=60):
+        wait_until(lambda: self.completed() >= set(self.tokens), timeout, "every token completed")
+
+    def close(self):
+        self.redis.delete(self.key)
+
+
+@pytest.fixture
+def account(rpc_app, redis_client):
+    a = Account(rpc_app, redis_client)
+    yield a
+    a.close()
+
+
+def test_supervisor_is_single_threaded_at_every_fork(start_worker, rpc_app, account):
+    w = start_worker(TEST, "-c", "2", "--max-tasks-per-child", "2", "-l", "DEBUG")
+    for _ in range(8):
+        account.send()
+    account.wait_all()
+    w.wait_for_log("forking task process", count=6)
+    forks = re.findall(r"forking task process.*threads=(\d+)", w.log())
+    assert len(forks) >= 6 and set(forks) == {"1"}, forks
+    assert thread_count(w.pid) == 1, "the supervisor never gains a thread"
+    kids = child_pids(w.pid)
+    assert len(kids) == 2 and all(thread_count(k) > 1 for k in kids), "runtimes live in the children"
+
+
+def test_sigterm_under_steady_load_loses_nothing(start_worker, rpc_app, account, queue_name):
+    stop = threading.Event()
+
+    def produce():
+        while not stop.is_set():
+            account.send(0.02)
+            time.sleep(0.005)
+
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    try:
+        for round_ in range(10):
+            w = start_worker(TEST, "-c", "2")
+            time.sleep(0.4 + 0.1 * (round_ % 4))
+            assert w.stop() == 0, w.log()[-2000:]
+    finally:
+        stop.set()
+        producer.join()
+    start_worker(TEST, "-c", "2")
+    account.wait_all(120)
+    assert account.duplicates() == {}, "early-acked tasks ran once each"
+    assert account.completed() == set(account.tokens)
+    assert queue_depth(queue_name) == 0
+
+
+@pytest.mark.parametrize("mode", ["early-ack", "acks-late", "acks-late+reject-on-worker-lost"])
+def test_sigkill_of_a_child_mid_task(start_worker, rpc_app, account, mode):
+    flags = {"early-ack": [], "acks-late": ["--acks-late"],
+             "acks-late+reject-on-worker-lost": ["--acks-late", "--reject-on-worker-lost"]}[mode]
+    w = start_worker(TEST, "-c", "1", "--result-backend", "rpc://", *flags)
+    victim = account.send(3.0)
+    w.wait_for_log(f"[{victim.id}] received")
+    time.sleep(0.5)
+    [child] = child_pids(w.pid)
+    os.kill(child, signal.SIGKILL)
+    after = account.send(0)
+    if mode == "acks-late+reject-on-worker-lost":
+        assert victim.get(timeout=30)["count"] == 1, "requeued and run again to completion"
+    else:
+        with pytest.raises(WorkerLostError, match="signal 9"):
+            victim.get(timeout=30)
+    assert after.get(timeout=30)["count"] == 1
+    wait_until(lambda: len(child_pids(w.pid)) == 1 and child_pids(w.pid)[0] != child, what="replacement process")
+    assert w.alive()
+    assert account.duplicates() == {}
+
+
+def test_sigkill_of_the_supervisor(start_worker, rpc_app, account, queue_name):
+    w = start_worker(TEST, "-c", "2")
+    for _ in range(40):
+        account.send(0.05)
+    time.sleep(0.5)
+    kids = child_pids(w.pid)
+    os.kill(w.pid, signal.SIGKILL)
+    # The children notice their parent died and drain (no process left behind).
+    wait_until(lambda: not any(os.path.exists(f"/proc/{k}") for k in kids), 30, "children to exit")
+    done = account.completed()
+    assert len(done) + queue_depth(queue_name) == len(account.tokens), "published = completed + queued"
+    start_worker(TEST, "-c", "2")
+    account.wait_all()
+    assert account.duplicates() == {}
+
+
+def test_task_outliving_the_shutdown_timeout_is_finished_by_the_next_worker(start_worker, rpc_app, account):
+    w = start_worker(TEST, "-c", "2", "--shutdown-timeout", "1")
+    early = account.send(4.0)
+    w.wait_for_log(f"[{early.id}] received")
+    time.sleep(0.3)
+    assert w.stop() == 0
+    assert f"[{early.id}] did not finish before the deadline; re-published" in w.log()
+    assert account.completed() == set()
+    w2 = start_worker(TEST, "-c", "2", "--acks-late", "--shutdown-timeout", "1")
+    account.wait_all()
+    late = account.send(4.0)
+    w2.wait_for_log(f"[{late.id}] received")
+    time.sleep(0.3)
+    assert w2.stop() == 0
+    assert f"[{late.id}] did not finish before the deadline; requeued" in w2.log()
+    start_worker(TEST, "-c", "2")
+    account.wait_all()
+    assert account.duplicates() == {}
+
+
+def test_hard_time_limit_kills_only_the_spinning_process(start_worker, rpc_app, account):
+    w = start_worker(TEST, "-c", "2", "--result-backend", "rpc://")
+    spinner = rpc_app.send_task("celeriac.test.spin", (120,), time_limit=1)
+    w.wait_for_log(f"[{spinner.id}] received")
+    served = [account.send(0) for _ in range(10)]
+    assert all(r.get(timeout=30)["count"] == 1 for r in served), "the other process kept serving"
+    with pytest.raises(TimeLimitExceeded):
+        spinner.get(timeout=30)
+    assert f"Hard time limit (1s) exceeded for celeriac.test.spin[{spinner.id}]" in w.log()
+    wait_until(lambda: len(child_pids(w.pid)) == 2, what="replacement process")
+
+
+def test_poison_message_is_quarantined(start_worker, rpc_app, queue_name):
+    declare_with_dead_letters(queue_name)
+    from kombu import Exchange, Queue
+    rpc_app.conf.task_queues = [Queue(queue_name, Exchange(queue_name), routing_key=queue_name,
+                                      queue_arguments={"x-dead-letter-exchange": queue_name + ".dlx"})]
+    w = start_worker(TEST, "-c", "2", "--acks-late", "--reject-on-worker-lost", "--max-task-deaths", "3",
+                     "--result-backend", "rpc://")
+    poison = rpc_app.send_task("celeriac.test.crash")
+    with pytest.raises(WorkerLostError):
+        poison.get(timeout=60)
+    w.wait_for_log(f"[{poison.id}] killed its task process 3 times")
+    wait_until(lambda: queue_depth(queue_name + ".dlq") == 1, what="poison message dead-lettered")
+    assert w.log().count(f"Task celeriac.test.crash[{poison.id}] lost") == 3
+    assert rpc_app.send_task("celeriac.add", (1, 2)).get(timeout=15) == 3
+
+
+def test_max_tasks_per_child_recycles_without_loss(start_worker, rpc_app, account):
+    w = start_worker(TEST, "-c", "1", "--max-tasks-per-child", "3", "--result-backend", "rpc://")
+    results = [account.send(0) for _ in range(12)]
+    pids = [r.get(timeout=30)["pid"] for r in results]
+    assert len(set(pids)) >= 4, pids
+    assert all(pids.count(p) <= 3 for p in set(pids)), pids
+    assert account.completed() == set(account.tokens) and account.duplicates() == {}
+
+
+def test_max_memory_per_child_recycles_after_the_task(start_worker, rpc_app):
+    start_worker(TEST, "-c", "1", "--max-memory-per-child", "30000", "--result-backend", "rpc://")
+    first = rpc_app.send_task("celeriac.test.hog", (64,)).get(timeout=30)
+    second = rpc_app.send_task("celeriac.test.hog", (1,)).get(timeout=30)
+    third = rpc_app.send_task("celeriac.test.hog", (1,)).get(timeout=30)
+    assert first != second, "the process above the limit was replaced after its task"
+    assert second == third, "a process under the limit is kept"
+
+
+def test_orphans_are_reaped(start_worker, rpc_app):
+    w = start_worker(TEST, "-c", "1", "--result-backend", "rpc://")
+    orphan = rpc_app.send_task("celeriac.test.orphan").get(timeout=15)
+
+    def parent_of(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            return None
+
+    wait_until(lambda: parent_of(orphan) in (w.pid, None), what="orphan re-parented to the supervisor")
+    # Once it exits, the supervisor reaps it: no zombie is left.
+    wait_until(lambda: not os.path.exists(f"/proc/{orphan}"), 10, "orphan reaped")
+    assert w.alive()
