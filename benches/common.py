@@ -131,17 +131,38 @@ def stamp_seconds(line):
     return secs + float(frac)
 
 
-def wait_log(path, text, count, timeout, proc=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with open(path, errors="replace") as f:
-            content = f.read()
-        if content.count(text) >= count:
-            return content
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"worker exited early:\n{content[-3000:]}")
-        time.sleep(0.02)
-    raise TimeoutError(f"{text!r} x{count} not seen in {path} within {timeout}s")
+class LogWatch:
+    """Follows a log file incrementally (cheap to poll while a benchmark runs)."""
+
+    def __init__(self, path):
+        self.path, self.offset, self.text, self.counts = path, 0, [], {}
+
+    def _read(self):
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        # Keep a partial last line for the next read.
+        cut = chunk.rfind(b"\n") + 1
+        self.offset += cut
+        for line in chunk[:cut].decode(errors="replace").splitlines():
+            self.text.append(line)
+            for needle in self.counts:
+                if needle in line:
+                    self.counts[needle] += 1
+
+    def wait(self, needle, count, timeout, proc=None, poll=0.05):
+        if needle not in self.counts:
+            self.counts[needle] = sum(needle in l for l in self.text)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._read()
+            if self.counts[needle] >= count:
+                return self.text
+            if proc is not None and proc.poll() is not None:
+                self._read()
+                raise RuntimeError(f"worker exited early:\n" + "\n".join(self.text[-40:]))
+            time.sleep(poll)
+        raise TimeoutError(f"{needle!r} x{count} not seen in {self.path} within {timeout}s")
 
 
 def stop(proc, timeout=60):

@@ -92,7 +92,8 @@ fn banner(config: &WorkerConfig, registry: &Registry) {
         Some(config::BackendUrl::Rpc) => "rpc://".to_owned(),
         Some(config::BackendUrl::Redis(u)) => mask_url(u),
     };
-    info!(
+    // Like Celery's banner, on stdout whatever the log level.
+    println!(
         "celeriac {} {} ready to start: transport {}, results {}, concurrency {} (prefork), task events {}, queues [{}]",
         env!("CARGO_PKG_VERSION"),
         config.hostname,
@@ -102,7 +103,7 @@ fn banner(config: &WorkerConfig, registry: &Registry) {
         if config.task_events { "ON" } else { "OFF" },
         queues.join(", ")
     );
-    info!(
+    println!(
         "[tasks] {}",
         registry.names().collect::<Vec<_>>().join(", ")
     );

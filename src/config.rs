@@ -75,6 +75,7 @@ pub enum QueueType {
 }
 
 #[derive(clap::Args, Debug)]
+#[command(args_override_self = true)]
 struct WorkerArgs {
     /// Broker URL [env: CELERY_BROKER_URL, BROKER_URL] [default: amqp://guest:guest@localhost:5672//]
     #[arg(short = 'b', long)]
@@ -98,7 +99,12 @@ struct WorkerArgs {
     #[arg(short = 'n', long, default_value = "celery@%h")]
     hostname: String,
     /// Log level: DEBUG, INFO, WARNING, ERROR, CRITICAL
-    #[arg(short = 'l', long, default_value = "INFO", env = "CELERIAC_LOGLEVEL")]
+    #[arg(
+        short = 'l',
+        long,
+        default_value = "WARNING",
+        env = "CELERIAC_LOGLEVEL"
+    )]
     loglevel: String,
     /// Log format
     #[arg(long, value_enum, default_value = "text", env = "CELERIAC_LOG_FORMAT")]
@@ -146,6 +152,9 @@ struct WorkerArgs {
     /// Most ETA/countdown tasks one process holds in memory
     #[arg(long, default_value_t = 1000)]
     eta_limit: usize,
+    /// Seconds an unreachable broker is retried at startup before the worker exits
+    #[arg(long, default_value_t = 30, env = "CELERIAC_BOOT_TIMEOUT")]
+    boot_timeout: u64,
     /// A message whose task process died this many times is rejected without requeue
     #[arg(long, default_value_t = 3)]
     max_task_deaths: u32,
@@ -221,6 +230,8 @@ pub struct WorkerConfig {
     pub builtin_tasks: bool,
     /// Quarantine a message after its process died this many times.
     pub max_task_deaths: u32,
+    /// How long an unreachable broker is retried at startup.
+    pub boot_timeout: Duration,
     /// Register the celeriac.test.* tasks.
     pub test_tasks: bool,
     /// Global reject_on_worker_lost.
@@ -442,6 +453,7 @@ fn validate(a: WorkerArgs, env: &dyn Env) -> Result<WorkerConfig, ConfigError> {
         eta_limit: a.eta_limit,
         builtin_tasks: !a.without_builtin_tasks,
         max_task_deaths: a.max_task_deaths,
+        boot_timeout: Duration::from_secs(a.boot_timeout),
         test_tasks: a.with_test_tasks,
         reject_on_worker_lost: a.reject_on_worker_lost,
     })

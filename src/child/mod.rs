@@ -49,8 +49,14 @@ pub enum ChildError {
     #[error("connection to broker lost: {0}")]
     ConnectionLost(String),
     /// The child could not connect, declare or start consuming.
-    #[error("{0}")]
-    Boot(String),
+    #[error("{message}")]
+    Boot {
+        /// What failed.
+        message: String,
+        /// Whether trying again later may work (the broker is unreachable),
+        /// as opposed to a refusal (credentials, vhost, arguments).
+        transient: bool,
+    },
 }
 
 /// How a child's run ended.
@@ -87,16 +93,20 @@ pub fn child_main(
     registry: Arc<Registry>,
 ) -> i32 {
     let link = Link { index, shm };
-    let span = tracing::info_span!("child", n = index + 1);
+    let span = tracing::error_span!("child", n = index + 1);
     let _entered = span.enter();
     link.slot().set_state(ChildState::Booting);
     match run_blocking(config, registry, 1, Some(link)) {
         Ok(Exit::Shutdown) => 0,
         Ok(Exit::Recycled) => 0,
-        Err(ChildError::Boot(why)) => {
-            error!("cannot start: {why}");
-            link.slot().set_error(&why);
-            crate::supervisor::EXIT_BOOT_FAILURE
+        Err(ChildError::Boot { message, transient }) => {
+            error!("cannot start: {message}");
+            link.slot().set_error(&message);
+            if transient {
+                crate::supervisor::EXIT_BROKER_UNREACHABLE
+            } else {
+                crate::supervisor::EXIT_BOOT_FAILURE
+            }
         }
         Err(e) => {
             error!("stopped: {e}");
@@ -170,7 +180,16 @@ pub async fn run(
     if link.is_some_and(|l| l.shm.draining()) {
         return Ok(Exit::Shutdown);
     }
-    let boot = |e: ChildError| ChildError::Boot(e.to_string());
+    let boot = |e: ChildError| {
+        let transient = matches!(
+            &e,
+            ChildError::Broker(BrokerError::Connect { source, .. }) if matches!(source.kind(), lapin::ErrorKind::IOError(_))
+        ) || matches!(&e, ChildError::Backend(_));
+        ChildError::Boot {
+            message: e.to_string(),
+            transient,
+        }
+    };
     let conn = connect(
         &config.broker_url,
         &format!("celeriac {} pid {pid}", config.hostname),

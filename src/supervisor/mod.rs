@@ -21,10 +21,13 @@ use crate::task::Registry;
 pub use fork::{thread_count, ForkError};
 use signals::Signals;
 
-/// Exit code of a child that could not connect or declare (a boot failure).
+/// Exit code of a child the broker refused (credentials, vhost, arguments).
 pub const EXIT_BOOT_FAILURE: i32 = 3;
-/// Consecutive boot failures, with no child ever consuming, that stop the worker.
+/// Exit code of a child that could not reach the broker or result backend.
+pub const EXIT_BROKER_UNREACHABLE: i32 = 4;
+/// Refusals, with no child ever consuming, that stop the worker.
 pub const MAX_BOOT_FAILURES: u32 = 5;
+
 /// How often the loop wakes without a signal.
 const TICK: Duration = Duration::from_millis(100);
 /// A child idle this long without a heartbeat is considered wedged.
@@ -51,6 +54,7 @@ pub struct Supervisor {
     drain_deadline: Option<Instant>,
     cold: bool,
     boot_failures: u32,
+    unreachable_since: Option<Instant>,
     ever_consumed: bool,
     fatal: Option<String>,
 }
@@ -80,6 +84,7 @@ impl Supervisor {
             drain_deadline: None,
             cold: false,
             boot_failures: 0,
+            unreachable_since: None,
             ever_consumed: false,
             fatal: None,
         })
@@ -190,6 +195,7 @@ impl Supervisor {
         {
             self.ever_consumed = true;
             self.boot_failures = 0;
+            self.unreachable_since = None;
         }
         Ok(())
     }
@@ -257,6 +263,21 @@ impl Supervisor {
                 "task process {pid} failed to start ({}/{}): {why}",
                 self.boot_failures, MAX_BOOT_FAILURES
             );
+        } else if code == Some(EXIT_BROKER_UNREACHABLE) {
+            let since = *self.unreachable_since.get_or_insert_with(Instant::now);
+            let why = if boot_error.is_empty() {
+                "the broker is unreachable".to_owned()
+            } else {
+                boot_error
+            };
+            if !self.ever_consumed && since.elapsed() >= self.config.boot_timeout {
+                self.fatal = Some(format!(
+                    "cannot start task processes: still failing after {}s: {why}",
+                    self.config.boot_timeout.as_secs()
+                ));
+                return;
+            }
+            warn!("task process {pid} could not reach the broker; retrying: {why}");
         } else if code == Some(0) {
             info!("task process {pid} exited (recycled); replacing it");
         } else {

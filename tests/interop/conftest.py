@@ -102,7 +102,7 @@ def start_worker(tmp_path, queue_name):
         full_env["CELERY_BROKER_URL"] = broker
         full_env["CELERIAC_STATE_DIR"] = str(tmp_path / f"state-{len(workers)}")
         full_env.update(env or {})
-        argv = ["-Q", queue or queue_name, "-n", f"w{len(workers)}-{queue_name}@%h", *args]
+        argv = ["-Q", queue or queue_name, "-n", f"w{len(workers)}-{queue_name}@%h", "-l", "INFO", *args]
         w = Worker(argv, full_env, tmp_path / f"worker-{len(workers)}.log", binary)
         workers.append(w)
         if ready:

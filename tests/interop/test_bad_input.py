@@ -114,3 +114,12 @@ def test_quorum_queue_declared_by_python(start_worker, rpc_app, queue_name):
     # And a worker told to declare quorum queues declares them identically.
     w2 = start_worker("--result-backend", "rpc://", "--queue-type", "quorum")
     assert "exists with other arguments" not in w2.log()
+
+
+def test_unreachable_broker_stops_after_the_boot_timeout(start_worker):
+    w = start_worker("--boot-timeout", "2", broker="amqp://guest:s3cret-pw@127.0.0.1:1//", ready=False)
+    code = w.proc.wait(timeout=60)
+    log = w.log()
+    assert code != 0
+    assert "still failing after 2s" in log and "Connection refused" in log
+    assert "s3cret-pw" not in log
