@@ -61,6 +61,21 @@ def rss_bytes(pid):
     return total
 
 
+def pss_bytes(pid):
+    """Proportional set size of the process tree: shared pages counted once,
+    which is what the memory cgroup of a container is charged."""
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
 def channel():
     conn = amqp.Connection(host=BROKER_HOST, userid="guest", password="guest")
     conn.connect()

@@ -35,6 +35,7 @@ def run_worker(name, argv, queue, n, env, received_marker, done_marker):
         cpu1 = common.cpu_seconds(proc.pid)
         time.sleep(1.0)
         rss = common.rss_bytes(proc.pid)
+        pss = common.pss_bytes(proc.pid)
     finally:
         common.stop(proc)
         common.delete(queue)
@@ -42,7 +43,7 @@ def run_worker(name, argv, queue, n, env, received_marker, done_marker):
     last = [common.stamp_seconds(l) for l in lines if done_marker in l][-1]
     elapsed = max(last - first, 1e-6)
     os.unlink(log_path)
-    return {"tasks_s": n / elapsed, "cpu_us": (cpu1 - cpu0) / n * 1e6, "rss_mb": rss / 2**20, "elapsed": elapsed}
+    return {"tasks_s": n / elapsed, "cpu_us": (cpu1 - cpu0) / n * 1e6, "rss_mb": rss / 2**20, "pss_mb": pss / 2**20, "elapsed": elapsed}
 
 
 def raw_floor(n):
@@ -95,7 +96,8 @@ def main():
     if raw:
         print(f"| bare lapin consume+ack, 1 process (floor) | {raw['tasks_s']:,.0f} | | |")
         print(f"| bare lapin CPU per message (floor) | {raw['cpu_us']:.1f} µs | | |")
-    print(f"| worker RSS after drain | {rs['rss_mb']:.1f} MiB | {py['rss_mb']:.1f} MiB | {common.ratio(py['rss_mb'], rs['rss_mb'])} less |")
+    print(f"| worker RSS after drain (sum over processes) | {rs['rss_mb']:.1f} MiB | {py['rss_mb']:.1f} MiB | {common.ratio(py['rss_mb'], rs['rss_mb'])} less |")
+    print(f"| worker PSS after drain (shared pages once) | {rs['pss_mb']:.1f} MiB | {py['pss_mb']:.1f} MiB | {common.ratio(py['pss_mb'], rs['pss_mb'])} less |")
 
 
 if __name__ == "__main__":
