@@ -152,6 +152,9 @@ struct WorkerArgs {
     /// Most ETA/countdown tasks one process holds in memory
     #[arg(long, default_value_t = 1000)]
     eta_limit: usize,
+    /// Seconds an idle task process may go without a heartbeat before it is replaced
+    #[arg(long, default_value_t = 60)]
+    child_heartbeat_timeout: u64,
     /// Seconds an unreachable broker is retried at startup before the worker exits
     #[arg(long, default_value_t = 30, env = "CELERIAC_BOOT_TIMEOUT")]
     boot_timeout: u64,
@@ -232,6 +235,8 @@ pub struct WorkerConfig {
     pub max_task_deaths: u32,
     /// How long an unreachable broker is retried at startup.
     pub boot_timeout: Duration,
+    /// How long an idle child may go without a heartbeat.
+    pub child_heartbeat_timeout: Duration,
     /// Register the celeriac.test.* tasks.
     pub test_tasks: bool,
     /// Global reject_on_worker_lost.
@@ -454,6 +459,7 @@ fn validate(a: WorkerArgs, env: &dyn Env) -> Result<WorkerConfig, ConfigError> {
         builtin_tasks: !a.without_builtin_tasks,
         max_task_deaths: a.max_task_deaths,
         boot_timeout: Duration::from_secs(a.boot_timeout),
+        child_heartbeat_timeout: Duration::from_secs(a.child_heartbeat_timeout.max(2)),
         test_tasks: a.with_test_tasks,
         reject_on_worker_lost: a.reject_on_worker_lost,
     })

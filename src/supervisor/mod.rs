@@ -30,8 +30,6 @@ pub const MAX_BOOT_FAILURES: u32 = 5;
 
 /// How often the loop wakes without a signal.
 const TICK: Duration = Duration::from_millis(100);
-/// A child idle this long without a heartbeat is considered wedged.
-const WEDGED_AFTER: Duration = Duration::from_secs(60);
 /// Grace after the hard limit before the supervisor kills the child (the
 /// child aborts async tasks itself at the limit).
 const HARD_LIMIT_GRACE_MS: u64 = 1_000;
@@ -300,6 +298,7 @@ impl Supervisor {
 
     fn enforce_limits(&mut self) {
         let now = now_ms();
+        let wedged_after_ms = self.config.child_heartbeat_timeout.as_millis() as u64;
         for (index, entry) in self.children.iter_mut().enumerate() {
             let Some(pid) = entry.pid else { continue };
             let slot = &self.shm.slots()[index];
@@ -320,13 +319,12 @@ impl Supervisor {
                     let _ = kill(pid, Signal::SIGKILL);
                 }
                 None if slot.heartbeat_ms() > 0
-                    && now.saturating_sub(slot.heartbeat_ms())
-                        > WEDGED_AFTER.as_millis() as u64
+                    && now.saturating_sub(slot.heartbeat_ms()) > wedged_after_ms
                     && entry.killed_for.is_none() =>
                 {
                     error!(
                         "task process {pid} sent no heartbeat for {}s while idle; killing it",
-                        WEDGED_AFTER.as_secs()
+                        wedged_after_ms / 1000
                     );
                     entry.killed_for = Some(LostReason::WorkerLost);
                     let _ = kill(pid, Signal::SIGKILL);

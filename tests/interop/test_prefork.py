@@ -213,3 +213,12 @@ def test_orphans_are_reaped(start_worker, rpc_app):
     # Once it exits, the supervisor reaps it: no zombie is left.
     wait_until(lambda: not os.path.exists(f"/proc/{orphan}"), 10, "orphan reaped")
     assert w.alive()
+
+
+def test_wedged_idle_process_is_replaced(start_worker, rpc_app):
+    w = start_worker("-c", "1", "--child-heartbeat-timeout", "2", "--result-backend", "rpc://")
+    [child] = child_pids(w.pid)
+    os.kill(child, signal.SIGSTOP)
+    w.wait_for_log(f"task process {child} sent no heartbeat for 2s while idle; killing it", timeout=20)
+    wait_until(lambda: child_pids(w.pid) not in ([], [child]), what="replacement process")
+    assert rpc_app.send_task("celeriac.add", (2, 2)).get(timeout=15) == 4
