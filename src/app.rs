@@ -61,6 +61,13 @@ impl App {
                 return EX_USAGE;
             }
         };
+        if let Err(e) = std::fs::create_dir_all(&config.state_dir) {
+            eprintln!(
+                "celeriac: error: --state-dir: cannot create {}: {e}",
+                config.state_dir.display()
+            );
+            return EX_USAGE;
+        }
         crate::logging::init(config.log_level, config.log_format);
         if !config.builtin_tasks {
             self.registry.remove_prefix(builtins::PREFIX);

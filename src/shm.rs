@@ -94,6 +94,17 @@ pub enum ChildState {
 }
 
 impl ChildState {
+    /// The lower-case name used in the probe state file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Empty => "empty",
+            Self::Booting => "booting",
+            Self::Consuming => "consuming",
+            Self::Reconnecting => "reconnecting",
+            Self::Draining => "draining",
+        }
+    }
+
     fn from_u32(v: u32) -> Self {
         match v {
             1 => Self::Booting,

@@ -1,6 +1,6 @@
 //! redis://: `SETEX celery-task-meta-<id>` plus `PUBLISH` on the same name.
 
-use redis::aio::MultiplexedConnection;
+use redis::aio::ConnectionManager;
 
 use super::{BackendError, RESULT_EXPIRES_SECS};
 use crate::broker::mask_url;
@@ -8,7 +8,7 @@ use crate::protocol::{ResultDocument, TaskState};
 
 /// The Redis result backend.
 pub struct RedisBackend {
-    conn: MultiplexedConnection,
+    conn: ConnectionManager,
 }
 
 /// The key Celery stores a task's state under.
@@ -24,10 +24,7 @@ impl RedisBackend {
             BackendError::Redis(format!("{masked}: {}", e.to_string().replace(url, &masked)))
         };
         let client = redis::Client::open(url).map_err(hide)?;
-        let conn = client
-            .get_multiplexed_tokio_connection()
-            .await
-            .map_err(hide)?;
+        let conn = client.get_connection_manager().await.map_err(hide)?;
         Ok(Self { conn })
     }
 

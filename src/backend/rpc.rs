@@ -9,13 +9,20 @@ use crate::protocol::{ResultDocument, TaskMessage};
 
 /// The rpc result backend.
 pub struct RpcBackend {
-    channel: Channel,
+    channel: std::sync::RwLock<Channel>,
 }
 
 impl RpcBackend {
     /// Publishes results on `channel`.
     pub fn new(channel: Channel) -> Self {
-        Self { channel }
+        Self {
+            channel: std::sync::RwLock::new(channel),
+        }
+    }
+
+    /// Publishes on `channel` from now on (after a reconnect).
+    pub fn use_channel(&self, channel: Channel) {
+        *self.channel.write().unwrap_or_else(|e| e.into_inner()) = channel;
     }
 
     /// Sends `doc` to the message's `reply_to` queue; without one there is
@@ -38,7 +45,12 @@ impl RpcBackend {
             properties,
             body: doc.to_json(),
         };
-        publish(&self.channel, &out).await?;
+        let channel = self
+            .channel
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        publish(&channel, &out).await?;
         Ok(())
     }
 }

@@ -15,7 +15,7 @@ use chrono::Utc;
 use futures_lite::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
-use lapin::Channel;
+use lapin::{Channel, Connection};
 use thiserror::Error;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
@@ -133,7 +133,7 @@ pub fn run_blocking(
 
 enum Incoming {
     Delivery(Box<lapin::message::Delivery>, ShortString),
-    Failed(lapin::Error),
+    Failed(lapin::Error, ShortString),
     Ended(ShortString),
 }
 
@@ -155,7 +155,9 @@ struct Running {
 struct Child {
     shared: Arc<Shared>,
     channel: Channel,
+    session: Option<Session>,
     slots: usize,
+    prefetch: u16,
     consumers: Vec<ConsumerState>,
     consumer_seq: u64,
     tx: mpsc::UnboundedSender<Incoming>,
@@ -166,10 +168,51 @@ struct Child {
     running_info: HashMap<tokio::task::Id, Running>,
     tasks_run: u64,
     recycle: bool,
+    signals: ChildSignals,
+}
+
+/// Everything tied to one AMQP connection.
+struct Session {
+    conn: Connection,
+    channel: Channel,
+    confirmed: Channel,
+    results: Channel,
+}
+
+fn amqp(what: &str) -> impl FnOnce(lapin::Error) -> ChildError + '_ {
+    move |source| {
+        ChildError::Broker(BrokerError::Amqp {
+            what: what.into(),
+            source,
+        })
+    }
+}
+
+/// Connects, declares the queues and sets the per-consumer QoS.
+async fn open_session(config: &WorkerConfig, prefetch: u16) -> Result<Session, ChildError> {
+    let name = format!("celeriac {} pid {}", config.hostname, std::process::id());
+    let conn = connect(&config.broker_url, &name).await?;
+    for spec in &config.queues {
+        declare_queue(&conn, spec).await?;
+    }
+    let channel = conn.create_channel().await.map_err(amqp("open channel"))?;
+    // Per-consumer QoS (global=false): works on quorum queues and RabbitMQ 4.
+    channel
+        .basic_qos(prefetch, BasicQosOptions { global: false })
+        .await
+        .map_err(amqp("basic.qos"))?;
+    let confirmed = crate::broker::confirm_channel(&conn).await?;
+    let results = conn.create_channel().await.map_err(amqp("open channel"))?;
+    Ok(Session {
+        conn,
+        channel,
+        confirmed,
+        results,
+    })
 }
 
 /// Connects, declares, consumes and runs tasks until a shutdown signal
-/// has been handled.
+/// has been handled. A lost connection is re-established with backoff.
 pub async fn run(
     config: Arc<WorkerConfig>,
     registry: Arc<Registry>,
@@ -190,68 +233,22 @@ pub async fn run(
             transient,
         }
     };
-    let conn = connect(
-        &config.broker_url,
-        &format!("celeriac {} pid {pid}", config.hostname),
-    )
-    .await
-    .map_err(|e| boot(e.into()))?;
+    let prefetch = u16::try_from(slots * usize::from(config.prefetch_multiplier)).unwrap_or(0);
+    let session = open_session(&config, prefetch).await.map_err(boot)?;
     info!("Connected to {}", mask_url(&config.broker_url));
-    for spec in &config.queues {
-        declare_queue(&conn, spec)
-            .await
-            .map_err(|e| boot(e.into()))?;
-    }
-    let channel = conn.create_channel().await.map_err(|e| {
-        boot(
-            BrokerError::Amqp {
-                what: "open channel".into(),
-                source: e,
-            }
-            .into(),
-        )
-    })?;
-    let confirmed = crate::broker::confirm_channel(&conn)
-        .await
-        .map_err(|e| boot(e.into()))?;
     let backend = match &config.result_backend {
-        Some(url) => {
-            let results = conn.create_channel().await.map_err(|e| {
-                boot(
-                    BrokerError::Amqp {
-                        what: "open channel".into(),
-                        source: e,
-                    }
-                    .into(),
-                )
-            })?;
-            Some(
-                Backend::connect(url, results)
-                    .await
-                    .map_err(|e| boot(e.into()))?,
-            )
-        }
+        Some(url) => Some(
+            Backend::connect(url, session.results.clone())
+                .await
+                .map_err(|e| boot(e.into()))?,
+        ),
         None => None,
     };
-    let prefetch = u16::try_from(slots * usize::from(config.prefetch_multiplier)).unwrap_or(0);
-    // Per-consumer QoS (global=false): works on quorum queues and RabbitMQ 4.
-    channel
-        .basic_qos(prefetch, BasicQosOptions { global: false })
-        .await
-        .map_err(|e| {
-            boot(
-                BrokerError::Amqp {
-                    what: "basic.qos".into(),
-                    source: e,
-                }
-                .into(),
-            )
-        })?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         config: Arc::clone(&config),
         registry,
-        confirmed,
+        confirmed: std::sync::RwLock::new(session.confirmed.clone()),
         backend,
         pid,
         hostname: Arc::from(config.hostname.as_str()),
@@ -259,8 +256,10 @@ pub async fn run(
     });
     let mut child = Child {
         shared,
-        channel,
+        channel: session.channel.clone(),
+        session: Some(session),
         slots: slots.max(1),
+        prefetch,
         consumers: Vec::new(),
         consumer_seq: 0,
         tx,
@@ -271,21 +270,160 @@ pub async fn run(
         running_info: HashMap::new(),
         tasks_run: 0,
         recycle: false,
+        signals: ChildSignals::install().map_err(ChildError::Runtime)?,
     };
-    for spec in &config.queues {
-        child.consume(&spec.name).await.map_err(boot)?;
+    child.start_consuming().await.map_err(boot)?;
+    let result = loop {
+        match child.serve(&mut rx).await {
+            Err(ChildError::ConnectionLost(why)) => {
+                warn!("Connection to broker lost: {why}. Trying to re-establish the connection...");
+                child.lose_session();
+                match child.reconnect().await {
+                    Ok(None) => continue,
+                    Ok(Some(exit)) => break Ok(exit),
+                    Err(e) => break Err(e),
+                }
+            }
+            other => break other,
+        }
+    };
+    if let Some(session) = child.session.take() {
+        let _ = session.channel.close(200, ShortString::from("bye")).await;
+        let _ = session.conn.close(200, ShortString::from("bye")).await;
     }
-    if let Some(l) = link {
-        l.slot().set_state(ChildState::Consuming);
-    }
-    info!(queues = ?config.queues.iter().map(|q| q.name.as_str()).collect::<Vec<_>>(), prefetch, "consuming");
-    let result = child.serve(&mut rx).await;
-    let _ = child.channel.close(200, ShortString::from("bye")).await;
-    let _ = conn.close(200, ShortString::from("bye")).await;
     result
 }
 
+/// The signals a task process reacts to.
+struct ChildSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
+}
+
+impl ChildSignals {
+    fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            quit: signal(SignalKind::quit())?,
+        })
+    }
+
+    /// Waits for SIGTERM/SIGINT (false) or SIGQUIT (true).
+    async fn recv(&mut self) -> bool {
+        tokio::select! {
+            _ = self.term.recv() => false,
+            _ = self.int.recv() => false,
+            _ = self.quit.recv() => true,
+        }
+    }
+}
+
+/// Reconnect delays: 0.5 s doubling to 30 s, with up to 50 % jitter so a
+/// fleet of workers does not reconnect in lockstep.
+fn reconnect_delay(attempt: u32) -> Duration {
+    let base = Duration::from_millis(500u64.saturating_mul(1u64 << attempt.min(6)))
+        .min(Duration::from_secs(30));
+    let seed = u64::from(std::process::id())
+        ^ u64::from(attempt).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos().into());
+    let mut x = seed | 1;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    let jitter = (x % 500) as f64 / 1000.0; // 0.0 ..< 0.5
+    base.mul_f64(1.0 - jitter)
+}
+
 impl Child {
+    /// Starts a consumer on every queue and tells the supervisor.
+    async fn start_consuming(&mut self) -> Result<(), ChildError> {
+        for spec in &self.shared.config.queues.clone() {
+            self.consume(&spec.name).await?;
+        }
+        if let Some(l) = self.shared.link {
+            l.slot().set_state(ChildState::Consuming);
+        }
+        info!(queues = ?self.shared.config.queues.iter().map(|q| q.name.as_str()).collect::<Vec<_>>(), prefetch = self.prefetch, "consuming");
+        Ok(())
+    }
+
+    /// Forgets a dead connection. Messages received on it but not started
+    /// are dropped here: the broker requeues them itself. Running tasks go
+    /// on; acknowledging them on the dead channel fails (logged), and the
+    /// broker redelivers acks-late ones.
+    fn lose_session(&mut self) {
+        if let Some(l) = self.shared.link {
+            l.slot().set_state(ChildState::Reconnecting);
+        }
+        self.consumers.clear();
+        let dropped = self.ready.len() + self.scheduled.len();
+        self.ready.clear();
+        self.scheduled.clear();
+        if dropped > 0 {
+            info!("{dropped} received message(s) will be redelivered by the broker");
+        }
+        self.session = None;
+    }
+
+    /// Re-establishes the connection with backoff and jitter, re-declares,
+    /// re-applies QoS and resumes consuming. Returns `Some` if a shutdown
+    /// signal arrived first. Logs once per state change, not per try.
+    async fn reconnect(&mut self) -> Result<Option<Exit>, ChildError> {
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+        let mut attempt: u32 = 0;
+        loop {
+            let wait = tokio::time::sleep(reconnect_delay(attempt));
+            tokio::pin!(wait);
+            loop {
+                tokio::select! {
+                    () = &mut wait => break,
+                    cold = self.signals.recv() => {
+                        info!("shutdown requested while reconnecting");
+                        self.wait_running(if cold { Duration::ZERO } else { self.shared.config.shutdown_timeout }).await;
+                        return Ok(Some(Exit::Shutdown));
+                    }
+                    _ = heartbeat.tick() => self.tick().await,
+                    Some(done) = self.running.join_next_with_id(), if !self.running.is_empty() => self.finished(done),
+                }
+            }
+            attempt += 1;
+            match open_session(&self.shared.config, self.prefetch).await {
+                Ok(session) => {
+                    self.shared
+                        .use_channels(session.confirmed.clone(), session.results.clone());
+                    self.channel = session.channel.clone();
+                    self.session = Some(session);
+                    self.start_consuming().await?;
+                    warn!(
+                        "Reconnected to {} after {attempt} attempt(s)",
+                        mask_url(&self.shared.config.broker_url)
+                    );
+                    return Ok(None);
+                }
+                Err(e) if attempt == 1 => {
+                    warn!("Cannot reach the broker yet: {e}; retrying with backoff")
+                }
+                Err(e) => debug!("reconnect attempt {attempt} failed: {e}"),
+            }
+        }
+    }
+
+    /// Lets running tasks finish, up to `timeout` (no broker to hand them back to).
+    async fn wait_running(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.running.is_empty() {
+            tokio::select! {
+                Some(done) = self.running.join_next_with_id() => self.finished(done),
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        self.running.abort_all();
+    }
+
     async fn consume(&mut self, queue: &str) -> Result<(), ChildError> {
         self.consumer_seq += 1;
         let tag = ShortString::from(format!(
@@ -309,7 +447,7 @@ impl Child {
                 let sent = match item {
                     Ok(d) => tx.send(Incoming::Delivery(Box::new(d), forward_tag.clone())),
                     Err(e) => {
-                        let _ = tx.send(Incoming::Failed(e));
+                        let _ = tx.send(Incoming::Failed(e, forward_tag.clone()));
                         break;
                     }
                 };
@@ -331,9 +469,6 @@ impl Child {
         &mut self,
         rx: &mut mpsc::UnboundedReceiver<Incoming>,
     ) -> Result<Exit, ChildError> {
-        let mut sigterm = signal(SignalKind::terminate()).map_err(ChildError::Runtime)?;
-        let mut sigint = signal(SignalKind::interrupt()).map_err(ChildError::Runtime)?;
-        let mut sigquit = signal(SignalKind::quit()).map_err(ChildError::Runtime)?;
         let mut rotation = tokio::time::interval(Duration::from_millis(250));
         rotation.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
@@ -342,9 +477,7 @@ impl Child {
         loop {
             let next_eta = self.next_eta_instant().unwrap_or(far);
             tokio::select! {
-                _ = sigterm.recv() => return self.shutdown(rx, false).await,
-                _ = sigint.recv() => return self.shutdown(rx, false).await,
-                _ = sigquit.recv() => return self.shutdown(rx, true).await,
+                cold = self.signals.recv() => return self.shutdown(rx, cold).await,
                 Some(done) = self.running.join_next_with_id(), if !self.running.is_empty() => {
                     self.finished(done);
                     if self.recycle {
@@ -374,7 +507,11 @@ impl Child {
                 self.receive(*d, &tag).await;
                 Ok(())
             }
-            Some(Incoming::Failed(e)) => Err(ChildError::ConnectionLost(e.to_string())),
+            Some(Incoming::Failed(e, tag)) if self.consumers.iter().any(|c| c.tag == tag) => {
+                Err(ChildError::ConnectionLost(e.to_string()))
+            }
+            // A consumer of a connection already given up.
+            Some(Incoming::Failed(..)) => Ok(()),
             Some(Incoming::Ended(tag)) if self.consumers.iter().any(|c| c.tag == tag) => Err(
                 ChildError::ConnectionLost(format!("consumer {tag} was cancelled by the broker")),
             ),
@@ -693,14 +830,14 @@ impl Child {
             info!("Returned {returned} unstarted message(s) to the broker");
         }
         let deadline = Instant::now() + timeout;
-        let mut sigterm = signal(SignalKind::terminate()).map_err(ChildError::Runtime)?;
-        let mut sigint = signal(SignalKind::interrupt()).map_err(ChildError::Runtime)?;
         while !self.running.is_empty() {
             tokio::select! {
                 Some(done) = self.running.join_next_with_id() => self.finished(done),
                 () = tokio::time::sleep_until(deadline) => break,
-                _ = sigterm.recv() => { warn!("second termination signal: stopping running tasks now"); break }
-                _ = sigint.recv() => { warn!("second interrupt: stopping running tasks now"); break }
+                _ = self.signals.recv() => {
+                    warn!("second shutdown signal: stopping running tasks now");
+                    break;
+                }
             }
         }
         self.hand_back_running().await;

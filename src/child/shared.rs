@@ -1,6 +1,6 @@
 //! What every running task of a child shares: channels, backend, registry.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use chrono::Utc;
 use lapin::{BasicProperties, Channel};
@@ -18,8 +18,8 @@ pub struct Shared {
     pub config: Arc<WorkerConfig>,
     /// Registered tasks.
     pub registry: Arc<Registry>,
-    /// Confirm-mode channel for messages that must not be lost.
-    pub confirmed: Channel,
+    /// Confirm-mode channel for messages that must not be lost (replaced on reconnect).
+    pub confirmed: RwLock<Channel>,
     /// Result backend, if configured.
     pub backend: Option<Backend>,
     /// This child's pid.
@@ -31,6 +31,14 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Points publishing at a new connection's channels after a reconnect.
+    pub fn use_channels(&self, confirmed: Channel, results: Channel) {
+        *self.confirmed.write().unwrap_or_else(|e| e.into_inner()) = confirmed;
+        if let Some(Backend::Rpc(rpc)) = &self.backend {
+            rpc.use_channel(results);
+        }
+    }
+
     /// Stores a result, logging (not failing) when the backend is unreachable.
     pub async fn store(&self, msg: &TaskMessage, doc: ResultDocument) {
         if let Some(backend) = &self.backend {
@@ -80,6 +88,11 @@ impl Shared {
             properties: props,
             body: task.body.clone(),
         };
-        publish_confirmed(&self.confirmed, &out).await
+        let channel = self
+            .confirmed
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        publish_confirmed(&channel, &out).await
     }
 }

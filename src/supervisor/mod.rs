@@ -34,6 +34,9 @@ const TICK: Duration = Duration::from_millis(100);
 /// child aborts async tasks itself at the limit).
 const HARD_LIMIT_GRACE_MS: u64 = 1_000;
 
+/// How often the probe state file is rewritten.
+const STATE_EVERY: Duration = Duration::from_secs(1);
+
 struct ChildEntry {
     pid: Option<Pid>,
     started: Instant,
@@ -55,6 +58,7 @@ pub struct Supervisor {
     unreachable_since: Option<Instant>,
     ever_consumed: bool,
     fatal: Option<String>,
+    state_written: Option<Instant>,
 }
 
 impl Supervisor {
@@ -85,6 +89,7 @@ impl Supervisor {
             unreachable_since: None,
             ever_consumed: false,
             fatal: None,
+            state_written: None,
         })
     }
 
@@ -97,6 +102,7 @@ impl Supervisor {
         }
         loop {
             self.shm.supervisor_beat();
+            self.write_state(false);
             let pending = self.signals.wait(TICK);
             if pending.quit {
                 self.begin_drain(true);
@@ -112,6 +118,7 @@ impl Supervisor {
             self.enforce_limits();
             if let Some(deadline) = self.drain_deadline {
                 if self.live_children() == 0 {
+                    self.write_state(true);
                     info!("all task processes stopped");
                     return if self.cold { 1 } else { 0 };
                 }
@@ -135,6 +142,52 @@ impl Supervisor {
         }
     }
 
+    /// Rewrites the probe state file once a second (or now, if `force`),
+    /// from the supervisor's own timer, whatever the broker does.
+    fn write_state(&mut self, force: bool) {
+        if !force
+            && self
+                .state_written
+                .is_some_and(|t| t.elapsed() < STATE_EVERY)
+        {
+            return;
+        }
+        self.state_written = Some(Instant::now());
+        let children = self
+            .shm
+            .slots()
+            .iter()
+            .enumerate()
+            .map(|(index, slot)| {
+                let task = slot.running_task();
+                celeriac_probes::ChildStatus {
+                    index,
+                    pid: slot.pid(),
+                    state: slot.state().name().to_owned(),
+                    heartbeat_ms: slot.heartbeat_ms(),
+                    task_deadline_ms: task.as_ref().map_or(0, |t| t.deadline_ms),
+                    task_id: task.map(|t| t.id),
+                }
+            })
+            .collect();
+        let state = celeriac_probes::State {
+            version: celeriac_probes::VERSION,
+            pid: std::process::id(),
+            hostname: self.config.hostname.clone(),
+            written_ms: now_ms(),
+            draining: self.drain_deadline.is_some(),
+            queues: self.config.queues.iter().map(|q| q.name.clone()).collect(),
+            concurrency: self.config.concurrency,
+            children,
+        };
+        if let Err(e) = celeriac_probes::write(&self.config.state_dir, &state) {
+            warn!(
+                "cannot write the probe state file in {}: {e}",
+                self.config.state_dir.display()
+            );
+        }
+    }
+
     fn live_children(&self) -> usize {
         self.children.iter().filter(|c| c.pid.is_some()).count()
     }
@@ -149,6 +202,8 @@ impl Supervisor {
             self.shm.set_draining();
             self.drain_deadline =
                 Some(Instant::now() + self.config.shutdown_timeout + Duration::from_secs(10));
+            // Readiness must fail at once.
+            self.write_state(true);
         }
         self.cold |= cold;
         self.signal_children(if cold {

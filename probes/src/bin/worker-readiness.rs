@@ -1,0 +1,13 @@
+//! Readiness probe: exits 0 while every task process consumes its queues
+//! and the worker is not draining; 1 otherwise.
+
+#![forbid(unsafe_code)]
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (line, code) = celeriac_probes::run(celeriac_probes::Probe::Readiness, &args, |k| {
+        std::env::var(k).ok().filter(|v| !v.is_empty())
+    });
+    println!("{line}");
+    std::process::exit(code)
+}
