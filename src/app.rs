@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::broker::mask_url;
 use crate::config::{self, Invocation, ProcessEnv, WorkerConfig, EX_USAGE};
@@ -114,4 +114,7 @@ fn banner(config: &WorkerConfig, registry: &Registry) {
         "[tasks] {}",
         registry.names().collect::<Vec<_>>().join(", ")
     );
+    for q in queues.iter().filter(|q| q.contains("$(")) {
+        warn!("queue {q:?} looks like an unresolved Kubernetes variable reference; readiness will fail until it is set");
+    }
 }

@@ -59,6 +59,7 @@ pub struct Supervisor {
     ever_consumed: bool,
     fatal: Option<String>,
     state_written: Option<Instant>,
+    state_seen: Vec<(u32, crate::shm::ChildState)>,
 }
 
 impl Supervisor {
@@ -90,6 +91,7 @@ impl Supervisor {
             ever_consumed: false,
             fatal: None,
             state_written: None,
+            state_seen: Vec::new(),
         })
     }
 
@@ -145,13 +147,24 @@ impl Supervisor {
     /// Rewrites the probe state file once a second (or now, if `force`),
     /// from the supervisor's own timer, whatever the broker does.
     fn write_state(&mut self, force: bool) {
+        // Also rewrite at once when a child changes state, so readiness
+        // follows consumption within a tick.
+        let seen: Vec<_> = self
+            .shm
+            .slots()
+            .iter()
+            .map(|s| (s.pid(), s.state()))
+            .collect();
+        let changed = seen != self.state_seen;
         if !force
+            && !changed
             && self
                 .state_written
                 .is_some_and(|t| t.elapsed() < STATE_EVERY)
         {
             return;
         }
+        self.state_seen = seen;
         self.state_written = Some(Instant::now());
         let children = self
             .shm

@@ -104,6 +104,7 @@ def start_worker(tmp_path, queue_name):
         full_env.update(env or {})
         argv = ["-Q", queue or queue_name, "-n", f"w{len(workers)}-{queue_name}@%h", "-l", "INFO", *args]
         w = Worker(argv, full_env, tmp_path / f"worker-{len(workers)}.log", binary)
+        w.state_dir = full_env["CELERIAC_STATE_DIR"]
         workers.append(w)
         if ready:
             w.wait_for_log("consuming")
@@ -207,3 +208,56 @@ def declare_with_dead_letters(queue):
         ch.queue_declare(queue + ".dlq", durable=True, auto_delete=False)
         ch.queue_bind(queue + ".dlq", queue + ".dlx", "")
         ch.queue_declare(queue, durable=True, auto_delete=False, arguments={"x-dead-letter-exchange": queue + ".dlx"})
+
+
+class Account:
+    """Tokens published through `celeriac.test.record`, and what Redis says ran."""
+
+    def __init__(self, app, redis_client):
+        self.app, self.redis = app, redis_client
+        self.key = f"celeriac-account-{uuid.uuid4().hex[:8]}"
+        self.tokens = []
+
+    def send(self, seconds=0.0, **options):
+        token = uuid.uuid4().hex[:12]
+        self.tokens.append(token)
+        return self.app.send_task("celeriac.test.record", (self.key, token, seconds), **options)
+
+    def counts(self):
+        raw = self.redis.hgetall(self.key)
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    def completed(self):
+        return set(self.counts())
+
+    def duplicates(self):
+        return {k: v for k, v in self.counts().items() if v > 1}
+
+    def wait_all(self, timeout=60):
+        wait_until(lambda: self.completed() >= set(self.tokens), timeout, "every token completed")
+
+    def close(self):
+        self.redis.delete(self.key)
+
+
+@pytest.fixture
+def account(rpc_app, redis_client):
+    a = Account(rpc_app, redis_client)
+    yield a
+    a.close()
+
+
+def probe(name, state_dir, *args, env=None):
+    """Runs a probe binary; returns (exit code, its one line)."""
+    binary = pathlib.Path(worker_binary()).with_name(name)
+    full_env = {k: v for k, v in os.environ.items() if k not in ("BROKER_REQUESTS_QUEUE", "CELERIAC_STATE_DIR")}
+    full_env.update(env or {})
+    p = subprocess.run([str(binary), "--state-dir", str(state_dir), *args], capture_output=True, text=True,
+                       timeout=10, env=full_env)
+    lines = p.stdout.splitlines()
+    assert len(lines) == 1, p.stdout + p.stderr
+    return p.returncode, lines[0]
+
+
+def rabbitmqctl(*args):
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)

@@ -19,43 +19,6 @@ from conftest import child_pids, declare_with_dead_letters, queue_depth, thread_
 TEST = "--with-test-tasks"
 
 
-class Account:
-    """Tokens published through `celeriac.test.record`, and what Redis says ran."""
-
-    def __init__(self, app, redis_client):
-        self.app, self.redis = app, redis_client
-        self.key = f"celeriac-account-{uuid.uuid4().hex[:8]}"
-        self.tokens = []
-
-    def send(self, seconds=0.0, **options):
-        token = uuid.uuid4().hex[:12]
-        self.tokens.append(token)
-        return self.app.send_task("celeriac.test.record", (self.key, token, seconds), **options)
-
-    def counts(self):
-        raw = self.redis.hgetall(self.key)
-        return {k.decode(): int(v) for k, v in raw.items()}
-
-    def completed(self):
-        return set(self.counts())
-
-    def duplicates(self):
-        return {k: v for k, v in self.counts().items() if v > 1}
-
-    def wait_all(self, timeout=60):
-        wait_until(lambda: self.completed() >= set(self.tokens), timeout, "every token completed")
-
-    def close(self):
-        self.redis.delete(self.key)
-
-
-@pytest.fixture
-def account(rpc_app, redis_client):
-    a = Account(rpc_app, redis_client)
-    yield a
-    a.close()
-
-
 def test_supervisor_is_single_threaded_at_every_fork(start_worker, rpc_app, account):
     w = start_worker(TEST, "-c", "2", "--max-tasks-per-child", "2", "-l", "DEBUG")
     for _ in range(8):
