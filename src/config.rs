@@ -152,6 +152,9 @@ struct WorkerArgs {
     /// Most ETA/countdown tasks one process holds in memory
     #[arg(long, default_value_t = 1000)]
     eta_limit: usize,
+    /// Prometheus endpoint address (host:port), or `none`
+    #[arg(long, default_value = "127.0.0.1:9808", env = "CELERIAC_METRICS_BIND")]
+    metrics_bind: String,
     /// Seconds an idle task process may go without a heartbeat before it is replaced
     #[arg(long, default_value_t = 60)]
     child_heartbeat_timeout: u64,
@@ -237,6 +240,8 @@ pub struct WorkerConfig {
     pub boot_timeout: Duration,
     /// How long an idle child may go without a heartbeat.
     pub child_heartbeat_timeout: Duration,
+    /// Where the Prometheus endpoint listens (`None`: disabled).
+    pub metrics_bind: Option<std::net::SocketAddr>,
     /// Register the celeriac.test.* tasks.
     pub test_tasks: bool,
     /// Global reject_on_worker_lost.
@@ -431,6 +436,15 @@ fn validate(a: WorkerArgs, env: &dyn Env) -> Result<WorkerConfig, ConfigError> {
     if a.state_dir.as_os_str().is_empty() {
         return Err(ConfigError::new("--state-dir", "must not be empty"));
     }
+    let metrics_bind = match a.metrics_bind.trim() {
+        "" | "none" | "off" => None,
+        addr => Some(addr.parse::<std::net::SocketAddr>().map_err(|e| {
+            ConfigError::new(
+                "--metrics-bind",
+                format!("{addr:?} is not host:port ({e}); use e.g. 0.0.0.0:9808 or none"),
+            )
+        })?),
+    };
     if a.max_task_deaths == 0 {
         return Err(ConfigError::new("--max-task-deaths", "must be at least 1"));
     }
@@ -460,6 +474,7 @@ fn validate(a: WorkerArgs, env: &dyn Env) -> Result<WorkerConfig, ConfigError> {
         max_task_deaths: a.max_task_deaths,
         boot_timeout: Duration::from_secs(a.boot_timeout),
         child_heartbeat_timeout: Duration::from_secs(a.child_heartbeat_timeout.max(2)),
+        metrics_bind,
         test_tasks: a.with_test_tasks,
         reject_on_worker_lost: a.reject_on_worker_lost,
     })

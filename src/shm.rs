@@ -157,12 +157,10 @@ pub struct Slot {
     heartbeat_ms: AtomicU64,
     /// Tasks started since the worker started (all generations of this slot).
     pub processed: AtomicU64,
-    /// Tasks that succeeded.
-    pub succeeded: AtomicU64,
-    /// Tasks that failed.
-    pub failed: AtomicU64,
-    /// Tasks that asked for a retry.
-    pub retried: AtomicU64,
+    /// Times this slot's processes re-established a lost broker connection.
+    pub reconnects: AtomicU64,
+    /// Messages received but not started (prefetched or waiting for an ETA).
+    pub reserved: AtomicU64,
     task_started_ms: AtomicU64,
     task_deadline_ms: AtomicU64,
     task_hard_limit_ms: AtomicU64,
@@ -301,6 +299,133 @@ struct Header {
     lost_next: AtomicU64,
     draining: AtomicU32,
     supervisor_heartbeat_ms: AtomicU64,
+    spawns: AtomicU64,
+    deaths: [AtomicU64; DeathCause::ALL.len()],
+}
+
+/// Why a child process ended, for the `celeriac_child_deaths_total` metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeathCause {
+    /// Exited cleanly to be replaced (max tasks or memory).
+    Recycled,
+    /// Killed by a signal it did not expect (crash, OOM kill).
+    Crashed,
+    /// Exited with an error code.
+    Failed,
+    /// Killed by the supervisor at a task's hard time limit.
+    TimeLimit,
+    /// Killed by the supervisor after going silent while idle.
+    Wedged,
+    /// Could not connect or was refused at startup.
+    Boot,
+    /// Stopped by a shutdown.
+    Shutdown,
+}
+
+impl DeathCause {
+    /// Every cause, in metric order.
+    pub const ALL: [DeathCause; 7] = [
+        Self::Recycled,
+        Self::Crashed,
+        Self::Failed,
+        Self::TimeLimit,
+        Self::Wedged,
+        Self::Boot,
+        Self::Shutdown,
+    ];
+
+    /// The metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Recycled => "recycled",
+            Self::Crashed => "crashed",
+            Self::Failed => "failed",
+            Self::TimeLimit => "time_limit",
+            Self::Wedged => "wedged",
+            Self::Boot => "boot_failure",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// How a task run ended, for `celeriac_tasks_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Returned a value.
+    Succeeded,
+    /// Raised (including time limits and lost processes).
+    Failed,
+    /// Asked to be retried.
+    Retried,
+    /// Rejected (bad message, unknown task, `Reject`, quarantine).
+    Rejected,
+    /// Revoked or expired.
+    Revoked,
+}
+
+impl Outcome {
+    /// Every outcome, in metric order.
+    pub const ALL: [Outcome; 5] = [
+        Self::Succeeded,
+        Self::Failed,
+        Self::Retried,
+        Self::Rejected,
+        Self::Revoked,
+    ];
+
+    /// The metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Retried => "retried",
+            Self::Rejected => "rejected",
+            Self::Revoked => "revoked",
+        }
+    }
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|o| *o == self).expect("listed")
+    }
+}
+
+/// Upper bounds (seconds) of the task runtime histogram.
+pub const RUNTIME_BUCKETS: [f64; 15] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// Task names tracked individually; later names share the last entry.
+pub const TASK_STATS: usize = 256;
+/// The name shown for tasks beyond [`TASK_STATS`].
+pub const OVERFLOW_NAME: &str = "<other>";
+const STAT_FREE: u32 = 0;
+const STAT_CLAIMED: u32 = 1;
+const STAT_READY: u32 = 2;
+
+/// Counters for one task name, shared by every process.
+#[repr(C)]
+pub struct TaskStat {
+    state: AtomicU32,
+    name: SeqText<16>,
+    outcomes: [AtomicU64; Outcome::ALL.len()],
+    buckets: [AtomicU64; RUNTIME_BUCKETS.len()],
+    runtime_count: AtomicU64,
+    runtime_sum_us: AtomicU64,
+}
+
+/// A snapshot of one [`TaskStat`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskStatSnapshot {
+    /// The task name.
+    pub name: String,
+    /// Count per [`Outcome::ALL`].
+    pub outcomes: Vec<u64>,
+    /// Non-cumulative count per [`RUNTIME_BUCKETS`] bucket.
+    pub buckets: Vec<u64>,
+    /// Runs with a runtime.
+    pub runtime_count: u64,
+    /// Sum of runtimes in seconds.
+    pub runtime_sum: f64,
 }
 
 /// The shared region.
@@ -309,15 +434,21 @@ pub struct SharedState {
     header: &'static Header,
     slots: &'static [Slot],
     lost: &'static [LostRecord],
+    stats: &'static [TaskStat],
+    tasks: usize,
 }
 
 impl SharedState {
-    /// Maps a region for `slots` children. Call once, before forking.
-    pub fn map(slots: usize) -> std::io::Result<Self> {
+    /// Maps a region for `tasks` task processes plus the control process.
+    /// Call once, before forking.
+    pub fn map(tasks: usize) -> std::io::Result<Self> {
+        let slots = tasks + 1;
         let header_size = std::mem::size_of::<Header>().next_multiple_of(64);
         let slots_size = std::mem::size_of::<Slot>() * slots;
         let lost_offset = (header_size + slots_size).next_multiple_of(64);
-        let total = lost_offset + std::mem::size_of::<LostRecord>() * LOST_RING;
+        let stats_offset =
+            (lost_offset + std::mem::size_of::<LostRecord>() * LOST_RING).next_multiple_of(64);
+        let total = stats_offset + std::mem::size_of::<TaskStat>() * TASK_STATS;
         let length = NonZeroUsize::new(total).expect("non-empty region");
         // SAFETY: an anonymous shared mapping with no address hint cannot alias
         // any existing Rust object; on success it returns `total` bytes of
@@ -341,23 +472,153 @@ impl SharedState {
         // and all regions lie within the `total` bytes mapped. Atomics make
         // concurrent access from several processes sound on Linux.
         #[allow(unsafe_code)]
-        let (header, slots, lost) = unsafe {
+        let (header, slots, lost, stats) = unsafe {
             (
                 &*base.cast::<Header>(),
                 std::slice::from_raw_parts(base.add(header_size).cast::<Slot>(), slots),
                 std::slice::from_raw_parts(base.add(lost_offset).cast::<LostRecord>(), LOST_RING),
+                std::slice::from_raw_parts(base.add(stats_offset).cast::<TaskStat>(), TASK_STATS),
             )
         };
         Ok(Self {
             header,
             slots,
             lost,
+            stats,
+            tasks,
         })
     }
 
-    /// Every slot.
+    /// Every slot: the task processes' first, then the control process's.
     pub fn slots(&self) -> &'static [Slot] {
         self.slots
+    }
+
+    /// The task processes' slots.
+    pub fn task_slots(&self) -> &'static [Slot] {
+        &self.slots[..self.tasks]
+    }
+
+    /// The control process's slot.
+    pub fn control_slot(&self) -> &'static Slot {
+        &self.slots[self.tasks]
+    }
+
+    /// Supervisor only: counts a fork.
+    pub(crate) fn count_spawn(&self) {
+        self.header.spawns.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Supervisor only: counts a child's end.
+    pub(crate) fn count_death(&self, cause: DeathCause) {
+        let i = DeathCause::ALL
+            .iter()
+            .position(|c| *c == cause)
+            .expect("listed");
+        self.header.deaths[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Processes forked since start.
+    pub fn spawns(&self) -> u64 {
+        self.header.spawns.load(Ordering::Relaxed)
+    }
+
+    /// Child ends per [`DeathCause::ALL`].
+    pub fn deaths(&self) -> Vec<u64> {
+        self.header
+            .deaths
+            .iter()
+            .map(|d| d.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// The stats entry for `name`, claiming a free one the first time.
+    /// Callers cache the index: this scans the table.
+    pub fn task_stat_index(&self, name: &str) -> usize {
+        let last = TASK_STATS - 1;
+        for (i, stat) in self.stats.iter().enumerate().take(last) {
+            match stat.state.load(Ordering::Acquire) {
+                STAT_READY if stat.name.read().first().map(String::as_str) == Some(name) => {
+                    return i
+                }
+                STAT_READY => continue,
+                STAT_CLAIMED => {
+                    // Another process is writing a name here; wait for it.
+                    while stat.state.load(Ordering::Acquire) == STAT_CLAIMED {
+                        std::hint::spin_loop();
+                    }
+                    if stat.name.read().first().map(String::as_str) == Some(name) {
+                        return i;
+                    }
+                }
+                _ => {
+                    if stat
+                        .state
+                        .compare_exchange(
+                            STAT_FREE,
+                            STAT_CLAIMED,
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        )
+                        .is_ok()
+                    {
+                        stat.name.write(&[name]);
+                        stat.state.store(STAT_READY, Ordering::Release);
+                        return i;
+                    }
+                    if stat.name.read().first().map(String::as_str) == Some(name) {
+                        return i;
+                    }
+                }
+            }
+        }
+        let overflow = &self.stats[last];
+        if overflow
+            .state
+            .compare_exchange(STAT_FREE, STAT_CLAIMED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            overflow.name.write(&[OVERFLOW_NAME]);
+            overflow.state.store(STAT_READY, Ordering::Release);
+        }
+        last
+    }
+
+    /// Counts one task outcome, with its runtime when it ran.
+    pub fn record_task(&self, index: usize, outcome: Outcome, runtime: Option<f64>) {
+        let stat = &self.stats[index.min(TASK_STATS - 1)];
+        stat.outcomes[outcome.index()].fetch_add(1, Ordering::Relaxed);
+        if let Some(secs) = runtime {
+            if let Some(b) = RUNTIME_BUCKETS.iter().position(|ub| secs <= *ub) {
+                stat.buckets[b].fetch_add(1, Ordering::Relaxed);
+            }
+            stat.runtime_count.fetch_add(1, Ordering::Relaxed);
+            stat.runtime_sum_us
+                .fetch_add((secs * 1e6) as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Every task name seen so far, with its counters.
+    pub fn task_stats(&self) -> Vec<TaskStatSnapshot> {
+        self.stats
+            .iter()
+            .filter(|s| s.state.load(Ordering::Acquire) == STAT_READY)
+            .map(|s| TaskStatSnapshot {
+                name: s.name.read().into_iter().next().unwrap_or_default(),
+                outcomes: s
+                    .outcomes
+                    .iter()
+                    .map(|c| c.load(Ordering::Relaxed))
+                    .collect(),
+                buckets: s
+                    .buckets
+                    .iter()
+                    .map(|c| c.load(Ordering::Relaxed))
+                    .collect(),
+                runtime_count: s.runtime_count.load(Ordering::Relaxed),
+                runtime_sum: s.runtime_sum_us.load(Ordering::Relaxed) as f64 / 1e6,
+            })
+            .collect()
     }
 
     /// Whether the worker is draining.
@@ -470,10 +731,9 @@ impl SharedState {
         self.lost[index].state.store(LOST_DONE, Ordering::Release);
     }
 
-    /// Whether task `id` is the running task of a slot other than `own`
-    /// whose child is gone (pid 0 or not alive).
+    /// The running task of a task slot other than `own` whose id is `id`.
     pub fn running_elsewhere(&self, id: &str, own: usize) -> Option<RunningTask> {
-        self.slots
+        self.task_slots()
             .iter()
             .enumerate()
             .filter(|(i, _)| *i != own)

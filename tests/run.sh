@@ -64,8 +64,16 @@ ensure_venv() {
     echo "$want" >"$stamp"
 }
 
+ensure_promtool() {
+    command -v promtool >/dev/null && return 0
+    # Debian's prometheus package carries promtool; its server is not wanted.
+    apt_install --no-install-recommends prometheus
+    pkill -x prometheus 2>/dev/null || true
+}
+
 ensure_rabbitmq
 ensure_redis
+ensure_promtool
 ensure_venv
 HELM="$(tests/setup/helm.sh)"
 export HELM

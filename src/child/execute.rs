@@ -13,7 +13,7 @@ use super::job::{ack, reject, Job};
 use super::shared::Shared;
 use crate::protocol::{signature_message, ExceptionInfo, TaskMessage, TaskState};
 use crate::repr::{short_repr, MAX_REPR};
-use crate::shm::{now_ms, RunningTask, TaskFlags};
+use crate::shm::{now_ms, Outcome, RunningTask, TaskFlags};
 use crate::task::panic_exception;
 use crate::task::{Context, TaskError};
 
@@ -50,6 +50,7 @@ pub async fn discard_revoked(shared: &Shared, job: &Job, reason: &str, ignore_re
         shared.store(&job.msg, doc).await;
     }
     ack(&job.acker, &job.msg.id).await;
+    shared.record(&job.msg.task, Outcome::Revoked, None);
 }
 
 /// Runs `job` to the end: ack (early or late), STARTED, the task itself
@@ -141,6 +142,7 @@ pub async fn execute(shared: Arc<Shared>, job: Job, state: Arc<RunState>) -> Fin
     );
     match outcome {
         Ok(value) => {
+            shared.record(&msg.task, Outcome::Succeeded, Some(runtime));
             follow_up_success(&shared, msg, &value, route).await;
             if !ignore_result {
                 shared
@@ -181,6 +183,7 @@ pub async fn execute(shared: Arc<Shared>, job: Job, state: Arc<RunState>) -> Fin
                             .as_ref()
                             .map_or_else(|| "Retry".to_owned(), ExceptionInfo::repr);
                         info!(task_id = %id, "Task {}[{}] retry: Retry in {countdown}s: {why}", msg.display_name(), id);
+                        shared.record(&msg.task, Outcome::Retried, Some(runtime));
                         if acks_late {
                             ack(&job.acker, &id).await;
                         }
@@ -199,6 +202,7 @@ pub async fn execute(shared: Arc<Shared>, job: Job, state: Arc<RunState>) -> Fin
         }
         Err(TaskError::Reject { requeue, reason }) => {
             warn!(task_id = %id, "Task {}[{}] rejected (requeue={requeue}): {reason}", msg.display_name(), id);
+            shared.record(&msg.task, Outcome::Rejected, Some(runtime));
             if !requeue && !ignore_result {
                 let exc = ExceptionInfo::new(
                     "Reject",
@@ -264,6 +268,7 @@ async fn fail(
         shared.store(msg, doc).await;
     }
     error!(task_id = %msg.id, "Task {}[{}] raised unexpected: {} (after {:.6}s)", msg.display_name(), msg.id, exc.repr(), runtime);
+    shared.record(&msg.task, Outcome::Failed, Some(runtime));
     if acks_late {
         ack(&job.acker, &msg.id).await;
     }

@@ -27,7 +27,7 @@ use crate::backend::{Backend, BackendError};
 use crate::broker::{connect, declare_queue, mask_url, BrokerError};
 use crate::config::WorkerConfig;
 use crate::protocol::{ExceptionInfo, TaskState};
-use crate::shm::{ChildState, Lost, LostReason, SharedState, Slot, TaskFlags};
+use crate::shm::{ChildState, Lost, LostReason, Outcome, SharedState, Slot, TaskFlags};
 use crate::task::Registry;
 use execute::{discard_revoked, execute, is_expired, Finished, RunState};
 use job::{decode, reject, requeue, Decoded, Job};
@@ -253,6 +253,7 @@ pub async fn run(
         pid,
         hostname: Arc::from(config.hostname.as_str()),
         link,
+        stat_indexes: Default::default(),
     });
     let mut child = Child {
         shared,
@@ -485,7 +486,14 @@ impl Child {
                         return Ok(Exit::Recycled);
                     }
                 }
-                _ = heartbeat.tick() => self.tick().await,
+                _ = heartbeat.tick() => {
+                    self.tick().await;
+                    // A SIGTERM sent before our handlers existed was lost:
+                    // the shared flag still says the worker is draining.
+                    if self.shared.link.is_some_and(|l| l.shm.draining()) {
+                        return self.shutdown(rx, false).await;
+                    }
+                }
                 incoming = rx.recv(), if !self.recycle => {
                     self.incoming(incoming).await?;
                     // Take what else has arrived before dispatching: fewer wake-ups under load.
@@ -498,6 +506,12 @@ impl Child {
                 _ = rotation.tick() => self.rotate_consumers().await?,
             }
             self.dispatch();
+            if let Some(l) = self.shared.link {
+                l.slot().reserved.store(
+                    (self.ready.len() + self.scheduled.len()) as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
         }
     }
 
@@ -568,6 +582,7 @@ impl Child {
         while let Some(lost) = link.shm.claim_report() {
             let msg = lost_message(&lost);
             let exc = lost_exception(&lost);
+            self.shared.record(&msg.task, Outcome::Failed, None);
             error!(task_id = %msg.id, "Task {}[{}] failed: {}", msg.task, msg.id, exc.repr());
             if lost.task.flags & TaskFlags::IGNORE_RESULT == 0 {
                 let mut doc = self.shared.document(
@@ -628,6 +643,7 @@ impl Child {
             );
             store(lost_exception(lost)).await;
             reject(&job.acker, &msg.id, false).await;
+            self.shared.record(&msg.task, Outcome::Rejected, None);
             link.shm.settle_lost(lost.index);
             return true;
         }
@@ -641,6 +657,7 @@ impl Child {
                 error!(task_id = %msg.id, "Task {}[{}] failed: {}", msg.display_name(), msg.id, exc.repr());
                 store(exc).await;
                 job::ack(&job.acker, &msg.id).await;
+                self.shared.record(&msg.task, Outcome::Failed, None);
                 link.shm.settle_lost(lost.index);
                 true
             }
@@ -656,6 +673,8 @@ impl Child {
             Decoded::Bad { id, error, acker } => {
                 error!(task_id = %id, "Received invalid task message {id}, rejecting it (requeue=false): {error}");
                 reject(&acker, &id, false).await;
+                self.shared
+                    .record("<invalid message>", Outcome::Rejected, None);
                 return;
             }
         };
@@ -671,6 +690,7 @@ impl Child {
             doc.traceback = None;
             shared.store(&job.msg, doc).await;
             reject(&job.acker, &acker_id, false).await;
+            shared.record(&job.msg.task, Outcome::Rejected, None);
             return;
         };
         info!(task_id = %acker_id, "Task {}[{}] received", job.msg.display_name(), acker_id);

@@ -10,6 +10,7 @@ use crate::backend::Backend;
 use crate::broker::{json_to_table, publish_confirmed, BrokerError, Outgoing};
 use crate::config::WorkerConfig;
 use crate::protocol::{OutgoingTask, ResultDocument, TaskMessage};
+use crate::shm::Outcome;
 use crate::task::Registry;
 
 /// State shared by the child's loop and its running tasks.
@@ -28,9 +29,28 @@ pub struct Shared {
     pub hostname: Arc<str>,
     /// The supervisor's shared memory, when running as a forked child.
     pub link: Option<super::Link>,
+    /// Task name -> index in the shared stats table, cached per process.
+    pub stat_indexes: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
 
 impl Shared {
+    /// Counts a task outcome (and its runtime) in the shared metrics.
+    pub fn record(&self, task: &str, outcome: Outcome, runtime: Option<f64>) {
+        let Some(link) = self.link else { return };
+        let mut cache = self.stat_indexes.lock().unwrap_or_else(|e| e.into_inner());
+        let index = match cache.get(task) {
+            Some(i) => *i,
+            None => {
+                let i = link.shm.task_stat_index(task);
+                if cache.len() < crate::shm::TASK_STATS {
+                    cache.insert(task.to_owned(), i);
+                }
+                i
+            }
+        };
+        link.shm.record_task(index, outcome, runtime);
+    }
+
     /// Points publishing at a new connection's channels after a reconnect.
     pub fn use_channels(&self, confirmed: Channel, results: Channel) {
         *self.confirmed.write().unwrap_or_else(|e| e.into_inner()) = confirmed;

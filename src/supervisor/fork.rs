@@ -78,8 +78,11 @@ pub fn spawn_child(
             if getppid() != supervisor {
                 std::process::exit(0);
             }
-            let code =
-                crate::child::child_main(index, *shm, Arc::clone(config), Arc::clone(registry));
+            let code = if index == shm.task_slots().len() {
+                crate::control::control_main(*shm, Arc::clone(config))
+            } else {
+                crate::child::child_main(index, *shm, Arc::clone(config), Arc::clone(registry))
+            };
             std::process::exit(code)
         }
     }

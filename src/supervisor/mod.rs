@@ -16,7 +16,7 @@ use nix::unistd::Pid;
 use tracing::{debug, error, info, warn};
 
 use crate::config::WorkerConfig;
-use crate::shm::{now_ms, LostReason, SharedState};
+use crate::shm::{now_ms, DeathCause, LostReason, SharedState};
 use crate::task::Registry;
 pub use fork::{thread_count, ForkError};
 use signals::Signals;
@@ -42,7 +42,7 @@ struct ChildEntry {
     started: Instant,
     respawn_at: Instant,
     quick_exits: u32,
-    killed_for: Option<LostReason>,
+    killed_for: Option<DeathCause>,
 }
 
 /// The supervisor's state.
@@ -69,7 +69,8 @@ impl Supervisor {
         let shm = SharedState::map(n)?;
         let signals = Signals::install()?;
         let now = Instant::now();
-        let children = (0..n)
+        // One entry per task process, then the control process.
+        let children = (0..=n)
             .map(|_| ChildEntry {
                 pid: None,
                 started: now,
@@ -151,7 +152,7 @@ impl Supervisor {
         // follows consumption within a tick.
         let seen: Vec<_> = self
             .shm
-            .slots()
+            .task_slots()
             .iter()
             .map(|s| (s.pid(), s.state()))
             .collect();
@@ -168,7 +169,7 @@ impl Supervisor {
         self.state_written = Some(Instant::now());
         let children = self
             .shm
-            .slots()
+            .task_slots()
             .iter()
             .enumerate()
             .map(|(index, slot)| {
@@ -246,7 +247,8 @@ impl Supervisor {
                 &self.config,
                 &self.registry,
             )?;
-            debug!(pid = pid.as_raw(), index, "started task process");
+            self.shm.count_spawn();
+            debug!(pid = pid.as_raw(), index, "started process");
             let entry = &mut self.children[index];
             entry.pid = Some(pid);
             entry.started = Instant::now();
@@ -255,7 +257,7 @@ impl Supervisor {
         if !self.ever_consumed
             && self
                 .shm
-                .slots()
+                .task_slots()
                 .iter()
                 .any(|s| s.state() == crate::shm::ChildState::Consuming)
         {
@@ -292,8 +294,21 @@ impl Supervisor {
             (Some(c), _) => format!("exit code {c}"),
             _ => "unknown status".into(),
         };
+        let cause = match (code, signal, entry.killed_for) {
+            _ if self.drain_deadline.is_some() => DeathCause::Shutdown,
+            (_, _, Some(killed)) => killed,
+            (Some(EXIT_BOOT_FAILURE | EXIT_BROKER_UNREACHABLE), _, _) => DeathCause::Boot,
+            (Some(0), _, _) => DeathCause::Recycled,
+            (_, Some(_), _) => DeathCause::Crashed,
+            _ => DeathCause::Failed,
+        };
+        self.shm.count_death(cause);
         if let Some(task) = slot.running_task() {
-            let reason = entry.killed_for.unwrap_or(LostReason::WorkerLost);
+            let reason = if entry.killed_for == Some(DeathCause::TimeLimit) {
+                LostReason::TimeLimit
+            } else {
+                LostReason::WorkerLost
+            };
             let deaths = self
                 .shm
                 .record_lost(&task, reason, signal.map_or(0, |s| s as u32));
@@ -383,7 +398,7 @@ impl Supervisor {
                         task.name,
                         task.id
                     );
-                    entry.killed_for = Some(LostReason::TimeLimit);
+                    entry.killed_for = Some(DeathCause::TimeLimit);
                     let _ = kill(pid, Signal::SIGKILL);
                 }
                 None if slot.heartbeat_ms() > 0
@@ -394,7 +409,7 @@ impl Supervisor {
                         "task process {pid} sent no heartbeat for {}s while idle; killing it",
                         wedged_after_ms / 1000
                     );
-                    entry.killed_for = Some(LostReason::WorkerLost);
+                    entry.killed_for = Some(DeathCause::Wedged);
                     let _ = kill(pid, Signal::SIGKILL);
                 }
                 _ => {}

@@ -102,7 +102,8 @@ def start_worker(tmp_path, queue_name):
         full_env["CELERY_BROKER_URL"] = broker
         full_env["CELERIAC_STATE_DIR"] = str(tmp_path / f"state-{len(workers)}")
         full_env.update(env or {})
-        argv = ["-Q", queue or queue_name, "-n", f"w{len(workers)}-{queue_name}@%h", "-l", "INFO", *args]
+        argv = ["-Q", queue or queue_name, "-n", f"w{len(workers)}-{queue_name}@%h", "-l", "INFO",
+                "--metrics-bind", "none", *args]
         w = Worker(argv, full_env, tmp_path / f"worker-{len(workers)}.log", binary)
         w.state_dir = full_env["CELERIAC_STATE_DIR"]
         workers.append(w)
@@ -261,3 +262,14 @@ def probe(name, state_dir, *args, env=None):
 
 def rabbitmqctl(*args):
     subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
+
+
+def task_pids(w):
+    """The task processes' pids, as the worker's probe state file lists them."""
+    import json
+    try:
+        with open(os.path.join(w.state_dir, "state.json")) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return []
+    return sorted(c["pid"] for c in state["children"] if c["pid"])

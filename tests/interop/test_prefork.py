@@ -14,7 +14,7 @@ import uuid
 import pytest
 from billiard.exceptions import TimeLimitExceeded, WorkerLostError
 
-from conftest import child_pids, declare_with_dead_letters, queue_depth, thread_count, wait_until
+from conftest import task_pids, declare_with_dead_letters, queue_depth, thread_count, wait_until
 
 TEST = "--with-test-tasks"
 
@@ -28,7 +28,7 @@ def test_supervisor_is_single_threaded_at_every_fork(start_worker, rpc_app, acco
     forks = re.findall(r"forking task process.*threads=(\d+)", w.log())
     assert len(forks) >= 6 and set(forks) == {"1"}, forks
     assert thread_count(w.pid) == 1, "the supervisor never gains a thread"
-    kids = child_pids(w.pid)
+    kids = task_pids(w)
     assert len(kids) == 2 and all(thread_count(k) > 1 for k in kids), "runtimes live in the children"
 
 
@@ -65,7 +65,7 @@ def test_sigkill_of_a_child_mid_task(start_worker, rpc_app, account, mode):
     victim = account.send(3.0)
     w.wait_for_log(f"[{victim.id}] received")
     time.sleep(0.5)
-    [child] = child_pids(w.pid)
+    [child] = task_pids(w)
     os.kill(child, signal.SIGKILL)
     after = account.send(0)
     if mode == "acks-late+reject-on-worker-lost":
@@ -74,7 +74,7 @@ def test_sigkill_of_a_child_mid_task(start_worker, rpc_app, account, mode):
         with pytest.raises(WorkerLostError, match="signal 9"):
             victim.get(timeout=30)
     assert after.get(timeout=30)["count"] == 1
-    wait_until(lambda: len(child_pids(w.pid)) == 1 and child_pids(w.pid)[0] != child, what="replacement process")
+    wait_until(lambda: len(task_pids(w)) == 1 and task_pids(w)[0] != child, what="replacement process")
     assert w.alive()
     assert account.duplicates() == {}
 
@@ -84,7 +84,7 @@ def test_sigkill_of_the_supervisor(start_worker, rpc_app, account, queue_name):
     for _ in range(40):
         account.send(0.05)
     time.sleep(0.5)
-    kids = child_pids(w.pid)
+    kids = task_pids(w)
     os.kill(w.pid, signal.SIGKILL)
     # The children notice their parent died and drain (no process left behind).
     wait_until(lambda: not any(os.path.exists(f"/proc/{k}") for k in kids), 30, "children to exit")
@@ -124,7 +124,7 @@ def test_hard_time_limit_kills_only_the_spinning_process(start_worker, rpc_app, 
     with pytest.raises(TimeLimitExceeded):
         spinner.get(timeout=30)
     assert f"Hard time limit (1s) exceeded for celeriac.test.spin[{spinner.id}]" in w.log()
-    wait_until(lambda: len(child_pids(w.pid)) == 2, what="replacement process")
+    wait_until(lambda: len(task_pids(w)) == 2, what="replacement process")
 
 
 def test_poison_message_is_quarantined(start_worker, rpc_app, queue_name):
@@ -180,8 +180,8 @@ def test_orphans_are_reaped(start_worker, rpc_app):
 
 def test_wedged_idle_process_is_replaced(start_worker, rpc_app):
     w = start_worker("-c", "1", "--child-heartbeat-timeout", "2", "--result-backend", "rpc://")
-    [child] = child_pids(w.pid)
+    [child] = task_pids(w)
     os.kill(child, signal.SIGSTOP)
     w.wait_for_log(f"task process {child} sent no heartbeat for 2s while idle; killing it", timeout=20)
-    wait_until(lambda: child_pids(w.pid) not in ([], [child]), what="replacement process")
+    wait_until(lambda: task_pids(w) not in ([], [child]), what="replacement process")
     assert rpc_app.send_task("celeriac.add", (2, 2)).get(timeout=15) == 4

@@ -1,0 +1,195 @@
+//! The Prometheus exposition of a worker, built at scrape time from the
+//! memory every process shares (so counters from all task processes, past
+//! and present, add up in one place).
+
+use prometheus::proto::{
+    Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
+};
+use prometheus::{Encoder, TextEncoder};
+
+use crate::config::WorkerConfig;
+use crate::shm::{ChildState, DeathCause, Outcome, SharedState, RUNTIME_BUCKETS};
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            let mut l = LabelPair::default();
+            l.set_name((*k).to_owned());
+            l.set_value((*v).to_owned());
+            l
+        })
+        .collect()
+}
+
+fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
+    let mut f = MetricFamily::default();
+    f.set_name(name.to_owned());
+    f.set_help(help.to_owned());
+    f.set_field_type(kind);
+    f.set_metric(metrics);
+    f
+}
+
+fn counter(pairs: &[(&str, &str)], value: f64) -> Metric {
+    let mut c = Counter::default();
+    c.set_value(value);
+    let mut m = Metric::from_label(labels(pairs));
+    m.set_counter(c);
+    m
+}
+
+fn gauge(pairs: &[(&str, &str)], value: f64) -> Metric {
+    let mut g = Gauge::default();
+    g.set_value(value);
+    let mut m = Metric::from_gauge(g);
+    m.set_label(labels(pairs));
+    m
+}
+
+/// Renders every metric in Prometheus text format (version 0.0.4).
+pub fn render(shm: &SharedState, config: &WorkerConfig) -> String {
+    let stats = shm.task_stats();
+    let mut tasks = Vec::new();
+    let mut runtimes = Vec::new();
+    for s in &stats {
+        for (outcome, count) in Outcome::ALL.iter().zip(&s.outcomes) {
+            tasks.push(counter(
+                &[("task", &s.name), ("outcome", outcome.label())],
+                *count as f64,
+            ));
+        }
+        let mut cumulative = 0;
+        let buckets = RUNTIME_BUCKETS
+            .iter()
+            .zip(&s.buckets)
+            .map(|(ub, n)| {
+                cumulative += n;
+                let mut b = Bucket::default();
+                b.set_upper_bound(*ub);
+                b.set_cumulative_count(cumulative);
+                b
+            })
+            .collect();
+        let mut h = Histogram::default();
+        h.set_sample_count(s.runtime_count);
+        h.set_sample_sum(s.runtime_sum);
+        h.set_bucket(buckets);
+        let mut m = Metric::from_label(labels(&[("task", &s.name)]));
+        m.set_histogram(h);
+        runtimes.push(m);
+    }
+    let slots = shm.task_slots();
+    let active = slots.iter().filter(|s| s.running_task().is_some()).count();
+    let reserved: u64 = slots
+        .iter()
+        .map(|s| s.reserved.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    let reconnects: u64 = shm
+        .slots()
+        .iter()
+        .map(|s| s.reconnects.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    let states = [
+        ChildState::Booting,
+        ChildState::Consuming,
+        ChildState::Reconnecting,
+        ChildState::Draining,
+    ];
+    let processes = states
+        .iter()
+        .map(|st| {
+            gauge(
+                &[("state", st.name())],
+                slots
+                    .iter()
+                    .filter(|s| s.pid() != 0 && s.state() == *st)
+                    .count() as f64,
+            )
+        })
+        .collect();
+    let deaths = DeathCause::ALL
+        .iter()
+        .zip(shm.deaths())
+        .map(|(cause, n)| counter(&[("cause", cause.label())], n as f64))
+        .collect();
+    let families = vec![
+        family(
+            "celeriac_build_info",
+            "Build and identity of this worker (always 1).",
+            MetricType::GAUGE,
+            vec![gauge(
+                &[
+                    ("version", env!("CARGO_PKG_VERSION")),
+                    ("hostname", &config.hostname),
+                ],
+                1.0,
+            )],
+        ),
+        family(
+            "celeriac_tasks_total",
+            "Tasks handled, by task name and outcome.",
+            MetricType::COUNTER,
+            tasks,
+        ),
+        family(
+            "celeriac_task_runtime_seconds",
+            "Time tasks spent running, by task name.",
+            MetricType::HISTOGRAM,
+            runtimes,
+        ),
+        family(
+            "celeriac_tasks_active",
+            "Tasks running now.",
+            MetricType::GAUGE,
+            vec![gauge(&[], active as f64)],
+        ),
+        family(
+            "celeriac_tasks_prefetched",
+            "Messages received but not started (prefetched or waiting for their ETA).",
+            MetricType::GAUGE,
+            vec![gauge(&[], reserved as f64)],
+        ),
+        family(
+            "celeriac_task_processes",
+            "Task processes, by state.",
+            MetricType::GAUGE,
+            processes,
+        ),
+        family(
+            "celeriac_task_processes_configured",
+            "Task processes the worker runs (--concurrency).",
+            MetricType::GAUGE,
+            vec![gauge(&[], config.concurrency as f64)],
+        ),
+        family(
+            "celeriac_child_spawns_total",
+            "Processes forked by the supervisor.",
+            MetricType::COUNTER,
+            vec![counter(&[], shm.spawns() as f64)],
+        ),
+        family(
+            "celeriac_child_deaths_total",
+            "Processes that ended, by cause.",
+            MetricType::COUNTER,
+            deaths,
+        ),
+        family(
+            "celeriac_broker_reconnects_total",
+            "Broker connections re-established after a loss.",
+            MetricType::COUNTER,
+            vec![counter(&[], reconnects as f64)],
+        ),
+        family(
+            "celeriac_draining",
+            "1 while the worker shuts down.",
+            MetricType::GAUGE,
+            vec![gauge(&[], if shm.draining() { 1.0 } else { 0.0 })],
+        ),
+    ];
+    let mut out = Vec::new();
+    TextEncoder::new()
+        .encode(&families, &mut out)
+        .expect("text encoding into memory cannot fail");
+    String::from_utf8(out).expect("the text encoder writes UTF-8")
+}

@@ -1,0 +1,69 @@
+"""The Prometheus endpoint of the control process: accepted by promtool,
+and its counters match the tasks actually run."""
+
+import os
+import re
+import signal
+import subprocess
+import urllib.request
+
+import pytest
+
+from conftest import child_pids, task_pids, wait_until, worker_binary
+
+
+def metrics_url(w):
+    w.wait_for_log("metrics on http://")
+    return re.search(r"metrics on (http://\S+)", w.log()).group(1)
+
+
+def scrape(url):
+    with urllib.request.urlopen(url, timeout=5) as r:
+        assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        return r.read().decode()
+
+
+def sample(text, name, **labels):
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = re.escape(name) + (r"\{" + re.escape(want) + r"\}" if want else r"(?:\{\})?") + r" (\S+)"
+    m = re.search("^" + pattern + "$", text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def test_metrics_count_what_ran_and_pass_promtool(start_worker, rpc_app):
+    w = start_worker("-c", "2", "--result-backend", "rpc://", "--with-test-tasks", "--metrics-bind", "127.0.0.1:0")
+    url = metrics_url(w)
+    ok = [rpc_app.send_task("celeriac.add", (i, 1)) for i in range(20)]
+    bad = [rpc_app.send_task("celeriac.fail", ("x",)) for _ in range(3)]
+    rpc_app.send_task("nope.missing").forget()
+    during = scrape(url)  # a scrape taken under load
+    assert [r.get(timeout=15) for r in ok] == [i + 1 for i in range(20)]
+    for r in bad:
+        with pytest.raises(RuntimeError):
+            r.get(timeout=15)
+    wait_until(lambda: sample(scrape(url), "celeriac_tasks_total", task="nope.missing", outcome="rejected") == 1)
+    text = scrape(url)
+    for body in (during, text):
+        check = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+    assert sample(text, "celeriac_tasks_total", task="celeriac.add", outcome="succeeded") == 20
+    assert sample(text, "celeriac_tasks_total", task="celeriac.fail", outcome="failed") == 3
+    assert sample(text, "celeriac_task_runtime_seconds_count", task="celeriac.add") == 20
+    assert sample(text, "celeriac_task_runtime_seconds_bucket", task="celeriac.add", le="+Inf") == 20
+    assert sample(text, "celeriac_task_processes", state="consuming") == 2
+    assert sample(text, "celeriac_child_spawns_total") == 3, "two task processes and the control process"
+    assert sample(text, "celeriac_tasks_active") == 0
+    assert sample(text, "celeriac_build_info", version=re.search(r'version="([^"]+)"', text).group(1),
+                  hostname=re.search(r'hostname="([^"]+)"', text).group(1)) == 1
+    # A crashed task process is counted by cause.
+    victim = task_pids(w)[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: sample(scrape(url), "celeriac_child_deaths_total", cause="crashed") == 1)
+    wait_until(lambda: sample(scrape(url), "celeriac_child_spawns_total") == 4)
+
+
+def test_bad_metrics_address_is_refused_at_startup():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY", "BROKER", "CELERIAC"))}
+    p = subprocess.run([worker_binary(), "worker", "--metrics-bind", "everywhere"], env=env,
+                       capture_output=True, text=True, timeout=10)
+    assert p.returncode == 64 and "--metrics-bind" in p.stderr and len(p.stderr.strip().splitlines()) == 1
