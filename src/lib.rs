@@ -20,6 +20,7 @@ pub mod broker;
 pub mod child;
 pub mod config;
 pub mod control;
+pub mod events;
 pub mod logging;
 pub mod metrics;
 pub mod protocol;

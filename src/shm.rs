@@ -17,6 +17,14 @@ use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
 const TEXT_WORDS: usize = 64;
 /// Bytes of the last boot error a slot keeps.
 const ERROR_WORDS: usize = 32;
+/// Bytes a slot keeps of the running task's argument reprs and route.
+const DETAIL_WORDS: usize = 96;
+/// Bytes a slot has to list the messages it holds (for `inspect reserved/scheduled`).
+const QUEUED_WORDS: usize = 256;
+/// Revoked task ids remembered (Celery keeps 50,000 for 3 hours).
+pub const REVOKED_TABLE: usize = 8192;
+/// How long a revoke is remembered.
+pub const REVOKE_EXPIRES_MS: u64 = 3 * 3600 * 1000;
 /// Lost-task records kept.
 pub const LOST_RING: usize = 64;
 
@@ -117,7 +125,7 @@ impl ChildState {
 }
 
 /// The task a child is running, as published in its slot.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct RunningTask {
     /// Task id.
     pub id: String,
@@ -135,6 +143,14 @@ pub struct RunningTask {
     pub hard_limit_ms: u64,
     /// Flags (see [`TaskFlags`]).
     pub flags: u64,
+    /// The repr of its positional arguments (slots only).
+    pub args: String,
+    /// The repr of its keyword arguments (slots only).
+    pub kwargs: String,
+    /// The exchange it was delivered from (slots only).
+    pub exchange: String,
+    /// Its routing key (slots only).
+    pub routing_key: String,
 }
 
 /// Bits in [`RunningTask::flags`].
@@ -167,6 +183,8 @@ pub struct Slot {
     task_flags: AtomicU64,
     task: SeqText<TEXT_WORDS>,
     error: SeqText<ERROR_WORDS>,
+    queued: SeqText<QUEUED_WORDS>,
+    detail: SeqText<DETAIL_WORDS>,
 }
 
 impl Slot {
@@ -198,6 +216,13 @@ impl Slot {
     pub fn start_task(&self, t: &RunningTask) {
         self.task
             .write(&[&t.id, &t.name, &t.reply_to, &t.correlation_id]);
+        let clip = |s: &str| -> String { s.chars().take(300).collect() };
+        self.detail.write(&[
+            &clip(&t.args),
+            &clip(&t.kwargs),
+            &t.exchange,
+            &t.routing_key,
+        ]);
         self.task_flags.store(t.flags, Ordering::Relaxed);
         self.task_hard_limit_ms
             .store(t.hard_limit_ms, Ordering::Relaxed);
@@ -223,7 +248,14 @@ impl Slot {
         let mut parts = self.task.read().into_iter();
         let mut next = || parts.next().unwrap_or_default();
         let (id, name, reply_to, correlation_id) = (next(), next(), next(), next());
+        let mut detail = self.detail.read().into_iter();
+        let mut more = || detail.next().unwrap_or_default();
+        let (args, kwargs, exchange, routing_key) = (more(), more(), more(), more());
         Some(RunningTask {
+            args,
+            kwargs,
+            exchange,
+            routing_key,
             id,
             name,
             reply_to,
@@ -234,6 +266,27 @@ impl Slot {
             flags: self.task_flags.load(Ordering::Relaxed),
         })
     }
+    /// Lists the messages this process holds but has not started: one line
+    /// per message, `R\tid\tname\targsrepr` (reserved) or
+    /// `S\teta\tid\tname\targsrepr` (scheduled), cut to the slot's size.
+    pub fn set_queued(&self, lines: &str) {
+        let cut = if lines.len() > QUEUED_WORDS * 8 - 1 {
+            let mut end = QUEUED_WORDS * 8 - 1;
+            while !lines.is_char_boundary(end) {
+                end -= 1;
+            }
+            &lines[..lines[..end].rfind('\n').map_or(0, |i| i + 1)]
+        } else {
+            lines
+        };
+        self.queued.write(&[cut]);
+    }
+
+    /// The lines written by [`Slot::set_queued`].
+    pub fn queued(&self) -> String {
+        self.queued.read().into_iter().next().unwrap_or_default()
+    }
+
     /// Records why the child could not start.
     pub fn set_error(&self, message: &str) {
         self.error.write(&[message]);
@@ -245,6 +298,8 @@ impl Slot {
     pub(crate) fn reset(&self) {
         self.finish_task();
         self.error.write(&[]);
+        self.queued.write(&[]);
+        self.reserved.store(0, Ordering::Relaxed);
         self.state
             .store(ChildState::Empty as u32, Ordering::Release);
     }
@@ -301,6 +356,10 @@ struct Header {
     supervisor_heartbeat_ms: AtomicU64,
     spawns: AtomicU64,
     deaths: [AtomicU64; DeathCause::ALL.len()],
+    clock: AtomicU64,
+    task_events: AtomicU32,
+    events_published: AtomicU64,
+    started_ms: AtomicU64,
 }
 
 /// Why a child process ended, for the `celeriac_child_deaths_total` metric.
@@ -389,6 +448,34 @@ impl Outcome {
     }
 }
 
+/// One remembered revoke.
+#[repr(C)]
+pub struct RevokedEntry {
+    state: AtomicU32,
+    signal: AtomicU32,
+    at_ms: AtomicU64,
+    id: SeqText<8>,
+}
+
+/// A remembered revoke, as read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Revoke {
+    /// When it was revoked (ms since the epoch).
+    pub at_ms: u64,
+    /// The signal sent to terminate it (0: not terminated).
+    pub signal: u32,
+}
+
+fn id_hash(id: &str) -> usize {
+    // FNV-1a: stable across processes (std's hasher is randomly keyed).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h as usize
+}
+
 /// Upper bounds (seconds) of the task runtime histogram.
 pub const RUNTIME_BUCKETS: [f64; 15] = [
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
@@ -435,6 +522,7 @@ pub struct SharedState {
     slots: &'static [Slot],
     lost: &'static [LostRecord],
     stats: &'static [TaskStat],
+    revoked: &'static [RevokedEntry],
     tasks: usize,
 }
 
@@ -448,7 +536,9 @@ impl SharedState {
         let lost_offset = (header_size + slots_size).next_multiple_of(64);
         let stats_offset =
             (lost_offset + std::mem::size_of::<LostRecord>() * LOST_RING).next_multiple_of(64);
-        let total = stats_offset + std::mem::size_of::<TaskStat>() * TASK_STATS;
+        let revoked_offset =
+            (stats_offset + std::mem::size_of::<TaskStat>() * TASK_STATS).next_multiple_of(64);
+        let total = revoked_offset + std::mem::size_of::<RevokedEntry>() * REVOKED_TABLE;
         let length = NonZeroUsize::new(total).expect("non-empty region");
         // SAFETY: an anonymous shared mapping with no address hint cannot alias
         // any existing Rust object; on success it returns `total` bytes of
@@ -472,12 +562,16 @@ impl SharedState {
         // and all regions lie within the `total` bytes mapped. Atomics make
         // concurrent access from several processes sound on Linux.
         #[allow(unsafe_code)]
-        let (header, slots, lost, stats) = unsafe {
+        let (header, slots, lost, stats, revoked) = unsafe {
             (
                 &*base.cast::<Header>(),
                 std::slice::from_raw_parts(base.add(header_size).cast::<Slot>(), slots),
                 std::slice::from_raw_parts(base.add(lost_offset).cast::<LostRecord>(), LOST_RING),
                 std::slice::from_raw_parts(base.add(stats_offset).cast::<TaskStat>(), TASK_STATS),
+                std::slice::from_raw_parts(
+                    base.add(revoked_offset).cast::<RevokedEntry>(),
+                    REVOKED_TABLE,
+                ),
             )
         };
         Ok(Self {
@@ -485,6 +579,7 @@ impl SharedState {
             slots,
             lost,
             stats,
+            revoked,
             tasks,
         })
     }
@@ -516,6 +611,124 @@ impl SharedState {
             .position(|c| *c == cause)
             .expect("listed");
         self.header.deaths[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Control process only: remembers that task `id` is revoked
+    /// (terminated with `signal` when non-zero).
+    pub fn revoke(&self, id: &str, signal: u32) {
+        let start = id_hash(id) % REVOKED_TABLE;
+        let now = now_ms();
+        let mut target = start;
+        for probe in 0..REVOKED_TABLE {
+            let i = (start + probe) % REVOKED_TABLE;
+            let e = &self.revoked[i];
+            let state = e.state.load(Ordering::Acquire);
+            let expired = now.saturating_sub(e.at_ms.load(Ordering::Relaxed)) > REVOKE_EXPIRES_MS;
+            if state == 0 || expired || e.id.read().first().map(String::as_str) == Some(id) {
+                target = i;
+                break;
+            }
+        }
+        let e = &self.revoked[target];
+        e.state.store(1, Ordering::Release);
+        e.id.write(&[id]);
+        e.at_ms.store(now, Ordering::Relaxed);
+        e.signal.store(signal, Ordering::Relaxed);
+        e.state.store(2, Ordering::Release);
+    }
+
+    /// Whether task `id` was revoked in the last three hours.
+    pub fn revoked(&self, id: &str) -> Option<Revoke> {
+        let start = id_hash(id) % REVOKED_TABLE;
+        let now = now_ms();
+        for probe in 0..REVOKED_TABLE {
+            let e = &self.revoked[(start + probe) % REVOKED_TABLE];
+            match e.state.load(Ordering::Acquire) {
+                0 => return None,
+                2 if e.id.read().first().map(String::as_str) == Some(id) => {
+                    let at_ms = e.at_ms.load(Ordering::Relaxed);
+                    if now.saturating_sub(at_ms) > REVOKE_EXPIRES_MS {
+                        return None;
+                    }
+                    return Some(Revoke {
+                        at_ms,
+                        signal: e.signal.load(Ordering::Relaxed),
+                    });
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// Every id revoked in the last three hours.
+    pub fn revoked_ids(&self) -> Vec<String> {
+        let now = now_ms();
+        self.revoked
+            .iter()
+            .filter(|e| e.state.load(Ordering::Acquire) == 2)
+            .filter(|e| now.saturating_sub(e.at_ms.load(Ordering::Relaxed)) <= REVOKE_EXPIRES_MS)
+            .filter_map(|e| e.id.read().into_iter().next())
+            .collect()
+    }
+
+    /// Advances the worker's Lamport clock and returns the new value.
+    pub fn tick_clock(&self) -> u64 {
+        self.header.clock.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Moves the clock past `seen` (a clock received from another node).
+    pub fn adjust_clock(&self, seen: u64) -> u64 {
+        let mut current = self.header.clock.load(Ordering::Acquire);
+        loop {
+            let next = current.max(seen) + 1;
+            match self.header.clock.compare_exchange(
+                current,
+                next,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return next,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// The clock's current value.
+    pub fn clock(&self) -> u64 {
+        self.header.clock.load(Ordering::Acquire)
+    }
+
+    /// Whether task events are on (`-E`, `enable_events`).
+    pub fn task_events(&self) -> bool {
+        self.header.task_events.load(Ordering::Acquire) != 0
+    }
+
+    /// Turns task events on or off; returns the previous setting.
+    pub fn set_task_events(&self, on: bool) -> bool {
+        self.header
+            .task_events
+            .swap(u32::from(on), Ordering::AcqRel)
+            != 0
+    }
+
+    /// Counts published event messages.
+    pub fn count_events(&self, n: u64) {
+        self.header.events_published.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Event messages published since start.
+    pub fn events_published(&self) -> u64 {
+        self.header.events_published.load(Ordering::Relaxed)
+    }
+
+    /// When the supervisor started (ms since the epoch).
+    pub fn started_ms(&self) -> u64 {
+        self.header.started_ms.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_started_ms(&self, ms: u64) {
+        self.header.started_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Processes forked since start.
@@ -701,6 +914,7 @@ impl SharedState {
                 deadline_ms: 0,
                 hard_limit_ms: r.hard_limit_ms.load(Ordering::Relaxed),
                 flags: r.flags.load(Ordering::Relaxed),
+                ..RunningTask::default()
             },
             reason,
             deaths: r.deaths.load(Ordering::Relaxed),

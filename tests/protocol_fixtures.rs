@@ -299,3 +299,109 @@ fn exceptions_match_captured_failures() {
         .unwrap()
         .starts_with("celery-task-meta-"));
 }
+
+fn captured_event(name: &str) -> Value {
+    let body: Value = serde_json::from_str(fixture(name)["body_text"].as_str().unwrap()).unwrap();
+    match body {
+        Value::Array(mut batch) => batch.remove(0),
+        one => one,
+    }
+}
+
+fn keys(v: &Value) -> Vec<String> {
+    v.as_object().unwrap().keys().cloned().collect()
+}
+
+#[test]
+fn task_events_match_celerys_shape() {
+    use celeriac::protocol::events::{self, EventSource};
+    let src = EventSource {
+        hostname: "worker@example".into(),
+        pid: 24498,
+        utcoffset: 0.0,
+    };
+    let msg = Captured::load("task-v2-args.json").decode();
+    let ours = src.event("task-received", 5, 1.5, events::task_received(&msg));
+    let theirs = captured_event("event-task-received.json");
+    assert_eq!(keys(&ours), keys(&theirs));
+    assert_eq!(ours["args"], "(2, 3)");
+    assert_eq!(ours["kwargs"], "{}");
+    assert_eq!(ours["utcoffset"], theirs["utcoffset"]);
+    let ours = src.event(
+        "task-succeeded",
+        6,
+        1.5,
+        events::task_succeeded("x", &json!(5), 0.01),
+    );
+    let theirs = captured_event("event-task-succeeded.json");
+    assert_eq!(keys(&ours), keys(&theirs));
+    assert_eq!(ours["result"], theirs["result"], "the repr string \"5\"");
+    let ours = src.event(
+        "task-failed",
+        7,
+        1.5,
+        events::task_failed("x", "ValueError('bad')", "tb"),
+    );
+    assert_eq!(keys(&ours), keys(&captured_event("event-task-failed.json")));
+    let ours = src.event(
+        "task-revoked",
+        8,
+        1.5,
+        events::task_revoked("x", true, Some(15), false),
+    );
+    let theirs = captured_event("event-task-revoked-terminated.json");
+    assert_eq!(keys(&ours), keys(&theirs));
+    assert_eq!(ours["signum"], theirs["signum"]);
+    let ours = src.event("task-started", 9, 1.5, events::task_started("x"));
+    assert_eq!(
+        keys(&ours),
+        keys(&captured_event("event-task-started.json"))
+    );
+    let ours = src.event("task-rejected", 9, 1.5, events::task_rejected("x", false));
+    let batch: Value = serde_json::from_str(
+        fixture("event-task-rejected.json")["body_text"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let theirs = batch
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["type"] == "task-rejected")
+        .unwrap()
+        .clone();
+    assert_eq!(keys(&ours), keys(&theirs));
+}
+
+#[test]
+fn worker_events_match_celerys_shape() {
+    use celeriac::protocol::events::{self, EventSource};
+    let src = EventSource {
+        hostname: "worker@example".into(),
+        pid: 1,
+        utcoffset: 0.0,
+    };
+    let ours = src.event(
+        "worker-heartbeat",
+        3,
+        1.5,
+        events::worker_status(0, 10, [0.821, 0.28, 0.24]),
+    );
+    let theirs = captured_event("event-worker-heartbeat.json");
+    assert_eq!(keys(&ours), keys(&theirs));
+    assert_eq!(ours["freq"], json!(2.0));
+    assert_eq!(
+        ours["loadavg"],
+        json!([0.83, 0.28, 0.24]),
+        "ceil to 2 decimals"
+    );
+    assert_eq!(
+        events::routing_key("worker-heartbeat"),
+        fixture("event-worker-heartbeat.json")["routing_key"]
+    );
+    let wakeup = src.event("worker-heartbeat", 4, 1.5, events::worker_wakeup());
+    let theirs = captured_event("event-worker-heartbeat-wakeup.json");
+    assert_eq!(keys(&wakeup), keys(&theirs));
+    assert_eq!(wakeup["freq"], json!(5), "an int, as Celery sends it");
+}

@@ -11,7 +11,7 @@ use tracing::{error, info, warn};
 
 use super::job::{ack, reject, Job};
 use super::shared::Shared;
-use crate::protocol::{signature_message, ExceptionInfo, TaskMessage, TaskState};
+use crate::protocol::{events, signature_message, ExceptionInfo, TaskMessage, TaskState};
 use crate::repr::{short_repr, MAX_REPR};
 use crate::shm::{now_ms, Outcome, RunningTask, TaskFlags};
 use crate::task::panic_exception;
@@ -51,6 +51,32 @@ pub async fn discard_revoked(shared: &Shared, job: &Job, reason: &str, ignore_re
     }
     ack(&job.acker, &job.msg.id).await;
     shared.record(&job.msg.task, Outcome::Revoked, None);
+    let signum = shared
+        .link
+        .and_then(|l| l.shm.revoked(&job.msg.id))
+        .map(|r| r.signal as i32)
+        .filter(|s| *s != 0);
+    shared.events.task(
+        "task-revoked",
+        events::task_revoked(
+            &job.msg.id,
+            reason == "terminated",
+            signum,
+            reason == "expired",
+        ),
+    );
+}
+
+/// Why `msg` must not run: `expired`, `revoked` or `terminated`, if so.
+pub fn revoke_reason(shared: &Shared, msg: &TaskMessage) -> Option<&'static str> {
+    if let Some(r) = shared.link.and_then(|l| l.shm.revoked(&msg.id)) {
+        return Some(if r.signal != 0 {
+            "terminated"
+        } else {
+            "revoked"
+        });
+    }
+    is_expired(msg).then_some("expired")
 }
 
 /// Runs `job` to the end: ack (early or late), STARTED, the task itself
@@ -67,8 +93,8 @@ pub async fn execute(shared: Arc<Shared>, job: Job, state: Arc<RunState>) -> Fin
     let acks_late = opts.acks_late.unwrap_or(cfg.acks_late);
     let ignore_result = msg.ignore_result.unwrap_or(opts.ignore_result);
 
-    if is_expired(msg) {
-        discard_revoked(&shared, &job, "expired", ignore_result).await;
+    if let Some(reason) = revoke_reason(&shared, msg) {
+        discard_revoked(&shared, &job, reason, ignore_result).await;
         return Finished { id };
     }
     if !acks_late {
@@ -94,6 +120,9 @@ pub async fn execute(shared: Arc<Shared>, job: Job, state: Arc<RunState>) -> Fin
         hard,
         soft,
     );
+    shared
+        .events
+        .task("task-started", events::task_started(&id));
     let started = Instant::now();
     if let Some(link) = shared.link {
         let now = now_ms();
@@ -120,6 +149,16 @@ pub async fn execute(shared: Arc<Shared>, job: Job, state: Arc<RunState>) -> Fin
             deadline_ms: if hard_ms > 0 { now + hard_ms } else { 0 },
             hard_limit_ms: hard_ms,
             flags,
+            args: msg
+                .argsrepr
+                .clone()
+                .unwrap_or_else(|| crate::repr::args_repr(&msg.args)),
+            kwargs: msg
+                .kwargsrepr
+                .clone()
+                .unwrap_or_else(|| crate::repr::python_repr(&Value::Object(msg.kwargs.clone()))),
+            exchange: job.delivery.exchange.clone(),
+            routing_key: job.delivery.routing_key.clone(),
         });
     }
     let future = task
@@ -143,6 +182,10 @@ pub async fn execute(shared: Arc<Shared>, job: Job, state: Arc<RunState>) -> Fin
     match outcome {
         Ok(value) => {
             shared.record(&msg.task, Outcome::Succeeded, Some(runtime));
+            shared.events.task(
+                "task-succeeded",
+                events::task_succeeded(&id, &value, runtime),
+            );
             follow_up_success(&shared, msg, &value, route).await;
             if !ignore_result {
                 shared
@@ -184,6 +227,18 @@ pub async fn execute(shared: Arc<Shared>, job: Job, state: Arc<RunState>) -> Fin
                             .map_or_else(|| "Retry".to_owned(), ExceptionInfo::repr);
                         info!(task_id = %id, "Task {}[{}] retry: Retry in {countdown}s: {why}", msg.display_name(), id);
                         shared.record(&msg.task, Outcome::Retried, Some(runtime));
+                        let exc_repr = retry
+                            .exc
+                            .as_ref()
+                            .map_or_else(|| "None".to_owned(), ExceptionInfo::repr);
+                        let tb = retry
+                            .exc
+                            .as_ref()
+                            .map(ExceptionInfo::traceback)
+                            .unwrap_or_default();
+                        shared
+                            .events
+                            .task("task-retried", events::task_failed(&id, &exc_repr, &tb));
                         if acks_late {
                             ack(&job.acker, &id).await;
                         }
@@ -203,6 +258,16 @@ pub async fn execute(shared: Arc<Shared>, job: Job, state: Arc<RunState>) -> Fin
         Err(TaskError::Reject { requeue, reason }) => {
             warn!(task_id = %id, "Task {}[{}] rejected (requeue={requeue}): {reason}", msg.display_name(), id);
             shared.record(&msg.task, Outcome::Rejected, Some(runtime));
+            let why = format!(
+                "reject requeue={}: {reason}",
+                if requeue { "True" } else { "False" }
+            );
+            shared
+                .events
+                .task("task-failed", events::task_failed(&id, &why, ""));
+            shared
+                .events
+                .task("task-rejected", events::task_rejected(&id, requeue));
             if !requeue && !ignore_result {
                 let exc = ExceptionInfo::new(
                     "Reject",
@@ -269,6 +334,10 @@ async fn fail(
     }
     error!(task_id = %msg.id, "Task {}[{}] raised unexpected: {} (after {:.6}s)", msg.display_name(), msg.id, exc.repr(), runtime);
     shared.record(&msg.task, Outcome::Failed, Some(runtime));
+    shared.events.task(
+        "task-failed",
+        events::task_failed(&msg.id, &exc.repr(), &exc.traceback()),
+    );
     if acks_late {
         ack(&job.acker, &msg.id).await;
     }

@@ -26,10 +26,10 @@ use tracing::{debug, error, info, warn};
 use crate::backend::{Backend, BackendError};
 use crate::broker::{connect, declare_queue, mask_url, BrokerError};
 use crate::config::WorkerConfig;
-use crate::protocol::{ExceptionInfo, TaskState};
+use crate::protocol::{events, ExceptionInfo, TaskState};
 use crate::shm::{ChildState, Lost, LostReason, Outcome, SharedState, Slot, TaskFlags};
 use crate::task::Registry;
-use execute::{discard_revoked, execute, is_expired, Finished, RunState};
+use execute::{discard_revoked, execute, revoke_reason, Finished, RunState};
 use job::{decode, reject, requeue, Decoded, Job};
 use shared::Shared;
 
@@ -169,6 +169,8 @@ struct Child {
     tasks_run: u64,
     recycle: bool,
     signals: ChildSignals,
+    received: u64,
+    queued_signature: (usize, usize, u64),
 }
 
 /// Everything tied to one AMQP connection.
@@ -177,6 +179,7 @@ struct Session {
     channel: Channel,
     confirmed: Channel,
     results: Channel,
+    events: Channel,
 }
 
 fn amqp(what: &str) -> impl FnOnce(lapin::Error) -> ChildError + '_ {
@@ -203,11 +206,14 @@ async fn open_session(config: &WorkerConfig, prefetch: u16) -> Result<Session, C
         .map_err(amqp("basic.qos"))?;
     let confirmed = crate::broker::confirm_channel(&conn).await?;
     let results = conn.create_channel().await.map_err(amqp("open channel"))?;
+    let events = conn.create_channel().await.map_err(amqp("open channel"))?;
+    crate::events::declare_exchange(&events).await?;
     Ok(Session {
         conn,
         channel,
         confirmed,
         results,
+        events,
     })
 }
 
@@ -254,7 +260,21 @@ pub async fn run(
         hostname: Arc::from(config.hostname.as_str()),
         link,
         stat_indexes: Default::default(),
+        events: crate::events::Events::new(
+            crate::protocol::events::EventSource {
+                hostname: config.hostname.clone(),
+                pid: if link.is_some() {
+                    nix::unistd::getppid().as_raw() as u32
+                } else {
+                    pid
+                },
+                utcoffset: crate::protocol::events::local_utcoffset(),
+            },
+            link.map(|l| l.shm),
+            config.task_events,
+        ),
     });
+    shared.events.use_channel(session.events.clone());
     let mut child = Child {
         shared,
         channel: session.channel.clone(),
@@ -272,6 +292,8 @@ pub async fn run(
         tasks_run: 0,
         recycle: false,
         signals: ChildSignals::install().map_err(ChildError::Runtime)?,
+        received: 0,
+        queued_signature: (0, 0, 0),
     };
     child.start_consuming().await.map_err(boot)?;
     let result = loop {
@@ -394,8 +416,11 @@ impl Child {
             attempt += 1;
             match open_session(&self.shared.config, self.prefetch).await {
                 Ok(session) => {
-                    self.shared
-                        .use_channels(session.confirmed.clone(), session.results.clone());
+                    self.shared.use_channels(
+                        session.confirmed.clone(),
+                        session.results.clone(),
+                        session.events.clone(),
+                    );
                     self.channel = session.channel.clone();
                     self.session = Some(session);
                     self.start_consuming().await?;
@@ -479,6 +504,7 @@ impl Child {
             let next_eta = self.next_eta_instant().unwrap_or(far);
             tokio::select! {
                 cold = self.signals.recv() => return self.shutdown(rx, cold).await,
+                () = self.shared.events.pending() => self.shared.events.flush().await,
                 Some(done) = self.running.join_next_with_id(), if !self.running.is_empty() => {
                     self.finished(done);
                     if self.recycle {
@@ -506,12 +532,7 @@ impl Child {
                 _ = rotation.tick() => self.rotate_consumers().await?,
             }
             self.dispatch();
-            if let Some(l) = self.shared.link {
-                l.slot().reserved.store(
-                    (self.ready.len() + self.scheduled.len()) as u64,
-                    std::sync::atomic::Ordering::Relaxed,
-                );
-            }
+            self.publish_queued();
         }
     }
 
@@ -552,6 +573,43 @@ impl Child {
         }
     }
 
+    /// Tells the control process what this process holds but has not
+    /// started (for `inspect reserved` and `inspect scheduled`), when it changed.
+    fn publish_queued(&mut self) {
+        let Some(link) = self.shared.link else { return };
+        let signature = (self.ready.len(), self.scheduled.len(), self.received);
+        if signature == self.queued_signature {
+            return;
+        }
+        self.queued_signature = signature;
+        let slot = link.slot();
+        slot.reserved.store(
+            (self.ready.len() + self.scheduled.len()) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        let mut lines = String::new();
+        for job in self.ready.iter().take(16) {
+            let m = &job.msg;
+            lines.push_str(&format!(
+                "R\t{}\t{}\t{}\n",
+                m.id,
+                m.display_name(),
+                m.argsrepr.as_deref().unwrap_or("")
+            ));
+        }
+        for ((eta, _), job) in self.scheduled.iter().take(16) {
+            let m = &job.msg;
+            let eta = crate::protocol::format_iso(*eta);
+            lines.push_str(&format!(
+                "S\t{eta}\t{}\t{}\t{}\n",
+                m.id,
+                m.display_name(),
+                m.argsrepr.as_deref().unwrap_or("")
+            ));
+        }
+        slot.set_queued(&lines);
+    }
+
     /// `--max-tasks-per-child` and `--max-memory-per-child` (checked after
     /// each task, as Celery does): finish cleanly and let the supervisor
     /// start a fresh process.
@@ -581,8 +639,30 @@ impl Child {
         link.slot().beat();
         while let Some(lost) = link.shm.claim_report() {
             let msg = lost_message(&lost);
+            if let Some(revoke) = link.shm.revoked(&msg.id).filter(|r| r.signal != 0) {
+                info!(task_id = %msg.id, "Task {}[{}] terminated by revoke", msg.task, msg.id);
+                let exc = ExceptionInfo::revoked("terminated");
+                if lost.task.flags & TaskFlags::IGNORE_RESULT == 0 {
+                    let doc = self.shared.document(
+                        &msg,
+                        TaskState::Revoked,
+                        serde_json::to_value(&exc).unwrap_or_default(),
+                    );
+                    self.shared.store(&msg, doc).await;
+                }
+                self.shared.record(&msg.task, Outcome::Revoked, None);
+                self.shared.events.task(
+                    "task-revoked",
+                    events::task_revoked(&msg.id, true, Some(revoke.signal as i32), false),
+                );
+                continue;
+            }
             let exc = lost_exception(&lost);
             self.shared.record(&msg.task, Outcome::Failed, None);
+            self.shared.events.task(
+                "task-failed",
+                events::task_failed(&msg.id, &exc.repr(), &exc.traceback()),
+            );
             error!(task_id = %msg.id, "Task {}[{}] failed: {}", msg.task, msg.id, exc.repr());
             if lost.task.flags & TaskFlags::IGNORE_RESULT == 0 {
                 let mut doc = self.shared.document(
@@ -641,7 +721,15 @@ impl Child {
                 "Task {}[{}] killed its task process {} times; rejecting it without requeue (dead-lettered if the queue has a dead-letter exchange)",
                 msg.display_name(), msg.id, lost.deaths
             );
-            store(lost_exception(lost)).await;
+            let exc = lost_exception(lost);
+            self.shared.events.task(
+                "task-failed",
+                events::task_failed(&msg.id, &exc.repr(), &exc.traceback()),
+            );
+            self.shared
+                .events
+                .task("task-rejected", events::task_rejected(&msg.id, false));
+            store(exc).await;
             reject(&job.acker, &msg.id, false).await;
             self.shared.record(&msg.task, Outcome::Rejected, None);
             link.shm.settle_lost(lost.index);
@@ -655,6 +743,10 @@ impl Child {
             _ => {
                 let exc = lost_exception(lost);
                 error!(task_id = %msg.id, "Task {}[{}] failed: {}", msg.display_name(), msg.id, exc.repr());
+                self.shared.events.task(
+                    "task-failed",
+                    events::task_failed(&msg.id, &exc.repr(), &exc.traceback()),
+                );
                 store(exc).await;
                 job::ack(&job.acker, &msg.id).await;
                 self.shared.record(&msg.task, Outcome::Failed, None);
@@ -691,9 +783,23 @@ impl Child {
             shared.store(&job.msg, doc).await;
             reject(&job.acker, &acker_id, false).await;
             shared.record(&job.msg.task, Outcome::Rejected, None);
+            shared.events.task(
+                "task-failed",
+                vec![
+                    ("uuid", acker_id.clone().into()),
+                    (
+                        "exception",
+                        format!("NotRegistered('{}')", job.msg.task).into(),
+                    ),
+                ],
+            );
             return;
         };
         info!(task_id = %acker_id, "Task {}[{}] received", job.msg.display_name(), acker_id);
+        self.received += 1;
+        self.shared
+            .events
+            .task("task-received", events::task_received(&job.msg));
         if job.delivery.redelivered {
             if let Some(lost) = self.lost_record(&acker_id).await {
                 if self.settle_lost(&job, &lost).await {
@@ -701,9 +807,9 @@ impl Child {
                 }
             }
         }
-        if is_expired(&job.msg) {
+        if let Some(reason) = revoke_reason(&shared, &job.msg) {
             let ignore = job.msg.ignore_result.unwrap_or(task.options.ignore_result);
-            discard_revoked(&shared, &job, "expired", ignore).await;
+            discard_revoked(&shared, &job, reason, ignore).await;
             return;
         }
         match job.msg.eta {
@@ -861,6 +967,7 @@ impl Child {
             }
         }
         self.hand_back_running().await;
+        self.shared.events.flush().await;
         Ok(Exit::Shutdown)
     }
 

@@ -29,6 +29,8 @@ pub struct Shared {
     pub hostname: Arc<str>,
     /// The supervisor's shared memory, when running as a forked child.
     pub link: Option<super::Link>,
+    /// Task events.
+    pub events: crate::events::Events,
     /// Task name -> index in the shared stats table, cached per process.
     pub stat_indexes: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
@@ -52,7 +54,8 @@ impl Shared {
     }
 
     /// Points publishing at a new connection's channels after a reconnect.
-    pub fn use_channels(&self, confirmed: Channel, results: Channel) {
+    pub fn use_channels(&self, confirmed: Channel, results: Channel, events: Channel) {
+        self.events.use_channel(events);
         *self.confirmed.write().unwrap_or_else(|e| e.into_inner()) = confirmed;
         if let Some(Backend::Rpc(rpc)) = &self.backend {
             rpc.use_channel(results);

@@ -1,20 +1,40 @@
-//! The control process: forked beside the task processes, it owns
-//! worker-level duties that need an async runtime — today the Prometheus
-//! endpoint. It never runs tasks.
+//! The control process: forked beside the task processes, it owns the
+//! worker-level duties that need an async runtime and never runs tasks —
+//! worker events (online, heartbeat every 2 s, offline), remote control
+//! (pidbox) and the Prometheus endpoint.
+
+mod pidbox;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_lite::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, Consumer, ExchangeKind};
+use serde_json::{Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
+use crate::broker::{connect, publish, table_to_json, BrokerError, Outgoing};
 use crate::config::WorkerConfig;
+use crate::events::Events;
+use crate::protocol::events::{self as ev, EventSource, HEARTBEAT_FREQ};
 use crate::shm::{ChildState, SharedState};
+use crate::task::Registry;
+pub use pidbox::{addressed_to, Effect, Pidbox};
+
+/// The fanout exchange remote-control requests are broadcast on.
+pub const PIDBOX_EXCHANGE: &str = "celery.pidbox";
+/// The direct exchange replies go to.
+pub const REPLY_EXCHANGE: &str = "reply.celery.pidbox";
 
 /// The body of the forked control process; returns its exit code.
-pub fn control_main(shm: SharedState, config: Arc<WorkerConfig>) -> i32 {
+pub fn control_main(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry>) -> i32 {
     let span = tracing::error_span!("control");
     let _entered = span.enter();
     shm.control_slot().set_state(ChildState::Booting);
@@ -28,10 +48,127 @@ pub fn control_main(shm: SharedState, config: Arc<WorkerConfig>) -> i32 {
             return 1;
         }
     };
-    runtime.block_on(run(shm, config))
+    runtime.block_on(run(shm, config, registry))
 }
 
-async fn run(shm: SharedState, config: Arc<WorkerConfig>) -> i32 {
+struct Session {
+    conn: Connection,
+    events: Channel,
+    replies: Channel,
+    requests: Consumer,
+}
+
+fn amqp(what: &'static str) -> impl FnOnce(lapin::Error) -> BrokerError {
+    move |source| BrokerError::Amqp {
+        what: what.into(),
+        source,
+    }
+}
+
+/// Connects and declares the event exchange, the pidbox exchanges and this
+/// node's pidbox queue (non-durable, exclusive, auto-delete, with kombu's
+/// TTL and expiry), then consumes it without acknowledgements.
+async fn open_session(config: &WorkerConfig) -> Result<Session, BrokerError> {
+    let name = format!(
+        "celeriac {} control pid {}",
+        config.hostname,
+        std::process::id()
+    );
+    let conn = connect(&config.broker_url, &name).await?;
+    let events = conn.create_channel().await.map_err(amqp("open channel"))?;
+    crate::events::declare_exchange(&events).await?;
+    let replies = conn.create_channel().await.map_err(amqp("open channel"))?;
+    replies
+        .exchange_declare(
+            ShortString::from(REPLY_EXCHANGE),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp("declare reply.celery.pidbox"))?;
+    let requests = conn.create_channel().await.map_err(amqp("open channel"))?;
+    requests
+        .exchange_declare(
+            ShortString::from(PIDBOX_EXCHANGE),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp("declare celery.pidbox"))?;
+    let queue = format!("{}.celery.pidbox", config.hostname);
+    let mut args = FieldTable::default();
+    args.insert(
+        ShortString::from("x-message-ttl"),
+        AMQPValue::LongInt(300_000),
+    );
+    args.insert(ShortString::from("x-expires"), AMQPValue::LongInt(10_000));
+    requests
+        .queue_declare(
+            ShortString::from(queue.as_str()),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .map_err(amqp("declare the pidbox queue"))?;
+    requests
+        .queue_bind(
+            ShortString::from(queue.as_str()),
+            ShortString::from(PIDBOX_EXCHANGE),
+            ShortString::from(""),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp("bind the pidbox queue"))?;
+    let requests = requests
+        .basic_consume(
+            ShortString::from(queue.as_str()),
+            ShortString::from("celeriac-pidbox"),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp("consume the pidbox queue"))?;
+    Ok(Session {
+        conn,
+        events,
+        replies,
+        requests,
+    })
+}
+
+fn status(shm: &SharedState) -> Vec<(&'static str, Value)> {
+    let slots = shm.task_slots();
+    let active = slots.iter().filter(|s| s.running_task().is_some()).count() as u64;
+    let processed = slots
+        .iter()
+        .map(|s| s.processed.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut l = load
+        .split_whitespace()
+        .map(|x| x.parse::<f64>().unwrap_or(0.0));
+    ev::worker_status(
+        active,
+        processed,
+        [
+            l.next().unwrap_or(0.0),
+            l.next().unwrap_or(0.0),
+            l.next().unwrap_or(0.0),
+        ],
+    )
+}
+
+async fn run(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry>) -> i32 {
     let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
@@ -56,28 +193,91 @@ async fn run(shm: SharedState, config: Arc<WorkerConfig>) -> i32 {
         },
         None => None,
     };
+    let supervisor = nix::unistd::getppid().as_raw();
+    let source = EventSource {
+        hostname: config.hostname.clone(),
+        pid: supervisor as u32,
+        utcoffset: ev::local_utcoffset(),
+    };
+    let events = Events::new(source, Some(shm), config.task_events);
+    let pidbox = Pidbox::new(shm, Arc::clone(&config), registry, supervisor);
     let slot = shm.control_slot();
-    slot.set_state(ChildState::Consuming);
-    let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+    let mut session: Option<Session> = None;
+    let mut attempt: u32 = 0;
+    let mut next_connect = tokio::time::Instant::now();
+    let mut beat = tokio::time::interval(Duration::from_secs(1));
+    let mut heartbeat = tokio::time::interval(Duration::from_secs_f64(HEARTBEAT_FREQ));
     loop {
+        if session.is_none() && tokio::time::Instant::now() >= next_connect {
+            match open_session(&config).await {
+                Ok(s) => {
+                    events.use_channel(s.events.clone());
+                    if attempt > 0 {
+                        warn!("control connection re-established");
+                    }
+                    attempt = 0;
+                    events.worker("worker-online", status(&shm)).await;
+                    slot.set_state(ChildState::Consuming);
+                    session = Some(s);
+                }
+                Err(e) => {
+                    if attempt == 0 {
+                        warn!("control process cannot reach the broker: {e}; retrying");
+                    }
+                    attempt += 1;
+                    slot.set_state(ChildState::Reconnecting);
+                    next_connect = tokio::time::Instant::now()
+                        + Duration::from_millis(500 * (1 << attempt.min(6)));
+                }
+            }
+        }
+        let connected = session.is_some();
+        let request = async {
+            match session.as_mut() {
+                Some(s) => s.requests.next().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = quit.recv() => break,
-            _ = heartbeat.tick() => {
+            _ = beat.tick() => {
                 slot.beat();
-                // A SIGTERM sent before our handlers existed was lost: the
-                // shared flag still says the worker is draining.
-                if shm.draining() {
+                // The supervisor stops the control process last; a drain
+                // whose signal arrived before our handlers still ends here.
+                if shm.draining() && shm.task_slots().iter().all(|s| s.pid() == 0) {
                     break;
                 }
             }
+            _ = heartbeat.tick(), if connected => events.worker("worker-heartbeat", status(&shm)).await,
+            () = tokio::time::sleep_until(next_connect), if !connected => {}
+            item = request => match item {
+                Some(Ok(delivery)) => {
+                    let replies = session.as_ref().map(|s| s.replies.clone());
+                    if let Some(replies) = replies {
+                        if handle_request(&delivery, &pidbox, &events, &shm, &config.hostname, &replies).await == Effect::Shutdown {
+                            debug!("shutdown requested; the supervisor will stop this process");
+                        }
+                    }
+                }
+                other => {
+                    let why = match other {
+                        Some(Err(e)) => e.to_string(),
+                        _ => "the pidbox consumer was cancelled".to_owned(),
+                    };
+                    warn!("control connection lost: {why}; reconnecting");
+                    session = None;
+                    slot.set_state(ChildState::Reconnecting);
+                    next_connect = tokio::time::Instant::now() + Duration::from_millis(500);
+                }
+            },
             accepted = async { listener.as_ref().expect("guarded").accept().await }, if listener.is_some() => {
                 match accepted {
                     Ok((stream, _)) => {
                         let config = Arc::clone(&config);
                         tokio::spawn(async move {
-                            if let Err(e) = serve(stream, shm, &config).await {
+                            if let Err(e) = serve_metrics(stream, shm, &config).await {
                                 debug!("metrics request failed: {e}");
                             }
                         });
@@ -87,11 +287,112 @@ async fn run(shm: SharedState, config: Arc<WorkerConfig>) -> i32 {
             }
         }
     }
+    if let Some(s) = session {
+        events.worker("worker-offline", status(&shm)).await;
+        let _ = s.conn.close(200, ShortString::from("bye")).await;
+    }
     0
 }
 
+/// Answers one pidbox request if it is addressed to this node.
+async fn handle_request(
+    delivery: &lapin::message::Delivery,
+    pidbox: &Pidbox,
+    events: &Events,
+    shm: &SharedState,
+    hostname: &str,
+    replies: &Channel,
+) -> Effect {
+    let content_type = delivery
+        .properties
+        .content_type()
+        .as_ref()
+        .map(|s| s.as_str().to_owned());
+    if content_type
+        .as_deref()
+        .is_some_and(|c| c != "application/json")
+    {
+        error!("refusing remote control message of content type {content_type:?}");
+        return Effect::None;
+    }
+    let request: Value = match serde_json::from_slice(&delivery.data) {
+        Ok(v) => v,
+        Err(e) => {
+            error!("undecodable remote control message: {e}");
+            return Effect::None;
+        }
+    };
+    let headers = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .map(table_to_json)
+        .unwrap_or_default();
+    if let Some(clock) = headers.get("clock").and_then(Value::as_u64) {
+        shm.adjust_clock(clock);
+    }
+    if !addressed_to(&request, hostname) {
+        return Effect::None;
+    }
+    let method = request.get("method").and_then(Value::as_str).unwrap_or("");
+    let empty = Map::new();
+    let args = request
+        .get("arguments")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+    debug!(method, "remote control");
+    let (value, effect) = pidbox.handle(method, args);
+    if effect == Effect::Heartbeat {
+        events.worker("worker-heartbeat", ev::worker_wakeup()).await;
+    }
+    if effect == Effect::Shutdown {
+        return effect;
+    }
+    let (Some(ticket), Some(reply_to)) = (
+        request.get("ticket").and_then(Value::as_str),
+        request.get("reply_to"),
+    ) else {
+        return effect;
+    };
+    let exchange = reply_to
+        .get("exchange")
+        .and_then(Value::as_str)
+        .unwrap_or(REPLY_EXCHANGE);
+    let key = reply_to
+        .get("routing_key")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let mut body = Map::new();
+    body.insert(hostname.to_owned(), value);
+    let mut table = FieldTable::default();
+    table.insert(
+        ShortString::from("ticket"),
+        AMQPValue::LongString(LongString::from(ticket)),
+    );
+    table.insert(
+        ShortString::from("clock"),
+        AMQPValue::LongInt(shm.tick_clock().min(i32::MAX as u64) as i32),
+    );
+    let properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_content_encoding("utf-8".into())
+        .with_headers(table)
+        .with_delivery_mode(1)
+        .with_priority(0);
+    let out = Outgoing {
+        exchange: exchange.to_owned(),
+        routing_key: key.to_owned(),
+        properties,
+        body: serde_json::to_vec(&Value::Object(body)).expect("JSON values serialize"),
+    };
+    if let Err(e) = publish(replies, &out).await {
+        warn!("could not reply to {method}: {e}");
+    }
+    effect
+}
+
 /// Answers one HTTP/1.x request: `GET /metrics` gets the exposition.
-async fn serve(
+async fn serve_metrics(
     mut stream: TcpStream,
     shm: SharedState,
     config: &WorkerConfig,

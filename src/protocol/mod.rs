@@ -4,6 +4,7 @@
 //! Everything here is a pure function of bytes and values so it can be unit
 //! tested against messages captured from real Celery.
 
+pub mod events;
 mod exception;
 mod message;
 mod outgoing;

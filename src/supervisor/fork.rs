@@ -79,7 +79,7 @@ pub fn spawn_child(
                 std::process::exit(0);
             }
             let code = if index == shm.task_slots().len() {
-                crate::control::control_main(*shm, Arc::clone(config))
+                crate::control::control_main(*shm, Arc::clone(config), Arc::clone(registry))
             } else {
                 crate::child::child_main(index, *shm, Arc::clone(config), Arc::clone(registry))
             };

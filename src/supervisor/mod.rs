@@ -59,6 +59,7 @@ pub struct Supervisor {
     ever_consumed: bool,
     fatal: Option<String>,
     state_written: Option<Instant>,
+    control_stopped: bool,
     state_seen: Vec<(u32, crate::shm::ChildState)>,
 }
 
@@ -67,6 +68,8 @@ impl Supervisor {
     pub fn new(config: Arc<WorkerConfig>, registry: Arc<Registry>) -> std::io::Result<Self> {
         let n = config.concurrency;
         let shm = SharedState::map(n)?;
+        shm.set_started_ms(now_ms());
+        shm.set_task_events(config.task_events);
         let signals = Signals::install()?;
         let now = Instant::now();
         // One entry per task process, then the control process.
@@ -92,6 +95,7 @@ impl Supervisor {
             ever_consumed: false,
             fatal: None,
             state_written: None,
+            control_stopped: false,
             state_seen: Vec::new(),
         })
     }
@@ -120,6 +124,10 @@ impl Supervisor {
             self.reap();
             self.enforce_limits();
             if let Some(deadline) = self.drain_deadline {
+                if self.live_task_children() == 0 && !self.control_stopped {
+                    self.control_stopped = true;
+                    self.signal_control(Signal::SIGTERM);
+                }
                 if self.live_children() == 0 {
                     self.write_state(true);
                     info!("all task processes stopped");
@@ -227,10 +235,30 @@ impl Supervisor {
         });
     }
 
+    /// Signals the task processes (the control process is stopped last,
+    /// so it can announce `worker-offline` once the tasks are done).
     fn signal_children(&self, signal: Signal) {
-        for pid in self.children.iter().filter_map(|c| c.pid) {
+        let tasks = self.children.len() - 1;
+        for pid in self.children[..tasks].iter().filter_map(|c| c.pid) {
             let _ = kill(pid, signal);
         }
+        if signal == Signal::SIGKILL {
+            self.signal_control(signal);
+        }
+    }
+
+    fn signal_control(&self, signal: Signal) {
+        if let Some(pid) = self.children.last().and_then(|c| c.pid) {
+            let _ = kill(pid, signal);
+        }
+    }
+
+    fn live_task_children(&self) -> usize {
+        let tasks = self.children.len() - 1;
+        self.children[..tasks]
+            .iter()
+            .filter(|c| c.pid.is_some())
+            .count()
     }
 
     fn spawn_missing(&mut self) -> Result<(), ForkError> {
