@@ -59,7 +59,8 @@ pub fn routing_key(kind: &str) -> String {
 /// This machine's `utcoffset` as Celery computes it (hours west of UTC).
 pub fn local_utcoffset() -> f64 {
     let east = chrono::Local::now().offset().local_minus_utc();
-    (-f64::from(east) / 3600.0).floor()
+    // + 0.0 turns -0.0 (UTC) into 0.0.
+    (-f64::from(east) / 3600.0).floor() + 0.0
 }
 
 fn opt(v: &Option<String>) -> Value {

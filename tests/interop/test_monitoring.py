@@ -1,0 +1,208 @@
+"""`celery inspect`, `celery control`, `celery events` and Flower against a
+celeriac worker, unmodified."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+import celery.exceptions
+import pytest
+
+from conftest import BROKER, ROOT, task_pids, wait_until
+
+CELERY = str(ROOT / ".venv" / "bin" / "celery")
+
+
+def node_of(w):
+    return w.log().split(" ready to start")[0].split()[-1]
+
+
+def cli(*args, timeout=30):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY", "BROKER"))}
+    return subprocess.run([CELERY, "-b", BROKER, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def inspect(w, command, *args):
+    p = cli("inspect", command, *args, "-d", node_of(w), "--json")
+    assert p.returncode == 0, p.stdout + p.stderr
+    return json.loads(p.stdout)[node_of(w)]
+
+
+def control(w, command, *args):
+    p = cli("control", command, *args, "-d", node_of(w), "--json")
+    assert p.returncode == 0, p.stdout + p.stderr
+    replies = json.loads(p.stdout)
+    return (replies[0] if isinstance(replies, list) else replies)[node_of(w)]
+
+
+def test_inspect_commands(start_worker, rpc_app):
+    w = start_worker("-c", "2", "--result-backend", "rpc://", "--max-tasks-per-child", "100")
+    assert inspect(w, "ping") == {"ok": "pong"}
+    assert "celeriac.add" in inspect(w, "registered")
+    [queue] = inspect(w, "active_queues")
+    assert queue["name"] == rpc_app.conf.task_default_queue and queue["exchange"]["type"] == "direct"
+    running = rpc_app.send_task("celeriac.sleep", (3,))
+    w.wait_for_log(f"[{running.id}] received")
+    time.sleep(0.3)
+    [active] = inspect(w, "active")
+    assert active["id"] == running.id and active["name"] == "celeriac.sleep" and active["args"] == "(3,)"
+    assert active["worker_pid"] in task_pids(w) and active["acknowledged"] is True
+    later = rpc_app.send_task("celeriac.noop", countdown=30)
+    w.wait_for_log(f"[{later.id}] received")
+    wait_until(lambda: any(s["request"]["id"] == later.id for s in inspect(w, "scheduled")), 10, "scheduled task listed")
+    assert inspect(w, "query_task", running.id)[running.id][0] == "active"
+    stats = inspect(w, "stats")
+    assert stats["pool"]["max-concurrency"] == 2 and sorted(stats["pool"]["processes"]) == task_pids(w)
+    assert stats["pid"] == w.pid and isinstance(stats["clock"], str) and stats["uptime"] >= 0
+    assert stats["broker"]["transport"] == "amqp" and stats["pool"]["max-tasks-per-child"] == 100
+    assert running.get(timeout=15) == 3
+    assert inspect(w, "stats")["total"]["celeriac.sleep"] == 1
+    assert inspect(w, "reserved") == []
+    conf = inspect(w, "conf")
+    assert "guest:********@" in conf["broker_url"]
+    assert "clock" in inspect(w, "clock")
+    assert "celeriac" in inspect(w, "report")["ok"]
+    later.revoke()
+    wait_until(lambda: later.id in inspect(w, "revoked"), 10, "revoke to be remembered")
+
+
+def test_revoke_and_terminate(start_worker, rpc_app):
+    w = start_worker("-c", "2", "--result-backend", "rpc://")
+    # A revoked task that has not arrived yet is discarded when it does.
+    doomed = rpc_app.send_task("celeriac.add", (1, 1), countdown=2)
+    assert "flagged as revoked" in control(w, "revoke", doomed.id)["ok"]
+    with pytest.raises(celery.exceptions.TaskRevokedError, match="revoked"):
+        doomed.get(timeout=15)
+    # --terminate stops only the process running the task.
+    victim = rpc_app.send_task("celeriac.sleep", (60,))
+    w.wait_for_log(f"[{victim.id}] received")
+    time.sleep(0.5)
+    before = task_pids(w)
+    reply = control(w, "terminate", "SIGTERM", victim.id)
+    assert reply == {"ok": f"terminate: {victim.id}"}
+    with pytest.raises(celery.exceptions.TaskRevokedError, match="terminated"):
+        victim.get(timeout=30)
+    wait_until(lambda: len(task_pids(w)) == 2 and task_pids(w) != before, 20, "replacement process")
+    assert rpc_app.send_task("celeriac.add", (2, 3)).get(timeout=15) == 5
+    # The Python API's cast form: revoke(id, terminate=True) with a string id.
+    second = rpc_app.send_task("celeriac.sleep", (60,))
+    w.wait_for_log(f"[{second.id}] received")
+    time.sleep(0.5)
+    rpc_app.control.revoke(second.id, terminate=True, signal="SIGKILL")
+    with pytest.raises(celery.exceptions.TaskRevokedError, match="terminated"):
+        second.get(timeout=30)
+
+
+def test_remote_shutdown_drains_and_exits_0(start_worker, rpc_app):
+    w = start_worker("-c", "1", "--result-backend", "rpc://")
+    running = rpc_app.send_task("celeriac.sleep", (1,))
+    w.wait_for_log(f"[{running.id}] received")
+    cli("control", "shutdown", "-d", node_of(w))
+    assert w.proc.wait(30) == 0
+    assert running.get(timeout=5) == 1
+
+
+def test_enable_disable_events(start_worker):
+    w = start_worker("-c", "1")
+    assert control(w, "enable_events") == {"ok": "task events enabled"}
+    assert control(w, "enable_events") == {"ok": "task events already enabled"}
+    assert control(w, "disable_events") == {"ok": "task events disabled"}
+
+
+def test_unknown_command_gets_celerys_error(start_worker):
+    w = start_worker("-c", "1")
+    from celery import Celery
+    app = Celery(broker=BROKER)
+    replies = app.control.broadcast("no_such_command", reply=True, destination=[node_of(w)], timeout=3)
+    app.close()
+    assert replies == [{node_of(w): {"error": "KeyError('no_such_command')"}}]
+
+
+def test_celery_events_dump_sees_every_event_type(start_worker, rpc_app, tmp_path):
+    log = open(tmp_path / "events.log", "w")
+    dump = subprocess.Popen([CELERY, "-b", BROKER, "events", "--dump"], stdout=log, stderr=subprocess.STDOUT,
+                            env={k: v for k, v in os.environ.items() if not k.startswith(("CELERY", "BROKER"))})
+    try:
+        time.sleep(2.0)
+        w = start_worker("-c", "2", "-E", "--result-backend", "rpc://", "--with-test-tasks")
+        assert rpc_app.send_task("celeriac.add", (1, 2)).get(timeout=15) == 3
+        with pytest.raises(RuntimeError):
+            rpc_app.send_task("celeriac.fail", ("x",)).get(timeout=15)
+        assert rpc_app.send_task("celeriac.retry", (1,), {"countdown": 0.1}).get(timeout=15) == 1
+        rpc_app.send_task("nope.missing")
+        expired = rpc_app.send_task("celeriac.noop", countdown=1.5, expires=0.5)
+        with pytest.raises(celery.exceptions.TaskRevokedError):
+            expired.get(timeout=15)
+        time.sleep(2.5)  # one heartbeat
+        assert w.stop() == 0
+        text = lambda: (tmp_path / "events.log").read_text()
+        # The dump names worker-online "started" and worker-offline "shutdown".
+        wanted = ["] task received:", "] task started:", "] task succeeded:", "] task failed:", "] task retried:",
+                  "] task revoked:", "] started:", "] heartbeat:", "] shutdown:"]
+        wait_until(lambda: all(k in text() for k in wanted), 15, "every event type")
+        assert "NotRegistered('nope.missing')" in text()
+    finally:
+        dump.send_signal(signal.SIGINT)
+        dump.wait(10)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_flower_sees_the_worker_and_its_tasks(start_worker, rpc_app, tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY", "BROKER"))}
+    env["FLOWER_UNAUTHENTICATED_API"] = "1"
+    flower_log = open(tmp_path / "flower.log", "w")
+    flower = subprocess.Popen([CELERY, "-b", BROKER, "flower", f"--port={port}", "--address=127.0.0.1"],
+                              stdout=flower_log, stderr=subprocess.STDOUT, env=env)
+
+    def get(path):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+            return r.read().decode()
+
+    try:
+        wait_until(lambda: _answers(port), 30, "flower to listen")
+        w = start_worker("-c", "2", "-E", "--result-backend", "rpc://")
+        node = node_of(w)
+        ok = [rpc_app.send_task("celeriac.add", (i, i)) for i in range(3)]
+        bad = rpc_app.send_task("celeriac.fail", ("nope",))
+        assert [r.get(timeout=15) for r in ok] == [0, 2, 4]
+        with pytest.raises(RuntimeError):
+            bad.get(timeout=15)
+        # Flower turns task events on by itself (enable_events every 5 s).
+        wait_until(lambda: node in json.loads(get("/api/workers?refresh=1")), 30, "worker listed")
+        workers = json.loads(get("/api/workers?refresh=1"))
+        assert "celeriac.add" in workers[node]["registered"]
+        late = rpc_app.send_task("celeriac.add", (5, 5))
+        late_bad = rpc_app.send_task("celeriac.fail", ("late",))
+        assert late.get(timeout=15) == 10
+
+        def states():
+            tasks = json.loads(get("/api/tasks"))
+            return {tid: t["state"] for tid, t in tasks.items()}
+
+        wait_until(lambda: states().get(late.id) == "SUCCESS" and states().get(late_bad.id) == "FAILURE", 30,
+                   "final task states in flower")
+        online = json.loads(get("/api/workers?status=true"))
+        assert online.get(node) is True
+        metrics = get("/metrics")
+        assert f'flower_events_total{{task="celeriac.add",type="task-succeeded",worker="{node}"}}' in metrics
+    finally:
+        flower.terminate()
+        flower.wait(15)
+
+
+def _answers(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
