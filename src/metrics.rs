@@ -158,9 +158,9 @@ pub fn render(shm: &SharedState, config: &WorkerConfig) -> String {
         ),
         family(
             "celeriac_task_processes_configured",
-            "Task processes the worker runs (--concurrency).",
+            "Task processes the worker runs (--concurrency, pool_grow, pool_shrink).",
             MetricType::GAUGE,
-            vec![gauge(&[], config.concurrency as f64)],
+            vec![gauge(&[], shm.target() as f64)],
         ),
         family(
             "celeriac_child_spawns_total",

@@ -360,6 +360,18 @@ struct Header {
     task_events: AtomicU32,
     events_published: AtomicU64,
     started_ms: AtomicU64,
+    queues_gen: AtomicU64,
+    target: AtomicU64,
+}
+
+/// Queues added or cancelled at run time remembered.
+pub const QUEUE_CHANGES: usize = 32;
+
+/// One `add_consumer` / `cancel_consumer` change.
+#[repr(C)]
+pub struct QueueChange {
+    state: AtomicU32,
+    text: SeqText<48>,
 }
 
 /// Why a child process ended, for the `celeriac_child_deaths_total` metric.
@@ -498,6 +510,20 @@ pub struct TaskStat {
     buckets: [AtomicU64; RUNTIME_BUCKETS.len()],
     runtime_count: AtomicU64,
     runtime_sum_us: AtomicU64,
+    soft_limit_ms: AtomicU64,
+    hard_limit_ms: AtomicU64,
+    rate_per_hour: AtomicU64,
+}
+
+/// Limits set at run time by the `time_limit` and `rate_limit` commands.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RuntimeLimits {
+    /// Soft time limit override in seconds (`None`: not overridden; `Some(0.0)`: removed).
+    pub soft: Option<f64>,
+    /// Hard time limit override in seconds (same conventions).
+    pub hard: Option<f64>,
+    /// Tasks per second for the whole worker (`None`: unlimited).
+    pub rate: Option<f64>,
 }
 
 /// A snapshot of one [`TaskStat`].
@@ -523,6 +549,7 @@ pub struct SharedState {
     lost: &'static [LostRecord],
     stats: &'static [TaskStat],
     revoked: &'static [RevokedEntry],
+    queue_changes: &'static [QueueChange],
     tasks: usize,
 }
 
@@ -538,7 +565,9 @@ impl SharedState {
             (lost_offset + std::mem::size_of::<LostRecord>() * LOST_RING).next_multiple_of(64);
         let revoked_offset =
             (stats_offset + std::mem::size_of::<TaskStat>() * TASK_STATS).next_multiple_of(64);
-        let total = revoked_offset + std::mem::size_of::<RevokedEntry>() * REVOKED_TABLE;
+        let queues_offset = (revoked_offset + std::mem::size_of::<RevokedEntry>() * REVOKED_TABLE)
+            .next_multiple_of(64);
+        let total = queues_offset + std::mem::size_of::<QueueChange>() * QUEUE_CHANGES;
         let length = NonZeroUsize::new(total).expect("non-empty region");
         // SAFETY: an anonymous shared mapping with no address hint cannot alias
         // any existing Rust object; on success it returns `total` bytes of
@@ -562,7 +591,7 @@ impl SharedState {
         // and all regions lie within the `total` bytes mapped. Atomics make
         // concurrent access from several processes sound on Linux.
         #[allow(unsafe_code)]
-        let (header, slots, lost, stats, revoked) = unsafe {
+        let (header, slots, lost, stats, revoked, queue_changes) = unsafe {
             (
                 &*base.cast::<Header>(),
                 std::slice::from_raw_parts(base.add(header_size).cast::<Slot>(), slots),
@@ -572,6 +601,10 @@ impl SharedState {
                     base.add(revoked_offset).cast::<RevokedEntry>(),
                     REVOKED_TABLE,
                 ),
+                std::slice::from_raw_parts(
+                    base.add(queues_offset).cast::<QueueChange>(),
+                    QUEUE_CHANGES,
+                ),
             )
         };
         Ok(Self {
@@ -580,6 +613,7 @@ impl SharedState {
             lost,
             stats,
             revoked,
+            queue_changes,
             tasks,
         })
     }
@@ -670,6 +704,75 @@ impl SharedState {
             .filter(|e| now.saturating_sub(e.at_ms.load(Ordering::Relaxed)) <= REVOKE_EXPIRES_MS)
             .filter_map(|e| e.id.read().into_iter().next())
             .collect()
+    }
+
+    /// Control process only: records `add_consumer` (`add`) or
+    /// `cancel_consumer` for `spec`. Returns false when the table is full.
+    pub fn change_queue(&self, spec: &crate::broker::QueueSpec, add: bool) -> bool {
+        let slot = self
+            .queue_changes
+            .iter()
+            .find(|c| {
+                c.state.load(Ordering::Acquire) != 0 && c.text.read().first() == Some(&spec.name)
+            })
+            .or_else(|| {
+                self.queue_changes
+                    .iter()
+                    .find(|c| c.state.load(Ordering::Acquire) == 0)
+            });
+        let Some(c) = slot else { return false };
+        c.text
+            .write(&[&spec.name, &spec.exchange, &spec.routing_key]);
+        c.state.store(if add { 1 } else { 2 }, Ordering::Release);
+        self.header.queues_gen.fetch_add(1, Ordering::AcqRel);
+        true
+    }
+
+    /// How many task processes the worker should run (`-c`, then
+    /// `pool_grow` / `pool_shrink`).
+    pub fn target(&self) -> usize {
+        self.header.target.load(Ordering::Acquire) as usize
+    }
+
+    /// Sets [`SharedState::target`], kept between 1 and the slots mapped.
+    pub fn set_target(&self, n: usize) -> usize {
+        let n = n.clamp(1, self.tasks);
+        self.header.target.store(n as u64, Ordering::Release);
+        n
+    }
+
+    /// Changes to the consumed queues since start (bumped by every change).
+    pub fn queues_generation(&self) -> u64 {
+        self.header.queues_gen.load(Ordering::Acquire)
+    }
+
+    /// The queues to consume now: `base` (the command line) with run-time
+    /// additions and cancellations applied.
+    pub fn desired_queues(
+        &self,
+        base: &[crate::broker::QueueSpec],
+    ) -> Vec<crate::broker::QueueSpec> {
+        let mut queues = base.to_vec();
+        for c in self.queue_changes {
+            let state = c.state.load(Ordering::Acquire);
+            if state == 0 {
+                continue;
+            }
+            let mut parts = c.text.read().into_iter();
+            let mut next = || parts.next().unwrap_or_default();
+            let (name, exchange, routing_key) = (next(), next(), next());
+            queues.retain(|q| q.name != name);
+            if state == 1 {
+                queues.push(crate::broker::QueueSpec {
+                    name,
+                    exchange,
+                    routing_key,
+                    queue_type: None,
+                    max_priority: None,
+                });
+            }
+        }
+        queues
     }
 
     /// Advances the worker's Lamport clock and returns the new value.
@@ -808,6 +911,37 @@ impl SharedState {
             stat.runtime_count.fetch_add(1, Ordering::Relaxed);
             stat.runtime_sum_us
                 .fetch_add((secs * 1e6) as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Control process only: overrides the time limits of the task at `index`
+    /// (`Some(0.0)` removes a limit, `None` leaves it as configured).
+    pub fn set_time_limits(&self, index: usize, soft: Option<f64>, hard: Option<f64>) {
+        let stat = &self.stats[index.min(TASK_STATS - 1)];
+        let encode = |v: Option<f64>| v.map_or(0, |s| (s.max(0.0) * 1000.0) as u64 + 1);
+        stat.soft_limit_ms.store(encode(soft), Ordering::Release);
+        stat.hard_limit_ms.store(encode(hard), Ordering::Release);
+    }
+
+    /// Control process only: limits the task at `index` to `per_second` for
+    /// the whole worker (`None`: unlimited).
+    pub fn set_rate_limit(&self, index: usize, per_second: Option<f64>) {
+        let stat = &self.stats[index.min(TASK_STATS - 1)];
+        stat.rate_per_hour.store(
+            per_second.map_or(0, |r| (r * 3600.0).max(1.0) as u64),
+            Ordering::Release,
+        );
+    }
+
+    /// The run-time limits of the task at `index`.
+    pub fn runtime_limits(&self, index: usize) -> RuntimeLimits {
+        let stat = &self.stats[index.min(TASK_STATS - 1)];
+        let decode = |v: u64| (v != 0).then(|| (v - 1) as f64 / 1000.0);
+        let rate = stat.rate_per_hour.load(Ordering::Acquire);
+        RuntimeLimits {
+            soft: decode(stat.soft_limit_ms.load(Ordering::Acquire)),
+            hard: decode(stat.hard_limit_ms.load(Ordering::Acquire)),
+            rate: (rate != 0).then(|| rate as f64 / 3600.0),
         }
     }
 

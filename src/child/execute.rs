@@ -108,11 +108,20 @@ pub async fn execute(shared: Arc<Shared>, job: Job, state: Arc<RunState>) -> Fin
             .await;
     }
 
-    let hard = msg.time_limit.or(opts.time_limit).or(cfg.time_limit);
-    let soft = msg
-        .soft_time_limit
-        .or(opts.soft_time_limit)
-        .or(cfg.soft_time_limit);
+    // The message's `timelimit` header wins, then a `time_limit` command,
+    // then the task's options, then the worker's flags (0 = no limit).
+    let runtime_limits = shared.runtime_limits(&msg.task);
+    let positive = |v: Option<f64>| v.filter(|s| *s > 0.0);
+    let hard = msg.time_limit.or(runtime_limits
+        .hard
+        .map(Some)
+        .unwrap_or(opts.time_limit.or(cfg.time_limit)));
+    let hard = positive(hard);
+    let soft = msg.soft_time_limit.or(runtime_limits
+        .soft
+        .map(Some)
+        .unwrap_or(opts.soft_time_limit.or(cfg.soft_time_limit)));
+    let soft = positive(soft);
     let ctx = Context::new(
         Arc::clone(&job.msg),
         Arc::clone(&shared.hostname),

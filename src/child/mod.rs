@@ -171,6 +171,8 @@ struct Child {
     signals: ChildSignals,
     received: u64,
     queued_signature: (usize, usize, u64),
+    next_allowed: HashMap<String, Instant>,
+    queues_generation: u64,
 }
 
 /// Everything tied to one AMQP connection.
@@ -294,6 +296,8 @@ pub async fn run(
         signals: ChildSignals::install().map_err(ChildError::Runtime)?,
         received: 0,
         queued_signature: (0, 0, 0),
+        next_allowed: HashMap::new(),
+        queues_generation: 0,
     };
     child.start_consuming().await.map_err(boot)?;
     let result = loop {
@@ -363,8 +367,58 @@ fn reconnect_delay(attempt: u32) -> Duration {
 
 impl Child {
     /// Starts a consumer on every queue and tells the supervisor.
+    /// The queues to consume now (the command line plus `add_consumer`, minus `cancel_consumer`).
+    fn desired_queues(&self) -> Vec<crate::broker::QueueSpec> {
+        match self.shared.link {
+            Some(l) => l.shm.desired_queues(&self.shared.config.queues),
+            None => self.shared.config.queues.clone(),
+        }
+    }
+
+    /// Applies `add_consumer` / `cancel_consumer` changes.
+    async fn sync_queues(&mut self) -> Result<(), ChildError> {
+        let Some(link) = self.shared.link else {
+            return Ok(());
+        };
+        let generation = link.shm.queues_generation();
+        if generation == self.queues_generation || self.session.is_none() {
+            return Ok(());
+        }
+        self.queues_generation = generation;
+        let desired = self.desired_queues();
+        for c in std::mem::take(&mut self.consumers) {
+            if desired.iter().any(|q| q.name == c.queue) {
+                self.consumers.push(c);
+            } else {
+                info!(queue = %c.queue, "no longer consuming from {}", c.queue);
+                self.channel
+                    .basic_cancel(c.tag.clone(), BasicCancelOptions::default())
+                    .await
+                    .map_err(BrokerError::amqp("basic.cancel"))?;
+            }
+        }
+        for spec in desired {
+            if !self.consumers.iter().any(|c| c.queue == spec.name) {
+                if let Some(session) = &self.session {
+                    declare_queue(&session.conn, &spec).await?;
+                }
+                info!(queue = %spec.name, "consuming from {}", spec.name);
+                self.consume(&spec.name).await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn start_consuming(&mut self) -> Result<(), ChildError> {
-        for spec in &self.shared.config.queues.clone() {
+        if let Some(link) = self.shared.link {
+            self.queues_generation = link.shm.queues_generation();
+        }
+        for spec in self.desired_queues() {
+            if let (Some(session), false) =
+                (&self.session, self.shared.config.queues.contains(&spec))
+            {
+                declare_queue(&session.conn, &spec).await?;
+            }
             self.consume(&spec.name).await?;
         }
         if let Some(l) = self.shared.link {
@@ -573,6 +627,25 @@ impl Child {
         }
     }
 
+    /// `rate_limit`: each of the worker's task processes takes an equal
+    /// share of the rate. Returns how long `task` must wait, if it must.
+    fn throttle(&mut self, task: &str) -> Option<Duration> {
+        let rate = self.shared.runtime_limits(task).rate?;
+        let processes = self
+            .shared
+            .link
+            .map_or(self.shared.config.concurrency, |l| l.shm.target());
+        let share = rate / processes.max(1) as f64;
+        let interval = Duration::from_secs_f64((1.0 / share.max(1e-6)).min(86_400.0));
+        let now = Instant::now();
+        let next = self.next_allowed.entry(task.to_owned()).or_insert(now);
+        if *next > now {
+            return Some(*next - now);
+        }
+        *next = now + interval;
+        None
+    }
+
     /// Tells the control process what this process holds but has not
     /// started (for `inspect reserved` and `inspect scheduled`), when it changed.
     fn publish_queued(&mut self) {
@@ -637,6 +710,9 @@ impl Child {
     async fn tick(&mut self) {
         let Some(link) = self.shared.link else { return };
         link.slot().beat();
+        if let Err(e) = self.sync_queues().await {
+            warn!("could not change the consumed queues: {e}");
+        }
         while let Some(lost) = link.shm.claim_report() {
             let msg = lost_message(&lost);
             if let Some(revoke) = link.shm.revoked(&msg.id).filter(|r| r.signal != 0) {
@@ -868,6 +944,13 @@ impl Child {
             let Some(job) = self.ready.pop_front() else {
                 break;
             };
+            if let Some(wait) = self.throttle(&job.msg.task) {
+                // Over its rate limit: wait like an ETA task.
+                self.sched_seq += 1;
+                let at = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+                self.scheduled.insert((at, self.sched_seq), job);
+                continue;
+            }
             let acks_late = self
                 .shared
                 .registry

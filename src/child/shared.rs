@@ -36,11 +36,9 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Counts a task outcome (and its runtime) in the shared metrics.
-    pub fn record(&self, task: &str, outcome: Outcome, runtime: Option<f64>) {
-        let Some(link) = self.link else { return };
+    fn stat_index(&self, link: super::Link, task: &str) -> usize {
         let mut cache = self.stat_indexes.lock().unwrap_or_else(|e| e.into_inner());
-        let index = match cache.get(task) {
+        match cache.get(task) {
             Some(i) => *i,
             None => {
                 let i = link.shm.task_stat_index(task);
@@ -49,8 +47,22 @@ impl Shared {
                 }
                 i
             }
-        };
+        }
+    }
+
+    /// Counts a task outcome (and its runtime) in the shared metrics.
+    pub fn record(&self, task: &str, outcome: Outcome, runtime: Option<f64>) {
+        let Some(link) = self.link else { return };
+        let index = self.stat_index(link, task);
         link.shm.record_task(index, outcome, runtime);
+    }
+
+    /// Limits set at run time by `time_limit` / `rate_limit` for `task`.
+    pub fn runtime_limits(&self, task: &str) -> crate::shm::RuntimeLimits {
+        match self.link {
+            Some(link) => link.shm.runtime_limits(self.stat_index(link, task)),
+            None => crate::shm::RuntimeLimits::default(),
+        }
     }
 
     /// Points publishing at a new connection's channels after a reconnect.

@@ -172,6 +172,35 @@ impl Pidbox {
             }
             "revoke" => self.revoke(args, false),
             "terminate" => self.revoke(args, true),
+            "time_limit" => self.time_limit(args),
+            "add_consumer" => self.add_consumer(args),
+            "pool_grow" | "pool_shrink" => {
+                let n = args
+                    .get("n")
+                    .and_then(|v| {
+                        v.as_u64()
+                            .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+                    })
+                    .unwrap_or(1) as usize;
+                let grow = method == "pool_grow";
+                let now = self.shm.target();
+                let wanted = if grow { now + n } else { now.saturating_sub(n) };
+                let set = self.shm.set_target(wanted);
+                info!("{method} {n}: {now} -> {set} task processes");
+                if set == wanted {
+                    ok(if grow {
+                        "pool will grow"
+                    } else {
+                        "pool will shrink"
+                    })
+                } else if grow {
+                    nok(format!("pool cannot grow beyond {set} processes"))
+                } else {
+                    nok("pool cannot shrink below 1 process")
+                }
+            }
+            "cancel_consumer" => self.cancel_consumer(args),
+            "rate_limit" => self.rate_limit(args),
             "election" => Value::Null,
             other => nok(format!("KeyError('{other}')")),
         };
@@ -284,7 +313,7 @@ impl Pidbox {
             "uptime": now_ms().saturating_sub(self.shm.started_ms()) / 1000,
             "pool": {
                 "implementation": "celeriac:prefork",
-                "max-concurrency": self.config.concurrency,
+                "max-concurrency": self.shm.target(),
                 "processes": processes,
                 "max-tasks-per-child": self.config.max_tasks_per_child.map_or(json!("N/A"), Value::from),
                 "put-guarded-by-semaphore": false,
@@ -306,7 +335,7 @@ impl Pidbox {
                 "failover_strategy": "round-robin",
                 "alternates": [],
             },
-            "prefetch_count": self.config.concurrency * usize::from(self.config.prefetch_multiplier),
+            "prefetch_count": self.shm.target() * usize::from(self.config.prefetch_multiplier),
             "rusage": {
                 "utime": usage.map(|u| secs(u.user_time())),
                 "stime": usage.map(|u| secs(u.system_time())),
@@ -316,8 +345,8 @@ impl Pidbox {
     }
 
     fn active_queues(&self) -> Vec<Value> {
-        self.config
-            .queues
+        self.shm
+            .desired_queues(&self.config.queues)
             .iter()
             .map(|q| {
                 let args = q.queue_type.as_ref().map(|t| json!({"x-queue-type": t}));
@@ -378,6 +407,97 @@ impl Pidbox {
             mask_url(&self.config.broker_url),
             self.config.queues.iter().map(|q| q.name.as_str()).collect::<Vec<_>>().join(", ")
         )
+    }
+
+    fn add_consumer(&self, args: &Map<String, Value>) -> Value {
+        let Some(queue) = args
+            .get("queue")
+            .and_then(Value::as_str)
+            .filter(|q| !q.is_empty())
+        else {
+            return nok("add_consumer needs a queue");
+        };
+        if self
+            .shm
+            .desired_queues(&self.config.queues)
+            .iter()
+            .any(|q| q.name == queue)
+        {
+            return ok(format!("already consuming from {queue}"));
+        }
+        let mut spec = crate::broker::QueueSpec::celery_default(queue);
+        if let Some(exchange) = args.get("exchange").and_then(Value::as_str) {
+            spec.exchange = exchange.to_owned();
+        }
+        if let Some(key) = args.get("routing_key").and_then(Value::as_str) {
+            spec.routing_key = key.to_owned();
+        }
+        if !self.shm.change_queue(&spec, true) {
+            return nok("too many queue changes");
+        }
+        ok(format!("add consumer {queue}"))
+    }
+
+    fn cancel_consumer(&self, args: &Map<String, Value>) -> Value {
+        let Some(queue) = args.get("queue").and_then(Value::as_str) else {
+            return nok("cancel_consumer needs a queue");
+        };
+        let spec = crate::broker::QueueSpec::celery_default(queue);
+        if !self.shm.change_queue(&spec, false) {
+            return nok("too many queue changes");
+        }
+        ok(format!("no longer consuming from {queue}"))
+    }
+
+    fn known_task(&self, args: &Map<String, Value>) -> Option<String> {
+        let name = args.get("task_name").and_then(Value::as_str)?;
+        self.registry.get(name).map(|_| name.to_owned())
+    }
+
+    fn time_limit(&self, args: &Map<String, Value>) -> Value {
+        let Some(name) = self.known_task(args) else {
+            return nok("unknown task");
+        };
+        let secs = |k: &str| {
+            args.get(k).and_then(|v| {
+                v.as_f64()
+                    .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+            })
+        };
+        let index = self.shm.task_stat_index(&name);
+        // A missing value removes the limit, as Celery's command does.
+        self.shm.set_time_limits(
+            index,
+            Some(secs("soft").unwrap_or(0.0)),
+            Some(secs("hard").unwrap_or(0.0)),
+        );
+        info!(
+            "new time limits for {name}: soft={:?} hard={:?}",
+            secs("soft"),
+            secs("hard")
+        );
+        ok("time limits set successfully")
+    }
+
+    fn rate_limit(&self, args: &Map<String, Value>) -> Value {
+        let Some(name) = self.known_task(args) else {
+            return nok("unknown task");
+        };
+        let text = match args.get("rate_limit") {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(s)) => s.trim().to_owned(),
+            Some(v) => v.to_string(),
+        };
+        let rate = match parse_rate(&text) {
+            Ok(r) => r,
+            Err(e) => return nok(e),
+        };
+        let index = self.shm.task_stat_index(&name);
+        self.shm.set_rate_limit(index, rate);
+        match rate {
+            None => ok("rate limit disabled successfully"),
+            Some(_) => ok("new rate limit set successfully"),
+        }
     }
 
     /// `revoke` (and `terminate`): remembered by every task process, which
@@ -445,9 +565,40 @@ impl Pidbox {
     }
 }
 
+/// Celery's rate strings: `"10/s"`, `"100/m"`, `"1000/h"`, `"10"` (per
+/// second); empty or zero means unlimited.
+pub fn parse_rate(text: &str) -> Result<Option<f64>, String> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let (number, unit) = text.split_once('/').unwrap_or((text, "s"));
+    let n: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("Invalid rate limit string: {text:?}"))?;
+    let per = match unit.trim().chars().next() {
+        Some('s') => 1.0,
+        Some('m') => 60.0,
+        Some('h') => 3600.0,
+        _ => return Err(format!("Invalid rate limit string: {text:?}")),
+    };
+    Ok((n > 0.0).then_some(n / per))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rate_strings() {
+        assert_eq!(parse_rate("10/s"), Ok(Some(10.0)));
+        assert_eq!(parse_rate("120/m"), Ok(Some(2.0)));
+        assert_eq!(parse_rate("3600/h"), Ok(Some(1.0)));
+        assert_eq!(parse_rate("5"), Ok(Some(5.0)));
+        assert_eq!(parse_rate(""), Ok(None));
+        assert_eq!(parse_rate("0"), Ok(None));
+        assert!(parse_rate("fast").is_err());
+    }
 
     #[test]
     fn destination_and_glob_matching() {

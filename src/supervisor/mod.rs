@@ -43,6 +43,7 @@ struct ChildEntry {
     respawn_at: Instant,
     quick_exits: u32,
     killed_for: Option<DeathCause>,
+    retiring: bool,
 }
 
 /// The supervisor's state.
@@ -66,8 +67,10 @@ pub struct Supervisor {
 impl Supervisor {
     /// Prepares the shared memory and signal handlers. Nothing is forked yet.
     pub fn new(config: Arc<WorkerConfig>, registry: Arc<Registry>) -> std::io::Result<Self> {
-        let n = config.concurrency;
+        // Room for `pool_grow`: up to twice the configured processes (at least 4 more).
+        let n = config.concurrency + config.concurrency.max(4);
         let shm = SharedState::map(n)?;
+        shm.set_target(config.concurrency);
         shm.set_started_ms(now_ms());
         shm.set_task_events(config.task_events);
         let signals = Signals::install()?;
@@ -80,6 +83,7 @@ impl Supervisor {
                 respawn_at: now,
                 quick_exits: 0,
                 killed_for: None,
+                retiring: false,
             })
             .collect();
         Ok(Self {
@@ -175,11 +179,13 @@ impl Supervisor {
         }
         self.state_seen = seen;
         self.state_written = Some(Instant::now());
+        let target = self.shm.target();
         let children = self
             .shm
             .task_slots()
             .iter()
             .enumerate()
+            .filter(|(index, slot)| *index < target || slot.pid() != 0)
             .map(|(index, slot)| {
                 let task = slot.running_task();
                 celeriac_probes::ChildStatus {
@@ -198,8 +204,13 @@ impl Supervisor {
             hostname: self.config.hostname.clone(),
             written_ms: now_ms(),
             draining: self.drain_deadline.is_some(),
-            queues: self.config.queues.iter().map(|q| q.name.clone()).collect(),
-            concurrency: self.config.concurrency,
+            queues: self
+                .shm
+                .desired_queues(&self.config.queues)
+                .into_iter()
+                .map(|q| q.name)
+                .collect(),
+            concurrency: self.shm.target(),
             children,
         };
         if let Err(e) = celeriac_probes::write(&self.config.state_dir, &state) {
@@ -263,11 +274,24 @@ impl Supervisor {
 
     fn spawn_missing(&mut self) -> Result<(), ForkError> {
         let now = Instant::now();
+        let target = self.shm.target();
+        let tasks = self.children.len() - 1;
         for index in 0..self.children.len() {
-            let entry = &self.children[index];
+            let entry = &mut self.children[index];
+            let wanted = index >= tasks || index < target;
+            if !wanted {
+                // `pool_shrink`: retire the process in this slot, once.
+                if let (Some(pid), false) = (entry.pid, entry.retiring) {
+                    info!("pool shrinks: stopping task process {pid}");
+                    entry.retiring = true;
+                    let _ = kill(pid, Signal::SIGTERM);
+                }
+                continue;
+            }
             if entry.pid.is_some() || entry.respawn_at > now {
                 continue;
             }
+            entry.retiring = false;
             let pid = fork::spawn_child(
                 index,
                 &self.shm,
@@ -387,6 +411,8 @@ impl Supervisor {
                 return;
             }
             warn!("task process {pid} could not reach the broker; retrying: {why}");
+        } else if self.children[index].retiring {
+            info!("task process {pid} retired (pool shrink)");
         } else if code == Some(0) {
             info!("task process {pid} exited (recycled); replacing it");
         } else {

@@ -206,3 +206,51 @@ def _answers(port):
             return True
     except OSError:
         return False
+
+
+def test_add_and_cancel_consumer(start_worker, rpc_app, queue_name):
+    w = start_worker("-c", "2", "--result-backend", "rpc://")
+    extra = queue_name + "-extra"
+    try:
+        assert control(w, "add_consumer", extra) == {"ok": f"add consumer {extra}"}
+        wait_until(lambda: extra in [q["name"] for q in inspect(w, "active_queues")], 10, "queue listed")
+        assert rpc_app.send_task("celeriac.add", (1, 2), queue=extra).get(timeout=15) == 3
+        assert control(w, "cancel_consumer", extra) == {"ok": f"no longer consuming from {extra}"}
+        wait_until(lambda: w.log().count(f"no longer consuming from {extra}") == 2, 10, "both processes to cancel")
+        stranded = rpc_app.send_task("celeriac.add", (2, 2), queue=extra)
+        time.sleep(1.5)
+        from conftest import queue_depth
+        assert queue_depth(extra) == 1, "nobody consumes the cancelled queue"
+        stranded.forget()
+    finally:
+        from conftest import amqp_channel
+        with amqp_channel() as ch:
+            ch.queue_delete(extra)
+            ch.exchange_delete(extra)
+
+
+def test_pool_grow_and_shrink(start_worker, rpc_app):
+    w = start_worker("-c", "2", "--result-backend", "rpc://")
+    assert control(w, "pool_grow", "2") == {"ok": "pool will grow"}
+    wait_until(lambda: len(task_pids(w)) == 4, 20, "four task processes")
+    wait_until(lambda: inspect(w, "stats")["pool"]["max-concurrency"] == 4, 10, "stats to follow")
+    assert control(w, "pool_shrink", "3") == {"ok": "pool will shrink"}
+    wait_until(lambda: len(task_pids(w)) == 1, 30, "one task process")
+    assert rpc_app.send_task("celeriac.add", (4, 4)).get(timeout=15) == 8
+
+
+def test_time_limit_and_rate_limit_commands(start_worker, rpc_app):
+    w = start_worker("-c", "2", "--result-backend", "rpc://")
+    assert control(w, "time_limit", "nope.missing", "1")["error"] == "unknown task"
+    assert control(w, "time_limit", "celeriac.sleep", "0.5", "5") == {"ok": "time limits set successfully"}
+    with pytest.raises(Exception) as info:
+        rpc_app.send_task("celeriac.sleep", (3,)).get(timeout=15)
+    assert type(info.value).__name__ == "SoftTimeLimitExceeded"
+    assert control(w, "rate_limit", "celeriac.noop", "2/s") == {"ok": "new rate limit set successfully"}
+    start = time.monotonic()
+    results = [rpc_app.send_task("celeriac.noop") for _ in range(6)]
+    for r in results:
+        r.get(timeout=30)
+    # 6 tasks at 2/s for the worker cannot all run within the first two seconds.
+    assert time.monotonic() - start >= 2.0
+    assert control(w, "rate_limit", "celeriac.noop", "0") == {"ok": "rate limit disabled successfully"}
