@@ -558,7 +558,13 @@ impl Child {
             let next_eta = self.next_eta_instant().unwrap_or(far);
             tokio::select! {
                 cold = self.signals.recv() => return self.shutdown(rx, cold).await,
-                () = self.shared.events.pending() => self.shared.events.flush().await,
+                () = self.shared.events.pending() => {
+                    // Let the task just started run first: its task-started
+                    // and (for a quick task) task-succeeded join this batch.
+                    tokio::task::yield_now().await;
+                    tokio::task::yield_now().await;
+                    self.shared.events.flush().await;
+                }
                 Some(done) = self.running.join_next_with_id(), if !self.running.is_empty() => {
                     self.finished(done);
                     if self.recycle {
