@@ -85,5 +85,8 @@ export CELERIAC_BIN="$root/target/debug/celeriac"
 say "Rust tests"
 cargo test --workspace --locked
 
+say "the Dockerfile's build stage, in its own build context"
+.venv/bin/python tests/docker_context_build.py
+
 say "interop and chart tests"
 .venv/bin/python -m pytest -q -p no:cacheprovider tests/interop tests/chart "$@"
