@@ -43,7 +43,7 @@ pub struct Events {
     local_clock: AtomicU64,
     local_enabled: bool,
     channel: RwLock<Option<Channel>>,
-    buffer: Mutex<Vec<Value>>,
+    buffer: Mutex<Vec<String>>,
     pending: Notify,
 }
 
@@ -79,9 +79,13 @@ impl Events {
         }
     }
 
-    fn build(&self, kind: &str, fields: Vec<(&str, Value)>) -> Value {
-        self.source
-            .event(kind, self.clock(), unix_seconds(chrono::Utc::now()), fields)
+    fn build(&self, kind: &str, fields: Vec<(&str, Value)>) -> String {
+        self.source.encode(
+            kind,
+            self.clock(),
+            unix_seconds(chrono::Utc::now()),
+            &fields,
+        )
     }
 
     /// Queues a task event (dropped when task events are off).
@@ -97,6 +101,11 @@ impl Events {
         self.pending.notify_one();
     }
 
+    /// Task events waiting to be flushed.
+    pub fn buffered(&self) -> usize {
+        self.buffer.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// Resolves when task events wait to be flushed.
     pub async fn pending(&self) {
         self.pending.notified().await;
@@ -106,15 +115,14 @@ impl Events {
     pub async fn flush(&self) {
         let batch = std::mem::take(&mut *self.buffer.lock().unwrap_or_else(|e| e.into_inner()));
         for chunk in batch.chunks(BATCH_LIMIT) {
-            let body = serde_json::to_vec(chunk).expect("JSON values serialize");
+            let body = format!("[{}]", chunk.join(",")).into_bytes();
             self.send(TASK_BATCH_KEY, body).await;
         }
     }
 
     /// Publishes a worker event at once.
     pub async fn worker(&self, kind: &str, fields: Vec<(&str, Value)>) {
-        let event = self.build(kind, fields);
-        let body = serde_json::to_vec(&event).expect("JSON values serialize");
+        let body = self.build(kind, fields).into_bytes();
         self.send(&routing_key(kind), body).await;
     }
 

@@ -181,6 +181,12 @@ pub fn render(shm: &SharedState, config: &WorkerConfig) -> String {
             vec![counter(&[], reconnects as f64)],
         ),
         family(
+            "celeriac_events_published_total",
+            "Event messages published (task events are batched, several per message).",
+            MetricType::COUNTER,
+            vec![counter(&[], shm.events_published() as f64)],
+        ),
+        family(
             "celeriac_draining",
             "1 while the worker shuts down.",
             MetricType::GAUGE,

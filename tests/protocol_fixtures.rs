@@ -405,3 +405,26 @@ fn worker_events_match_celerys_shape() {
     assert_eq!(keys(&wakeup), keys(&theirs));
     assert_eq!(wakeup["freq"], json!(5), "an int, as Celery sends it");
 }
+
+#[test]
+fn encoded_events_equal_the_built_ones() {
+    use celeriac::protocol::events::{self, EventSource};
+    let src = EventSource {
+        hostname: "w\"1@host".into(),
+        pid: 7,
+        utcoffset: -2.0,
+    };
+    let msg = Captured::load("task-v2-args-kwargs-unicode-nested.json").decode();
+    for fields in [
+        events::task_received(&msg),
+        events::task_succeeded("id", &json!({"é": [1, 2.5, null]}), 0.25),
+        events::task_revoked("id", true, Some(9), false),
+        events::worker_status(1, 2, [0.1, 0.2, 0.3]),
+    ] {
+        let built = src.event("task-x", 42, 1795627878.2327826, fields.clone());
+        let text = src.encode("task-x", 42, 1795627878.2327826, &fields);
+        let parsed: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(parsed, built);
+        assert_eq!(keys(&parsed), keys(&built), "same field order");
+    }
+}

@@ -558,13 +558,9 @@ impl Child {
             let next_eta = self.next_eta_instant().unwrap_or(far);
             tokio::select! {
                 cold = self.signals.recv() => return self.shutdown(rx, cold).await,
-                () = self.shared.events.pending() => {
-                    // Let the task just started run first: its task-started
-                    // and (for a quick task) task-succeeded join this batch.
-                    tokio::task::yield_now().await;
-                    tokio::task::yield_now().await;
-                    self.shared.events.flush().await;
-                }
+                // Wakes the loop for events queued by running tasks; the
+                // flush itself happens below.
+                () = self.shared.events.pending() => tokio::task::yield_now().await,
                 Some(done) = self.running.join_next_with_id(), if !self.running.is_empty() => {
                     self.finished(done);
                     if self.recycle {
@@ -593,6 +589,12 @@ impl Child {
             }
             self.dispatch();
             self.publish_queued();
+            // Task events go out once nothing else waits (no added latency
+            // when idle), or as soon as a full batch is ready under load.
+            let events = self.shared.events.buffered();
+            if events > 0 && (rx.is_empty() || events >= crate::protocol::events::BATCH_LIMIT) {
+                self.shared.events.flush().await;
+            }
         }
     }
 

@@ -53,6 +53,7 @@ def test_metrics_count_what_ran_and_pass_promtool(start_worker, rpc_app):
     assert sample(text, "celeriac_task_processes", state="consuming") == 2
     assert sample(text, "celeriac_child_spawns_total") == 3, "two task processes and the control process"
     assert sample(text, "celeriac_tasks_active") == 0
+    assert sample(text, "celeriac_events_published_total") >= 1, "worker-online and heartbeats are always sent"
     assert sample(text, "celeriac_build_info", version=re.search(r'version="([^"]+)"', text).group(1),
                   hostname=re.search(r'hostname="([^"]+)"', text).group(1)) == 1
     # A crashed task process is counted by cause.
