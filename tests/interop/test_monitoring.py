@@ -254,3 +254,28 @@ def test_time_limit_and_rate_limit_commands(start_worker, rpc_app):
     # 6 tasks at 2/s for the worker cannot all run within the first two seconds.
     assert time.monotonic() - start >= 2.0
     assert control(w, "rate_limit", "celeriac.noop", "0") == {"ok": "rate limit disabled successfully"}
+
+
+def test_task_started_is_sent_while_the_task_runs(start_worker, rpc_app):
+    import amqp
+    from conftest import amqp_channel
+    seen = []
+    with amqp_channel() as ch:
+        ch.exchange_declare("celeryev", "topic", durable=True, auto_delete=False)
+        q, _, _ = ch.queue_declare("", exclusive=True, auto_delete=True)
+        ch.queue_bind(q, "celeryev", "task.#")
+        ch.basic_consume(q, callback=lambda m: seen.extend(
+            e if isinstance(e, list) else [e] for e in [json.loads(m.body)]), no_ack=True)
+        start_worker("-c", "1", "-E", "--result-backend", "rpc://")
+        r = rpc_app.send_task("celeriac.sleep", (3,))
+        deadline = time.monotonic() + 2.0
+        started = False
+        while time.monotonic() < deadline and not started:
+            try:
+                ch.connection.drain_events(timeout=0.2)
+            except socket.timeout:
+                pass
+            started = any(e["type"] == "task-started" and e["uuid"] == r.id for batch in seen for e in batch)
+        assert started, "task-started arrived before the 3 s task finished"
+        assert not r.ready()
+        assert r.get(timeout=10) == 3
