@@ -171,6 +171,7 @@ struct Child {
     signals: ChildSignals,
     received: u64,
     queued_signature: (usize, usize, u64),
+    queued_at: Instant,
     next_allowed: HashMap<String, Instant>,
     queues_generation: u64,
 }
@@ -296,6 +297,7 @@ pub async fn run(
         signals: ChildSignals::install().map_err(ChildError::Runtime)?,
         received: 0,
         queued_signature: (0, 0, 0),
+        queued_at: Instant::now(),
         next_allowed: HashMap::new(),
         queues_generation: 0,
     };
@@ -596,7 +598,7 @@ impl Child {
                 _ = rotation.tick() => self.rotate_consumers().await?,
             }
             self.dispatch();
-            self.publish_queued();
+            self.publish_queued(false);
             // Task events go out when nothing else is in flight (a quick
             // task's received/started/succeeded share one message), when a
             // batch is full, or after at most EVENT_LINGER otherwise.
@@ -669,13 +671,18 @@ impl Child {
 
     /// Tells the control process what this process holds but has not
     /// started (for `inspect reserved` and `inspect scheduled`), when it changed.
-    fn publish_queued(&mut self) {
+    /// Under load this runs at most every 100 ms (the heartbeat tick forces
+    /// it), to keep it off the per-task path.
+    fn publish_queued(&mut self, force: bool) {
         let Some(link) = self.shared.link else { return };
         let signature = (self.ready.len(), self.scheduled.len(), self.received);
-        if signature == self.queued_signature {
+        if signature == self.queued_signature
+            || (!force && self.queued_at.elapsed() < Duration::from_millis(100))
+        {
             return;
         }
         self.queued_signature = signature;
+        self.queued_at = Instant::now();
         let slot = link.slot();
         slot.reserved.store(
             (self.ready.len() + self.scheduled.len()) as u64,
@@ -731,6 +738,7 @@ impl Child {
     async fn tick(&mut self) {
         let Some(link) = self.shared.link else { return };
         link.slot().beat();
+        self.publish_queued(true);
         if let Err(e) = self.sync_queues().await {
             warn!("could not change the consumed queues: {e}");
         }
