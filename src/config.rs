@@ -16,8 +16,8 @@ pub const EX_USAGE: i32 = 64;
 /// The default broker, as Celery's.
 pub const DEFAULT_BROKER: &str = "amqp://guest:guest@localhost:5672//";
 
-/// The default state directory shared with the probe binaries.
-pub const DEFAULT_STATE_DIR: &str = "/tmp/celeriac";
+/// The default state directory, the one the probe binaries read.
+pub use celeriac_probes::DEFAULT_STATE_DIR;
 
 /// A configuration value that cannot be used.
 #[derive(Debug, Error, PartialEq)]

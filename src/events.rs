@@ -8,12 +8,12 @@ use std::sync::{Mutex, RwLock};
 
 use lapin::options::ExchangeDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, ExchangeKind};
+use lapin::{Channel, ExchangeKind};
 use serde_json::Value;
 use tokio::sync::Notify;
 use tracing::debug;
 
-use crate::broker::{publish, BrokerError, Outgoing};
+use crate::broker::{json_properties, publish, BrokerError, Outgoing};
 use crate::protocol::events::{
     routing_key, EventSource, BATCH_LIMIT, EVENT_EXCHANGE, TASK_BATCH_KEY,
 };
@@ -140,12 +140,7 @@ impl Events {
             ShortString::from("hostname"),
             AMQPValue::LongString(LongString::from(self.source.hostname.as_str())),
         );
-        let properties = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_content_encoding("utf-8".into())
-            .with_headers(headers)
-            .with_delivery_mode(1)
-            .with_priority(0);
+        let properties = json_properties(headers, 1, 0);
         let out = Outgoing {
             exchange: EVENT_EXCHANGE.into(),
             routing_key: key.into(),

@@ -3,8 +3,8 @@
 
 use crate::config::LogFormat;
 
-/// Installs the global subscriber at `level` in `format`. `process` names
-/// the process kind in each line (`MainProcess`, `ForkPoolWorker-1`).
+/// Installs the global subscriber at `level` in `format`. Lines logged by a
+/// forked process carry its span (`child{n=1}`, `control`).
 pub fn init(level: tracing::Level, format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_max_level(level)

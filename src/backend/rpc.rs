@@ -1,10 +1,10 @@
 //! rpc://: results published to the client's reply queue on the default exchange.
 
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel};
+use lapin::Channel;
 
 use super::BackendError;
-use crate::broker::{publish, Outgoing};
+use crate::broker::{json_properties, publish, Outgoing};
 use crate::protocol::{ResultDocument, TaskMessage};
 
 /// The rpc result backend.
@@ -32,13 +32,8 @@ impl RpcBackend {
             return Ok(());
         };
         let correlation_id = msg.correlation_id.clone().unwrap_or_else(|| msg.id.clone());
-        let properties = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_content_encoding("utf-8".into())
-            .with_headers(FieldTable::default())
-            .with_delivery_mode(1)
-            .with_priority(0)
-            .with_correlation_id(correlation_id.into());
+        let properties =
+            json_properties(FieldTable::default(), 1, 0).with_correlation_id(correlation_id.into());
         let out = Outgoing {
             exchange: String::new(),
             routing_key: reply_to.to_owned(),

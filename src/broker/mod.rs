@@ -222,9 +222,16 @@ fn not_confirmed(msg: &Outgoing, reason: &str) -> BrokerError {
     }
 }
 
-/// An empty argument table.
-pub fn no_arguments() -> FieldTable {
-    FieldTable::default()
+/// Properties of a JSON message as kombu sends them: `application/json`,
+/// `utf-8`, the given headers (an empty table is still set), delivery mode
+/// (1 transient, 2 persistent) and priority.
+pub fn json_properties(headers: FieldTable, delivery_mode: u8, priority: u8) -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_content_encoding("utf-8".into())
+        .with_headers(headers)
+        .with_delivery_mode(delivery_mode)
+        .with_priority(priority)
 }
 
 #[cfg(test)]

@@ -3,11 +3,11 @@
 use std::sync::{Arc, RwLock};
 
 use chrono::Utc;
-use lapin::{BasicProperties, Channel};
+use lapin::Channel;
 use tracing::warn;
 
 use crate::backend::Backend;
-use crate::broker::{json_to_table, publish_confirmed, BrokerError, Outgoing};
+use crate::broker::{json_properties, json_to_table, publish_confirmed, BrokerError, Outgoing};
 use crate::config::WorkerConfig;
 use crate::protocol::{OutgoingTask, ResultDocument, TaskMessage};
 use crate::shm::Outcome;
@@ -107,12 +107,7 @@ impl Shared {
             Some((e, k)) => (e.as_str(), k.as_str()),
             None => default_route,
         };
-        let mut props = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_content_encoding("utf-8".into())
-            .with_headers(json_to_table(&task.headers))
-            .with_delivery_mode(2)
-            .with_priority(task.priority)
+        let mut props = json_properties(json_to_table(&task.headers), 2, task.priority)
             .with_correlation_id(task.id.as_str().into());
         if let Some(reply_to) = &task.reply_to {
             props = props.with_reply_to(reply_to.as_str().into());

@@ -13,14 +13,14 @@ use lapin::options::{
     BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Connection, Consumer, ExchangeKind};
+use lapin::{Channel, Connection, Consumer, ExchangeKind};
 use serde_json::{Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{debug, error, info, warn};
 
-use crate::broker::{connect, publish, table_to_json, BrokerError, Outgoing};
+use crate::broker::{connect, json_properties, publish, table_to_json, BrokerError, Outgoing};
 use crate::config::WorkerConfig;
 use crate::events::Events;
 use crate::protocol::events::{self as ev, EventSource, HEARTBEAT_FREQ};
@@ -373,12 +373,7 @@ async fn handle_request(
         ShortString::from("clock"),
         AMQPValue::LongInt(shm.tick_clock().min(i32::MAX as u64) as i32),
     );
-    let properties = BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_content_encoding("utf-8".into())
-        .with_headers(table)
-        .with_delivery_mode(1)
-        .with_priority(0);
+    let properties = json_properties(table, 1, 0);
     let out = Outgoing {
         exchange: exchange.to_owned(),
         routing_key: key.to_owned(),

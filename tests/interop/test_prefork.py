@@ -185,3 +185,18 @@ def test_wedged_idle_process_is_replaced(start_worker, rpc_app):
     w.wait_for_log(f"task process {child} sent no heartbeat for 2s while idle; killing it", timeout=20)
     wait_until(lambda: task_pids(w) not in ([], [child]), what="replacement process")
     assert rpc_app.send_task("celeriac.add", (2, 2)).get(timeout=15) == 4
+
+
+def test_ctrl_c_reaches_only_the_supervisor(start_worker, rpc_app):
+    # A terminal's Ctrl-C signals the whole foreground process group. If the
+    # task processes were in it, they would see SIGINT and then the
+    # supervisor's SIGTERM — a second signal, which stops running tasks.
+    w = start_worker("-c", "1", "--result-backend", "rpc://")
+    running = rpc_app.send_task("celeriac.sleep", (1.5,))
+    w.wait_for_log(f"[{running.id}] received")
+    time.sleep(0.3)
+    os.killpg(w.pid, signal.SIGINT)
+    assert w.proc.wait(30) == 0
+    assert running.get(timeout=5) == 1.5
+    assert "did not finish before the deadline" not in w.log()
+    assert "second shutdown signal" not in w.log()
