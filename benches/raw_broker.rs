@@ -4,12 +4,19 @@
 //!
 //! `cargo bench --bench raw_broker -- <queue> <messages> <prefetch>` (the
 //! queue must hold the messages already; benches/throughput.py fills it).
+//!
+//! With `--echo-events` it also publishes, for each message, a one-event
+//! `task.multi` batch (`task-succeeded` with the message's correlation id)
+//! to `celeryev` as soon as it arrives: the least any worker must do to
+//! report a task, so benches/events.py can measure the latency floor of
+//! publish -> broker -> worker -> broker -> monitor on this machine.
 
 use std::time::Instant;
 
 use futures_lite::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
 use lapin::types::FieldTable;
+use lapin::BasicProperties;
 
 fn cpu_seconds() -> f64 {
     let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
@@ -19,6 +26,7 @@ fn cpu_seconds() -> f64 {
 }
 
 fn main() {
+    let echo_events = std::env::args().any(|a| a == "--echo-events");
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
@@ -41,6 +49,7 @@ fn main() {
             .await
             .expect("connect");
         let channel = conn.create_channel().await.expect("channel");
+        let events = conn.create_channel().await.expect("channel");
         channel
             .basic_qos(prefetch, BasicQosOptions { global: false })
             .await
@@ -54,6 +63,7 @@ fn main() {
             )
             .await
             .expect("consume");
+        println!("consuming");
         let mut seen = 0usize;
         let (mut start, mut cpu0) = (Instant::now(), 0.0);
         while let Some(delivery) = consumer.next().await {
@@ -65,6 +75,28 @@ fn main() {
             // Hand the ack to the connection without waiting for the write, as celeriac does.
             let _ = futures_lite::future::poll_once(delivery.acker.ack(BasicAckOptions::default()))
                 .await;
+            if echo_events {
+                let id = delivery
+                    .properties
+                    .correlation_id()
+                    .as_ref()
+                    .map_or_else(String::new, |c| c.to_string());
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                let body = format!(
+                    "[{{\"hostname\":\"floor@bench\",\"uuid\":\"{id}\",\"timestamp\":{now},\"type\":\"task-succeeded\"}}]"
+                );
+                let _ = events
+                    .basic_publish(
+                        "celeryev".into(),
+                        "task.multi".into(),
+                        BasicPublishOptions::default(),
+                        body.as_bytes(),
+                        BasicProperties::default().with_content_type("application/json".into()),
+                    )
+                    .await;
+            }
             seen += 1;
             if seen == total {
                 break;

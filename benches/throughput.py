@@ -46,19 +46,27 @@ def run_worker(name, argv, queue, n, env, received_marker, done_marker):
     return {"tasks_s": n / elapsed, "cpu_us": (cpu1 - cpu0) / n * 1e6, "rss_mb": rss / 2**20, "pss_mb": pss / 2**20, "elapsed": elapsed}
 
 
-def raw_floor(n):
-    """The bare lapin consumer from benches/raw_broker.rs on the same workload, if built."""
+def raw_broker_path():
+    """The built benches/raw_broker.rs, or None (with a hint printed)."""
     import glob
-    import json
     built = [p for p in glob.glob(str(ROOT / "target" / "release" / "deps" / "raw_broker-*")) if not p.endswith(".d")]
     if not built:
         print("(build benches/raw_broker.rs with `cargo bench --bench raw_broker --no-run` to see the floor)")
+        return None
+    return max(built, key=os.path.getmtime)
+
+
+def raw_floor(n):
+    """The bare lapin consumer from benches/raw_broker.rs on the same workload, if built."""
+    import json
+    path = raw_broker_path()
+    if path is None:
         return None
     q = f"bench-{uuid.uuid4().hex[:8]}"
     common.declare(q)
     common.prefill(q, n)
     try:
-        out = subprocess.run([built[0], q, str(n), "4"], capture_output=True, text=True, timeout=300)
+        out = subprocess.run([path, q, str(n), "4"], capture_output=True, text=True, timeout=300)
         return json.loads(out.stdout.strip().splitlines()[-1])
     finally:
         common.delete(q)

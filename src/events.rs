@@ -1,24 +1,38 @@
 //! Publishing Celery events. Task events are buffered and sent as JSON
-//! arrays on `task.multi` (as Celery's prefork pool does): the buffer is
-//! flushed as soon as the publishing loop is free, so a lone event goes out
-//! at once and a burst shares messages. Worker events go out one by one.
+//! arrays on `task.multi` (as Celery's prefork pool does) by a flusher task
+//! of their own ([`Events::run_flusher`]), so the loop that consumes tasks
+//! never waits for an event to be written. The flusher sends when the
+//! consuming loop goes idle (a quick task's received/started/succeeded
+//! share one message, and a lone task's events go out at once), when a
+//! batch is full, or at most [`LINGER`] after the oldest buffered event.
+//! A message the connection has not written yet holds back the next one,
+//! so under load events gather into larger messages. Worker events go out
+//! one by one.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, RwLock};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use lapin::options::ExchangeDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
 use serde_json::Value;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tracing::debug;
 
 use crate::broker::{json_properties, publish, BrokerError, Outgoing};
 use crate::protocol::events::{
-    routing_key, EventSource, BATCH_LIMIT, EVENT_EXCHANGE, TASK_BATCH_KEY,
+    routing_key, write_event, EventSource, BATCH_LIMIT, EVENT_EXCHANGE, TASK_BATCH_KEY,
 };
 use crate::protocol::unix_seconds;
 use crate::shm::SharedState;
+
+/// The longest a task event waits for company before it is sent.
+pub const LINGER: Duration = Duration::from_millis(1);
 
 /// Declares the `celeryev` topic exchange exactly as Celery does.
 pub async fn declare_exchange(channel: &Channel) -> Result<(), BrokerError> {
@@ -36,15 +50,48 @@ pub async fn declare_exchange(channel: &Channel) -> Result<(), BrokerError> {
         .map_err(BrokerError::amqp("declare exchange celeryev"))
 }
 
+/// Task events waiting to be sent: full batches, and the one being filled.
+#[derive(Default)]
+struct Buffer {
+    full: Vec<Vec<u8>>,
+    /// A JSON array without its closing bracket.
+    open: Vec<u8>,
+    in_open: usize,
+    /// When the oldest buffered event was queued.
+    since: Option<Instant>,
+}
+
+impl Buffer {
+    fn take(&mut self) -> Vec<Vec<u8>> {
+        let mut batches = std::mem::take(&mut self.full);
+        if self.in_open > 0 {
+            let mut open = std::mem::take(&mut self.open);
+            open.push(b']');
+            batches.push(open);
+        }
+        self.in_open = 0;
+        self.since = None;
+        batches
+    }
+}
+
+type Sending<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
 /// An event publisher for one process.
 pub struct Events {
     source: EventSource,
+    /// The start of every event of this process (see [`EventSource::prefix`]).
+    prefix: Vec<u8>,
     shm: Option<SharedState>,
     local_clock: AtomicU64,
     local_enabled: bool,
     channel: RwLock<Option<Channel>>,
-    buffer: Mutex<Vec<String>>,
-    pending: Notify,
+    buffer: Mutex<Buffer>,
+    /// Whether the owner's loop has nothing in flight (see [`Events::set_idle`]).
+    idle: AtomicBool,
+    /// Wakes the flusher when its deadline or the batch count changes, or
+    /// the owner goes idle.
+    wake: Notify,
 }
 
 impl Events {
@@ -52,13 +99,15 @@ impl Events {
     /// `shm` when the process is part of a worker.
     pub fn new(source: EventSource, shm: Option<SharedState>, enabled: bool) -> Self {
         Self {
+            prefix: source.prefix(),
             source,
             shm,
             local_clock: AtomicU64::new(0),
             local_enabled: enabled,
             channel: RwLock::new(None),
-            buffer: Mutex::new(Vec::new()),
-            pending: Notify::new(),
+            buffer: Mutex::new(Buffer::default()),
+            idle: AtomicBool::new(false),
+            wake: Notify::new(),
         }
     }
 
@@ -79,13 +128,12 @@ impl Events {
         }
     }
 
-    fn build(&self, kind: &str, fields: Vec<(&str, Value)>) -> String {
-        self.source.encode(
-            kind,
-            self.clock(),
-            unix_seconds(chrono::Utc::now()),
-            &fields,
-        )
+    fn now() -> f64 {
+        unix_seconds(chrono::Utc::now())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Buffer> {
+        self.buffer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Queues a task event (dropped when task events are off).
@@ -93,36 +141,102 @@ impl Events {
         if !self.enabled() {
             return;
         }
-        let event = self.build(kind, fields);
-        self.buffer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(event);
-        self.pending.notify_one();
+        let (clock, timestamp) = (self.clock(), Self::now());
+        let mut buffer = self.lock();
+        let first = buffer.since.is_none();
+        buffer.since.get_or_insert_with(Instant::now);
+        let b = &mut *buffer;
+        b.open.push(if b.in_open == 0 { b'[' } else { b',' });
+        write_event(&self.prefix, &mut b.open, kind, clock, timestamp, &fields);
+        b.in_open += 1;
+        let full = b.in_open == BATCH_LIMIT;
+        if full {
+            let mut batch = std::mem::take(&mut b.open);
+            batch.push(b']');
+            b.full.push(batch);
+            b.in_open = 0;
+        }
+        drop(buffer);
+        // The flusher only needs to hear of a new deadline or a full batch.
+        if first || full {
+            self.wake.notify_one();
+        }
     }
 
-    /// Task events waiting to be flushed.
+    /// Task events waiting to be sent.
     pub fn buffered(&self) -> usize {
-        self.buffer.lock().unwrap_or_else(|e| e.into_inner()).len()
+        let buffer = self.lock();
+        buffer.full.len() * BATCH_LIMIT + buffer.in_open
     }
 
-    /// Resolves when task events wait to be flushed.
-    pub async fn pending(&self) {
-        self.pending.notified().await;
+    /// Tells the flusher whether the owner's loop has nothing in flight:
+    /// buffered events go out as soon as it is idle.
+    pub fn set_idle(&self, idle: bool) {
+        let was = self.idle.swap(idle, Ordering::AcqRel);
+        if idle && !was {
+            self.wake.notify_one();
+        }
     }
 
-    /// Publishes every buffered task event, at most [`BATCH_LIMIT`] per message.
+    /// Sends buffered task events for as long as the process runs (see the
+    /// module docs for when). Spawn it once on the process's runtime.
+    pub async fn run_flusher(&self) {
+        let mut sending: Option<Sending<'_>> = None;
+        loop {
+            let (since, full) = {
+                let buffer = self.lock();
+                (buffer.since, !buffer.full.is_empty())
+            };
+            let Some(since) = since else {
+                self.wake.notified().await;
+                continue;
+            };
+            let due = since + LINGER;
+            if !(full || self.idle.load(Ordering::Acquire) || due <= Instant::now()) {
+                tokio::select! {
+                    () = self.wake.notified() => {}
+                    () = tokio::time::sleep_until(due) => {}
+                }
+                continue;
+            }
+            // One message at a time: while the connection has not written
+            // the last one, the next keeps gathering events.
+            if let Some(previous) = sending.take() {
+                previous.await;
+            }
+            let mut batches = self.lock().take().into_iter().peekable();
+            while let Some(body) = batches.next() {
+                let mut send: Sending<'_> = Box::pin(self.send(TASK_BATCH_KEY, body));
+                if batches.peek().is_some() {
+                    send.await;
+                } else if Self::started(&mut send).is_pending() {
+                    sending = Some(send);
+                }
+            }
+        }
+    }
+
+    /// Polls a send once without registering this task for its completion:
+    /// the frames are handed to the connection, and the connection's thread
+    /// does not have to wake this one when it has written them.
+    fn started(send: &mut Sending<'_>) -> Poll<()> {
+        send.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    /// Publishes every buffered task event now, at most [`BATCH_LIMIT`] per message.
     pub async fn flush(&self) {
-        let batch = std::mem::take(&mut *self.buffer.lock().unwrap_or_else(|e| e.into_inner()));
-        for chunk in batch.chunks(BATCH_LIMIT) {
-            let body = format!("[{}]", chunk.join(",")).into_bytes();
+        let batches = self.lock().take();
+        for body in batches {
             self.send(TASK_BATCH_KEY, body).await;
         }
     }
 
     /// Publishes a worker event at once.
     pub async fn worker(&self, kind: &str, fields: Vec<(&str, Value)>) {
-        let body = self.build(kind, fields).into_bytes();
+        let body = self
+            .source
+            .encode(kind, self.clock(), Self::now(), &fields)
+            .into_bytes();
         self.send(&routing_key(kind), body).await;
     }
 
@@ -157,5 +271,104 @@ impl Events {
             // reported by the consumer, not once per event.
             Err(e) => debug!("event not sent: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::events::task_started;
+
+    fn events() -> Events {
+        let source = EventSource {
+            hostname: "w@h".into(),
+            pid: 1,
+            utcoffset: 0.0,
+        };
+        Events::new(source, None, true)
+    }
+
+    #[test]
+    fn batches_hold_at_most_batch_limit_events_in_order() {
+        let events = events();
+        for i in 0..BATCH_LIMIT + 2 {
+            events.task("task-started", task_started(&i.to_string()));
+        }
+        assert_eq!(events.buffered(), BATCH_LIMIT + 2);
+        let batches = events.lock().take();
+        let parsed: Vec<Vec<Value>> = batches
+            .iter()
+            .map(|b| serde_json::from_slice(b).expect("a JSON array"))
+            .collect();
+        assert_eq!(
+            parsed.iter().map(Vec::len).collect::<Vec<_>>(),
+            [BATCH_LIMIT, 2]
+        );
+        let uuids: Vec<String> = parsed
+            .iter()
+            .flatten()
+            .map(|e| e["uuid"].as_str().unwrap().to_owned())
+            .collect();
+        let expected: Vec<String> = (0..BATCH_LIMIT + 2).map(|i| i.to_string()).collect();
+        assert_eq!(uuids, expected);
+        let clocks: Vec<u64> = parsed
+            .iter()
+            .flatten()
+            .map(|e| e["clock"].as_u64().unwrap())
+            .collect();
+        assert!(clocks.windows(2).all(|w| w[0] < w[1]), "{clocks:?}");
+        assert_eq!(events.buffered(), 0);
+        assert!(events.lock().since.is_none());
+    }
+
+    #[test]
+    fn nothing_is_buffered_while_task_events_are_off() {
+        let source = EventSource {
+            hostname: "w@h".into(),
+            pid: 1,
+            utcoffset: 0.0,
+        };
+        let events = Events::new(source, None, false);
+        events.task("task-started", task_started("x"));
+        assert_eq!(events.buffered(), 0);
+        assert!(events.lock().take().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_flusher_sends_when_idle_or_after_the_linger() {
+        let events = std::sync::Arc::new(events());
+        let flusher = std::sync::Arc::clone(&events);
+        tokio::spawn(async move { flusher.run_flusher().await });
+        // Lets the flusher run without moving the (paused) clock.
+        let settle = || async {
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+        };
+
+        // Busy owner: the events wait, for at most LINGER.
+        events.set_idle(false);
+        events.task("task-received", task_started("a"));
+        settle().await;
+        assert_eq!(events.buffered(), 1);
+        tokio::time::sleep(LINGER * 2).await;
+        assert_eq!(events.buffered(), 0);
+
+        // The owner going idle sends at once.
+        events.task("task-received", task_started("b"));
+        events.task("task-started", task_started("b"));
+        settle().await;
+        assert_eq!(events.buffered(), 2);
+        events.set_idle(true);
+        settle().await;
+        assert_eq!(events.buffered(), 0);
+
+        // A full batch goes out while the owner is busy.
+        events.set_idle(false);
+        for i in 0..BATCH_LIMIT {
+            events.task("task-started", task_started(&i.to_string()));
+        }
+        settle().await;
+        assert_eq!(events.buffered(), 0);
     }
 }

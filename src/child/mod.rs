@@ -278,6 +278,8 @@ pub async fn run(
         ),
     });
     shared.events.use_channel(session.events.clone());
+    let flusher = Arc::clone(&shared);
+    tokio::spawn(async move { flusher.events.run_flusher().await });
     let mut child = Child {
         shared,
         channel: session.channel.clone(),
@@ -348,9 +350,6 @@ impl ChildSignals {
         }
     }
 }
-
-/// The longest a task event waits for company before it is sent.
-const EVENT_LINGER: Duration = Duration::from_millis(1);
 
 /// Reconnect delays: 0.5 s doubling to 30 s, with up to 50 % jitter so a
 /// fleet of workers does not reconnect in lockstep.
@@ -559,18 +558,10 @@ impl Child {
         let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
-        let mut event_deadline: Option<Instant> = None;
         loop {
             let next_eta = self.next_eta_instant().unwrap_or(far);
             tokio::select! {
                 cold = self.signals.recv() => return self.shutdown(rx, cold).await,
-                // Wakes the loop for events queued by running tasks; the
-                // flush itself happens below.
-                () = self.shared.events.pending() => {}
-                () = tokio::time::sleep_until(event_deadline.unwrap_or(far)), if event_deadline.is_some() => {
-                    self.shared.events.flush().await;
-                    event_deadline = None;
-                }
                 Some(done) = self.running.join_next_with_id(), if !self.running.is_empty() => {
                     self.finished(done);
                     if self.recycle {
@@ -599,21 +590,16 @@ impl Child {
             }
             self.dispatch();
             self.publish_queued(false);
-            // Task events go out when nothing else is in flight (a quick
-            // task's received/started/succeeded share one message), when a
-            // batch is full, or after at most EVENT_LINGER otherwise.
-            let events = self.shared.events.buffered();
-            let idle = rx.is_empty() && self.running.is_empty();
-            if events > 0 && (idle || events >= crate::protocol::events::BATCH_LIMIT) {
-                self.shared.events.flush().await;
-                event_deadline = None;
-            } else if events > 0 && event_deadline.is_none() {
-                event_deadline = Some(Instant::now() + EVENT_LINGER);
-            }
+            // Task events go out when nothing else is in flight: a quick
+            // task's received/started/succeeded share one message.
+            self.shared
+                .events
+                .set_idle(rx.is_empty() && self.running.is_empty());
         }
     }
 
     async fn incoming(&mut self, incoming: Option<Incoming>) -> Result<(), ChildError> {
+        self.shared.events.set_idle(false);
         match incoming {
             Some(Incoming::Delivery(d, tag)) => {
                 self.receive(*d, &tag).await;

@@ -61,28 +61,54 @@ impl EventSource {
         timestamp: f64,
         fields: &[(&str, Value)],
     ) -> String {
-        use std::fmt::Write;
-        let mut out = String::with_capacity(256);
-        let quote = |s: &str| serde_json::to_string(s).expect("strings serialize");
-        let _ = write!(
-            out,
-            "{{\"hostname\":{},\"utcoffset\":{},\"pid\":{},\"clock\":{}",
-            quote(&self.hostname),
-            Value::from(self.utcoffset),
-            self.pid,
-            clock
-        );
-        for (k, v) in fields {
-            let _ = write!(out, ",{}:{}", quote(k), v);
-        }
-        let _ = write!(
-            out,
-            ",\"timestamp\":{},\"type\":{}}}",
-            Value::from(timestamp),
-            quote(kind)
-        );
+        let mut out = Vec::with_capacity(256);
+        write_event(&self.prefix(), &mut out, kind, clock, timestamp, fields);
+        String::from_utf8(out).expect("JSON text is UTF-8")
+    }
+
+    /// The text every event of this source starts with: its common fields
+    /// up to the `clock` value, which [`write_event`] appends.
+    pub fn prefix(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(96);
+        out.extend_from_slice(b"{\"hostname\":");
+        json_into(&mut out, &self.hostname);
+        out.extend_from_slice(b",\"utcoffset\":");
+        json_into(&mut out, &self.utcoffset);
+        out.extend_from_slice(b",\"pid\":");
+        json_into(&mut out, &self.pid);
+        out.extend_from_slice(b",\"clock\":");
         out
     }
+}
+
+/// Appends one event as JSON text to `out`: `prefix` (from
+/// [`EventSource::prefix`]), the clock, the event's own fields, then
+/// `timestamp` and `type`.
+pub fn write_event(
+    prefix: &[u8],
+    out: &mut Vec<u8>,
+    kind: &str,
+    clock: u64,
+    timestamp: f64,
+    fields: &[(&str, Value)],
+) {
+    out.extend_from_slice(prefix);
+    json_into(out, &clock);
+    for (key, value) in fields {
+        out.push(b',');
+        json_into(out, key);
+        out.push(b':');
+        json_into(out, value);
+    }
+    out.extend_from_slice(b",\"timestamp\":");
+    json_into(out, &timestamp);
+    out.extend_from_slice(b",\"type\":");
+    json_into(out, kind);
+    out.push(b'}');
+}
+
+fn json_into<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    serde_json::to_writer(out, value).expect("serializing to memory cannot fail");
 }
 
 /// The routing key of a single event: `worker-heartbeat` -> `worker.heartbeat`.

@@ -279,3 +279,50 @@ def test_task_started_is_sent_while_the_task_runs(start_worker, rpc_app):
         assert started, "task-started arrived before the 3 s task finished"
         assert not r.ready()
         assert r.get(timeout=10) == 3
+
+
+def test_task_events_are_batched_on_task_multi(start_worker, rpc_app):
+    """A waiting backlog's events go out as JSON arrays of at most 24 on
+    task.multi, several tasks per message; a lone quick task's three events
+    share one message."""
+    from conftest import amqp_channel
+    messages = []
+    with amqp_channel() as ch:
+        ch.exchange_declare("celeryev", "topic", durable=True, auto_delete=False)
+        q, _, _ = ch.queue_declare("", exclusive=True, auto_delete=True)
+        ch.queue_bind(q, "celeryev", "task.#")
+        ch.basic_consume(q, callback=lambda m: messages.append((m.delivery_info["routing_key"], json.loads(m.body))),
+                         no_ack=True)
+
+        def drain_until(done, timeout):
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and not done():
+                try:
+                    ch.connection.drain_events(timeout=0.2)
+                except socket.timeout:
+                    pass
+
+        def succeeded():
+            return {e["uuid"] for _, batch in messages for e in batch if e["type"] == "task-succeeded"}
+
+        backlog = [rpc_app.send_task("celeriac.noop", ignore_result=True).id for _ in range(200)]
+        start_worker("-c", "1", "-E")
+        drain_until(lambda: set(backlog) <= succeeded(), 60)
+        assert set(backlog) <= succeeded()
+        assert all(key == "task.multi" and isinstance(batch, list) for key, batch in messages)
+        assert max(len(batch) for _, batch in messages) <= 24
+        events = sum(len(batch) for _, batch in messages)
+        assert events == 3 * len(backlog)
+        assert len(messages) < len(backlog), f"{len(messages)} messages for {len(backlog)} tasks: not batched"
+
+        # One task at a time: its received/started/succeeded usually share a
+        # message (a slow machine may split one, not all five).
+        together = 0
+        for _ in range(5):
+            messages.clear()
+            tid = rpc_app.send_task("celeriac.noop", ignore_result=True).id
+            drain_until(lambda: tid in succeeded(), 10)
+            mine = [[e["type"] for e in batch if e["uuid"] == tid] for _, batch in messages]
+            assert sorted(t for types in mine for t in types) == ["task-received", "task-started", "task-succeeded"]
+            together += any(len(types) == 3 for types in mine)
+        assert together >= 3, f"only {together} of 5 lone tasks sent their events in one message"
