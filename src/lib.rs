@@ -21,6 +21,7 @@ pub mod child;
 pub mod config;
 pub mod control;
 pub mod events;
+pub mod inspect;
 pub mod logging;
 pub mod metrics;
 pub mod protocol;

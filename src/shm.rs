@@ -13,14 +13,17 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
 
+use crate::inspect::ArgsText;
+
 /// Bytes of text a slot or record carries (task id, name, reply_to, correlation id).
 const TEXT_WORDS: usize = 64;
 /// Bytes of the last boot error a slot keeps.
 const ERROR_WORDS: usize = 32;
-/// Bytes a slot keeps of the running task's argument reprs and route.
-const DETAIL_WORDS: usize = 96;
-/// Bytes a slot has to list the messages it holds (for `inspect reserved/scheduled`).
-const QUEUED_WORDS: usize = 256;
+/// Words a slot keeps of the running task's route and arguments (JSON and
+/// repr, each up to [`crate::inspect::FIELD_LIMIT`] bytes).
+const DETAIL_WORDS: usize = 288;
+/// Words a slot has to list the messages it holds (for `inspect reserved/scheduled`).
+const QUEUED_WORDS: usize = 1024;
 /// Revoked task ids remembered (Celery keeps 50,000 for 3 hours).
 pub const REVOKED_TABLE: usize = 8192;
 /// How long a revoke is remembered.
@@ -143,10 +146,8 @@ pub struct RunningTask {
     pub hard_limit_ms: u64,
     /// Flags (see [`TaskFlags`]).
     pub flags: u64,
-    /// The repr of its positional arguments (slots only).
-    pub args: String,
-    /// The repr of its keyword arguments (slots only).
-    pub kwargs: String,
+    /// Its arguments (slots only).
+    pub args: ArgsText,
     /// The exchange it was delivered from (slots only).
     pub exchange: String,
     /// Its routing key (slots only).
@@ -216,12 +217,14 @@ impl Slot {
     pub fn start_task(&self, t: &RunningTask) {
         self.task
             .write(&[&t.id, &t.name, &t.reply_to, &t.correlation_id]);
-        let clip = |s: &str| -> String { s.chars().take(300).collect() };
+        let [args, kwargs, argsrepr, kwargsrepr] = t.args.fields();
         self.detail.write(&[
-            &clip(&t.args),
-            &clip(&t.kwargs),
             &t.exchange,
             &t.routing_key,
+            args,
+            kwargs,
+            argsrepr,
+            kwargsrepr,
         ]);
         self.task_flags.store(t.flags, Ordering::Relaxed);
         self.task_hard_limit_ms
@@ -248,12 +251,14 @@ impl Slot {
         let mut parts = self.task.read().into_iter();
         let mut next = || parts.next().unwrap_or_default();
         let (id, name, reply_to, correlation_id) = (next(), next(), next(), next());
-        let mut detail = self.detail.read().into_iter();
-        let mut more = || detail.next().unwrap_or_default();
-        let (args, kwargs, exchange, routing_key) = (more(), more(), more(), more());
+        let detail = self.detail.read();
+        let mut route = detail.iter().cloned();
+        let (exchange, routing_key) = (
+            route.next().unwrap_or_default(),
+            route.next().unwrap_or_default(),
+        );
         Some(RunningTask {
-            args,
-            kwargs,
+            args: ArgsText::from_fields(detail.iter().skip(2).map(String::as_str)),
             exchange,
             routing_key,
             id,

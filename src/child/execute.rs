@@ -158,14 +158,7 @@ pub async fn execute(shared: Arc<Shared>, job: Job, state: Arc<RunState>) -> Fin
             deadline_ms: if hard_ms > 0 { now + hard_ms } else { 0 },
             hard_limit_ms: hard_ms,
             flags,
-            args: msg
-                .argsrepr
-                .clone()
-                .unwrap_or_else(|| crate::repr::args_repr(&msg.args)),
-            kwargs: msg
-                .kwargsrepr
-                .clone()
-                .unwrap_or_else(|| crate::repr::python_repr(&Value::Object(msg.kwargs.clone()))),
+            args: crate::inspect::ArgsText::of(msg),
             exchange: job.delivery.exchange.clone(),
             routing_key: job.delivery.routing_key.clone(),
         });

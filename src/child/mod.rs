@@ -674,25 +674,24 @@ impl Child {
             (self.ready.len() + self.scheduled.len()) as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
+        let line = |job: &Job, eta: Option<String>| {
+            crate::inspect::Queued {
+                eta,
+                id: job.msg.id.clone(),
+                name: job.msg.display_name().to_owned(),
+                exchange: job.delivery.exchange.clone(),
+                routing_key: job.delivery.routing_key.clone(),
+                args: crate::inspect::ArgsText::of(&job.msg),
+            }
+            .line()
+                + "\n"
+        };
         let mut lines = String::new();
         for job in self.ready.iter().take(16) {
-            let m = &job.msg;
-            lines.push_str(&format!(
-                "R\t{}\t{}\t{}\n",
-                m.id,
-                m.display_name(),
-                m.argsrepr.as_deref().unwrap_or("")
-            ));
+            lines.push_str(&line(job, None));
         }
         for ((eta, _), job) in self.scheduled.iter().take(16) {
-            let m = &job.msg;
-            let eta = crate::protocol::format_iso(*eta);
-            lines.push_str(&format!(
-                "S\t{eta}\t{}\t{}\t{}\n",
-                m.id,
-                m.display_name(),
-                m.argsrepr.as_deref().unwrap_or("")
-            ));
+            lines.push_str(&line(job, Some(crate::protocol::format_iso(*eta))));
         }
         slot.set_queued(&lines);
     }

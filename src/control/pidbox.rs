@@ -10,6 +10,7 @@ use tracing::{info, warn};
 
 use crate::broker::mask_url;
 use crate::config::{BackendUrl, WorkerConfig};
+use crate::inspect::Queued;
 use crate::shm::{now_ms, Outcome, SharedState, TaskFlags};
 use crate::task::Registry;
 
@@ -28,8 +29,8 @@ pub enum Effect {
 struct Info<'a> {
     id: &'a str,
     name: &'a str,
-    args: &'a str,
-    kwargs: &'a str,
+    args: Value,
+    kwargs: Value,
     started: Option<f64>,
     pid: Option<u32>,
     acked: bool,
@@ -86,6 +87,22 @@ fn nok(text: impl Into<String>) -> Value {
     json!({"error": text.into()})
 }
 
+/// A flag argument as Celery reads one: `true`, a non-zero number, or a
+/// string such as "true"/"yes"/"1" (null and absent are false).
+fn truthy(v: Option<&Value>) -> bool {
+    match v {
+        Some(Value::Bool(b)) => *b,
+        Some(Value::Number(n)) => n.as_f64().is_some_and(|n| n != 0.0),
+        Some(Value::String(s)) => {
+            matches!(
+                s.to_ascii_lowercase().as_str(),
+                "true" | "yes" | "y" | "on" | "1"
+            )
+        }
+        _ => false,
+    }
+}
+
 fn ids_of(v: Option<&Value>) -> Vec<String> {
     match v {
         Some(Value::String(s)) => vec![s.clone()],
@@ -139,9 +156,9 @@ impl Pidbox {
                 .names()
                 .filter(|n| !n.starts_with("celery."))
                 .collect::<Vec<_>>()),
-            "active" => Value::Array(self.active()),
-            "reserved" => Value::Array(self.queued('R')),
-            "scheduled" => Value::Array(self.queued('S')),
+            "active" => Value::Array(self.active(truthy(args.get("safe")))),
+            "reserved" => Value::Array(self.queued(false)),
+            "scheduled" => Value::Array(self.queued(true)),
             "revoked" => json!(self.shm.revoked_ids()),
             "query_task" => self.query_task(args),
             "stats" => self.stats(),
@@ -222,17 +239,20 @@ impl Pidbox {
         })
     }
 
-    fn active(&self) -> Vec<Value> {
+    /// `Request.info()` of every running task; `safe` gives the argument
+    /// reprs instead of their values.
+    fn active(&self, safe: bool) -> Vec<Value> {
         self.shm
             .task_slots()
             .iter()
             .filter_map(|slot| {
                 let t = slot.running_task()?;
+                let (args, kwargs) = t.args.values(safe);
                 Some(self.task_info(&Info {
                     id: &t.id,
                     name: &t.name,
-                    args: &t.args,
-                    kwargs: &t.kwargs,
+                    args,
+                    kwargs,
                     started: Some(t.started_ms as f64 / 1000.0),
                     pid: Some(slot.pid()),
                     acked: t.flags & TaskFlags::ACKS_LATE == 0,
@@ -242,28 +262,30 @@ impl Pidbox {
             .collect()
     }
 
-    /// `R` lines (reserved) or `S` lines (scheduled) of every task process.
-    fn queued(&self, kind: char) -> Vec<Value> {
-        let route = self
-            .config
-            .queues
-            .first()
-            .map_or("celery", |q| q.name.as_str());
+    /// The messages every task process holds: reserved (no ETA) or
+    /// scheduled (with one, in Celery's `{eta, priority, request}` form).
+    fn queued(&self, scheduled: bool) -> Vec<Value> {
         let mut out = Vec::new();
         for slot in self.shm.task_slots() {
-            for line in slot.queued().lines() {
-                let f: Vec<&str> = line.split('\t').collect();
-                match (kind, f.as_slice()) {
-                    ('R', ["R", id, name, args]) => {
-                        out.push(self.task_info(&Info { id, name, args, kwargs: "{}", started: None, pid: None, acked: false, route: ("", route) }));
-                    }
-                    ('S', ["S", eta, id, name, args]) => out.push(json!({
-                        "eta": eta,
-                        "priority": 6,
-                        "request": self.task_info(&Info { id, name, args, kwargs: "{}", started: None, pid: None, acked: false, route: ("", route) }),
-                    })),
-                    _ => {}
+            for q in slot.queued().lines().filter_map(Queued::parse) {
+                if q.eta.is_some() != scheduled {
+                    continue;
                 }
+                let (args, kwargs) = q.args.values(false);
+                let request = self.task_info(&Info {
+                    id: &q.id,
+                    name: &q.name,
+                    args,
+                    kwargs,
+                    started: None,
+                    pid: None,
+                    acked: false,
+                    route: (&q.exchange, &q.routing_key),
+                });
+                out.push(match q.eta {
+                    Some(eta) => json!({"eta": eta, "priority": 6, "request": request}),
+                    None => request,
+                });
             }
         }
         out
@@ -272,12 +294,12 @@ impl Pidbox {
     fn query_task(&self, args: &Map<String, Value>) -> Value {
         let ids = ids_of(args.get("ids"));
         let mut found = Map::new();
-        for info in self.active() {
+        for info in self.active(false) {
             if let Some(id) = info["id"].as_str().filter(|id| ids.iter().any(|i| i == id)) {
                 found.insert(id.to_owned(), json!(["active", info]));
             }
         }
-        for info in self.queued('R') {
+        for info in self.queued(false) {
             if let Some(id) = info["id"].as_str().filter(|id| ids.iter().any(|i| i == id)) {
                 found.insert(id.to_owned(), json!(["reserved", info]));
             }
