@@ -767,19 +767,19 @@ impl Child {
     }
 
     /// For a redelivered message: the record of its process dying, if that is
-    /// why it came back. The supervisor may still be writing the record when
-    /// the broker redelivers, so a task still listed as running in another
-    /// slot is waited for briefly.
+    /// why it came back. The broker can redeliver before the supervisor has
+    /// reaped the process and counted the death (the dead process's slot
+    /// still lists the task), so that is waited for briefly: an older record
+    /// of the same task would otherwise show one death too few.
     async fn lost_record(&self, id: &str) -> Option<Lost> {
         let link = self.shared.link?;
         for _ in 0..40 {
-            if let Some(lost) = link.shm.find_lost(id) {
-                return Some(lost);
+            if link.shm.running_elsewhere(id, link.index).is_none() {
+                break;
             }
-            link.shm.running_elsewhere(id, link.index)?;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        None
+        link.shm.find_lost(id)
     }
 
     /// Celery's WorkerLostError semantics for an acks-late message whose
