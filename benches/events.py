@@ -73,7 +73,8 @@ def latency(kind, rate, seconds, env):
     evq = f"bench-lat-events-{uuid.uuid4().hex[:8]}"
     conn, ch = common.channel()
     ch.exchange_declare("celeryev", "topic", durable=True, auto_delete=False)
-    ch.queue_declare(evq, auto_delete=False)
+    # Deleted by the broker when the watcher goes, even if this run is cut short.
+    ch.queue_declare(evq, auto_delete=True)
     ch.queue_bind(evq, "celeryev", "task.#")
     conn.close()
     ready, stop = multiprocessing.Event(), multiprocessing.Event()
@@ -112,7 +113,10 @@ def latency(kind, rate, seconds, env):
         common.stop(worker)
         common.delete(q)
         conn, ch = common.channel()
-        ch.queue_delete(evq)
+        try:
+            ch.queue_delete(evq)
+        except amqp.exceptions.AMQPError:
+            pass  # already gone with the watcher
         conn.close()
     lat = sorted((seen[t] - sent[t]) * 1000 for t in sent if t in seen)
     return lat, len(sent)

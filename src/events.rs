@@ -24,9 +24,9 @@ use lapin::{Channel, ExchangeKind};
 use serde_json::Value;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, warn};
 
-use crate::broker::{json_properties, publish, BrokerError, Outgoing};
+use crate::broker::{json_properties, publish, BrokerError, Outgoing, PUBLISH_TIMEOUT};
 use crate::protocol::events::{
     routing_key, write_event, EventSource, BATCH_LIMIT, EVENT_EXCHANGE, TASK_BATCH_KEY,
 };
@@ -35,6 +35,10 @@ use crate::shm::SharedState;
 
 /// The longest a task event waits for company before it is sent.
 pub const LINGER: Duration = Duration::from_millis(1);
+
+/// Full batches kept while the broker does not take them (24 events each);
+/// beyond it the oldest are dropped.
+pub const MAX_BATCHES: usize = 512;
 
 /// Above this many task events per millisecond (about 1,300 tasks/s in one
 /// process) the process is busy: its event messages are then spaced by
@@ -100,6 +104,14 @@ pub struct Events {
     /// Wakes the flusher when its deadline or the batch count changes, or
     /// the owner goes idle.
     wake: Notify,
+    /// Whether a flusher task is running (see [`Events::run_flusher`]).
+    flusher: AtomicBool,
+    /// Asks the flusher to send everything, wait for it, and stop.
+    stop: AtomicBool,
+    /// The flusher has stopped.
+    stopped: Notify,
+    /// Whether dropping events has been reported.
+    drop_reported: AtomicBool,
 }
 
 impl Events {
@@ -116,6 +128,10 @@ impl Events {
             buffer: Mutex::new(Buffer::default()),
             idle: AtomicBool::new(false),
             wake: Notify::new(),
+            flusher: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            stopped: Notify::new(),
+            drop_reported: AtomicBool::new(false),
         }
     }
 
@@ -164,7 +180,18 @@ impl Events {
             b.full.push(batch);
             b.in_open = 0;
         }
+        // The broker is not taking events (a blocked connection, a stalled
+        // publish): keep the newest, as events are best effort.
+        let dropped = b.full.len() > MAX_BATCHES;
+        if dropped {
+            b.full.remove(0);
+        }
         drop(buffer);
+        if dropped && !self.drop_reported.swap(true, Ordering::Relaxed) {
+            warn!(
+                "task events are being dropped: the broker is not taking them as fast as tasks run"
+            );
+        }
         // The flusher only needs to hear of a new deadline or a full batch.
         if first || full {
             self.wake.notify_one();
@@ -189,10 +216,24 @@ impl Events {
     /// Sends buffered task events for as long as the process runs (see the
     /// module docs for when). Spawn it once on the process's runtime.
     pub async fn run_flusher(&self) {
+        self.flusher.store(true, Ordering::Release);
         let mut sending: Option<Sending<'_>> = None;
         let mut last_sent: Option<Instant> = None;
         let mut busy = false;
         loop {
+            if self.stop.load(Ordering::Acquire) {
+                // The last message first, then the rest, in order.
+                if let Some(previous) = sending.take() {
+                    previous.await;
+                }
+                let batches = self.lock().take();
+                for body in batches {
+                    self.send(TASK_BATCH_KEY, body).await;
+                }
+                self.flusher.store(false, Ordering::Release);
+                self.stopped.notify_one();
+                return;
+            }
             let (since, full) = {
                 let buffer = self.lock();
                 (buffer.since, !buffer.full.is_empty())
@@ -252,8 +293,15 @@ impl Events {
         send.as_mut().poll(&mut Context::from_waker(Waker::noop()))
     }
 
-    /// Publishes every buffered task event now, at most [`BATCH_LIMIT`] per message.
+    /// Publishes every buffered task event now and waits until they are
+    /// written, at most [`BATCH_LIMIT`] per message. A running flusher sends
+    /// what it holds first and stops (call this once, at shutdown).
     pub async fn flush(&self) {
+        if self.flusher.load(Ordering::Acquire) {
+            self.stop.store(true, Ordering::Release);
+            self.wake.notify_one();
+            let _ = tokio::time::timeout(PUBLISH_TIMEOUT, self.stopped.notified()).await;
+        }
         let batches = self.lock().take();
         for body in batches {
             self.send(TASK_BATCH_KEY, body).await;
@@ -408,8 +456,8 @@ mod tests {
         assert_eq!(events.buffered(), 1, "spaced while busy");
         tokio::time::sleep(LINGER * 2).await;
         assert_eq!(events.buffered(), 0);
-        // Busy again; a busy owner's events still wait for it to go idle,
-        // however long ago the last message left.
+        // Busy again; a busy owner's events still wait for it to go idle
+        // (or for LINGER), however long ago the last message left.
         for i in 0..BATCH_LIMIT {
             events.task("task-started", task_started(&i.to_string()));
         }
@@ -426,6 +474,43 @@ mod tests {
         tokio::time::sleep(LINGER * 10).await;
         events.task("task-started", task_started("d"));
         settle().await;
+        assert_eq!(events.buffered(), 0);
+    }
+
+    #[test]
+    fn a_backlog_the_broker_does_not_take_keeps_the_newest_events() {
+        let events = events();
+        let total = (MAX_BATCHES + 2) * BATCH_LIMIT;
+        for i in 0..total {
+            events.task("task-started", task_started(&i.to_string()));
+        }
+        let batches = events.lock().take();
+        assert_eq!(batches.len(), MAX_BATCHES);
+        let first: Vec<Value> = serde_json::from_slice(&batches[0]).unwrap();
+        assert_eq!(first[0]["uuid"], (2 * BATCH_LIMIT).to_string());
+        let last: Vec<Value> = serde_json::from_slice(batches.last().unwrap()).unwrap();
+        assert_eq!(last[BATCH_LIMIT - 1]["uuid"], (total - 1).to_string());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn flush_at_shutdown_stops_the_flusher_after_it_has_sent_everything() {
+        let events = std::sync::Arc::new(events());
+        let flusher = std::sync::Arc::clone(&events);
+        let task = tokio::spawn(async move { flusher.run_flusher().await });
+        tokio::task::yield_now().await;
+        events.set_idle(false);
+        for i in 0..BATCH_LIMIT + 3 {
+            events.task("task-started", task_started(&i.to_string()));
+        }
+        events.flush().await;
+        assert_eq!(events.buffered(), 0);
+        tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .expect("the flusher stopped")
+            .expect("and did not panic");
+        // Events after that are sent by flush itself.
+        events.task("task-started", task_started("late"));
+        events.flush().await;
         assert_eq!(events.buffered(), 0);
     }
 }

@@ -272,8 +272,8 @@ impl Slot {
         })
     }
     /// Lists the messages this process holds but has not started: one line
-    /// per message, `R\tid\tname\targsrepr` (reserved) or
-    /// `S\teta\tid\tname\targsrepr` (scheduled), cut to the slot's size.
+    /// per message (see [`crate::inspect::Queued::line`]), cut at a line
+    /// end to the slot's size.
     pub fn set_queued(&self, lines: &str) {
         let cut = if lines.len() > QUEUED_WORDS * 8 - 1 {
             let mut end = QUEUED_WORDS * 8 - 1;

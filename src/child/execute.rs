@@ -159,8 +159,8 @@ pub async fn execute(shared: Arc<Shared>, job: Job, state: Arc<RunState>) -> Fin
             hard_limit_ms: hard_ms,
             flags,
             args: crate::inspect::ArgsText::of(msg),
-            exchange: job.delivery.exchange.clone(),
-            routing_key: job.delivery.routing_key.clone(),
+            exchange: crate::inspect::plain(&job.delivery.exchange),
+            routing_key: crate::inspect::plain(&job.delivery.routing_key),
         });
     }
     let future = task

@@ -686,12 +686,22 @@ impl Child {
             .line()
                 + "\n"
         };
+        // Reserved and scheduled alternate, so that when the slot's space
+        // runs out both lists are cut, not one of them.
+        let reserved = self.ready.iter().take(16).map(|job| line(job, None));
+        let scheduled = self
+            .scheduled
+            .iter()
+            .take(16)
+            .map(|((eta, _), job)| line(job, Some(crate::protocol::format_iso(*eta))));
         let mut lines = String::new();
-        for job in self.ready.iter().take(16) {
-            lines.push_str(&line(job, None));
-        }
-        for ((eta, _), job) in self.scheduled.iter().take(16) {
-            lines.push_str(&line(job, Some(crate::protocol::format_iso(*eta))));
+        let (mut reserved, mut scheduled) = (reserved.fuse(), scheduled.fuse());
+        loop {
+            let (r, s) = (reserved.next(), scheduled.next());
+            if r.is_none() && s.is_none() {
+                break;
+            }
+            lines.extend(r.into_iter().chain(s));
         }
         slot.set_queued(&lines);
     }

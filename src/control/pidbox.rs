@@ -87,19 +87,16 @@ fn nok(text: impl Into<String>) -> Value {
     json!({"error": text.into()})
 }
 
-/// A flag argument as Celery reads one: `true`, a non-zero number, or a
-/// string such as "true"/"yes"/"1" (null and absent are false).
+/// A flag argument as Celery reads one: Python's truthiness (false for
+/// null, false, 0, "" and empty lists or maps; absent is false).
 fn truthy(v: Option<&Value>) -> bool {
     match v {
+        None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
         Some(Value::Number(n)) => n.as_f64().is_some_and(|n| n != 0.0),
-        Some(Value::String(s)) => {
-            matches!(
-                s.to_ascii_lowercase().as_str(),
-                "true" | "yes" | "y" | "on" | "1"
-            )
-        }
-        _ => false,
+        Some(Value::String(s)) => !s.is_empty(),
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(Value::Object(o)) => !o.is_empty(),
     }
 }
 

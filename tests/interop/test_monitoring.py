@@ -1,6 +1,7 @@
 """`celery inspect`, `celery control`, `celery events` and Flower against a
 celeriac worker, unmodified."""
 
+import datetime
 import json
 import os
 import signal
@@ -45,28 +46,30 @@ def test_inspect_commands(start_worker, rpc_app):
     assert "celeriac.add" in inspect(w, "registered")
     [queue] = inspect(w, "active_queues")
     assert queue["name"] == rpc_app.conf.task_default_queue and queue["exchange"]["type"] == "direct"
-    running = rpc_app.send_task("celeriac.sleep", (3,))
+    # Long enough to outlast the inspect calls below on a slow machine.
+    running = rpc_app.send_task("celeriac.sleep", (8,))
     w.wait_for_log(f"[{running.id}] received")
     time.sleep(0.3)
     [active] = inspect(w, "active")
     assert active["id"] == running.id and active["name"] == "celeriac.sleep"
-    assert active["args"] == [3] and active["kwargs"] == {}, "values, as Celery's Request.info()"
+    assert active["args"] == [8] and active["kwargs"] == {}, "values, as Celery's Request.info()"
     assert active["worker_pid"] in task_pids(w) and active["acknowledged"] is True
     assert active["delivery_info"]["routing_key"] == rpc_app.conf.task_default_queue
     [safe] = rpc_app.control.inspect(destination=[node_of(w)], timeout=5).active(safe=True)[node_of(w)]
-    assert (safe["id"], safe["args"], safe["kwargs"]) == (running.id, "(3,)", "{}"), "reprs when safe"
+    assert (safe["id"], safe["args"], safe["kwargs"]) == (running.id, "(8,)", "{}"), "reprs when safe"
     later = rpc_app.send_task("celeriac.add", ("x",), {"y": "z"}, countdown=30)
     w.wait_for_log(f"[{later.id}] received")
-    wait_until(lambda: any(s["request"]["id"] == later.id for s in inspect(w, "scheduled")), 10, "scheduled task listed")
-    [scheduled] = inspect(w, "scheduled")
+    [scheduled] = wait_until(lambda: [s for s in inspect(w, "scheduled") if s["request"]["id"] == later.id], 10,
+                             "scheduled task listed")
     assert scheduled["request"]["args"] == ["x"] and scheduled["request"]["kwargs"] == {"y": "z"}
-    assert scheduled["priority"] == 6 and scheduled["eta"].startswith(time.strftime("%Y-"))
+    eta = datetime.datetime.fromisoformat(scheduled["eta"])
+    assert scheduled["priority"] == 6 and eta > datetime.datetime.now(datetime.timezone.utc)
     assert inspect(w, "query_task", running.id)[running.id][0] == "active"
     stats = inspect(w, "stats")
     assert stats["pool"]["max-concurrency"] == 2 and sorted(stats["pool"]["processes"]) == task_pids(w)
     assert stats["pid"] == w.pid and isinstance(stats["clock"], str) and stats["uptime"] >= 0
     assert stats["broker"]["transport"] == "amqp" and stats["pool"]["max-tasks-per-child"] == 100
-    assert running.get(timeout=15) == 3
+    assert running.get(timeout=20) == 8
     assert inspect(w, "stats")["total"]["celeriac.sleep"] == 1
     assert inspect(w, "reserved") == []
     conf = inspect(w, "conf")
@@ -79,18 +82,18 @@ def test_inspect_commands(start_worker, rpc_app):
 
 def test_inspect_reserved_lists_prefetched_messages(start_worker, rpc_app):
     w = start_worker("-c", "1", "--result-backend", "rpc://")
-    running = rpc_app.send_task("celeriac.sleep", (3,))
+    # Long enough to outlast the inspect calls below on a slow machine.
+    running = rpc_app.send_task("celeriac.sleep", (8,))
     w.wait_for_log(f"[{running.id}] received")
     waiting = rpc_app.send_task("celeriac.add", (1,), {"y": 2.5})
     w.wait_for_log(f"[{waiting.id}] received")
-    wait_until(lambda: inspect(w, "reserved"), 10, "the waiting message to be listed")
-    [reserved] = inspect(w, "reserved")
+    [reserved] = wait_until(lambda: inspect(w, "reserved"), 10, "the waiting message to be listed")
     assert (reserved["id"], reserved["name"]) == (waiting.id, "celeriac.add")
     assert reserved["args"] == [1] and reserved["kwargs"] == {"y": 2.5}
     assert reserved["acknowledged"] is False and reserved["worker_pid"] is None
     assert reserved["delivery_info"]["routing_key"] == rpc_app.conf.task_default_queue
     assert inspect(w, "query_task", waiting.id)[waiting.id][0] == "reserved"
-    assert running.get(timeout=15) == 3
+    assert running.get(timeout=20) == 8
     assert waiting.get(timeout=15) == 3.5
 
 
