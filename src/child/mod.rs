@@ -75,12 +75,21 @@ pub struct Link {
     pub index: usize,
     /// The shared region.
     pub shm: SharedState,
+    /// The supervisor's pid.
+    pub supervisor: i32,
 }
 
 impl Link {
     /// This child's slot.
     pub fn slot(&self) -> &'static Slot {
         &self.shm.slots()[self.index]
+    }
+
+    /// Whether the supervisor is gone. Its death is signalled (SIGTERM by
+    /// pdeathsig), but a signal that arrives before the child's handlers
+    /// exist is lost, so the child also looks every second.
+    pub fn orphaned(&self) -> bool {
+        nix::unistd::getppid().as_raw() != self.supervisor
     }
 }
 
@@ -92,7 +101,11 @@ pub fn child_main(
     config: Arc<WorkerConfig>,
     registry: Arc<Registry>,
 ) -> i32 {
-    let link = Link { index, shm };
+    let link = Link {
+        index,
+        shm,
+        supervisor: nix::unistd::getppid().as_raw(),
+    };
     let span = tracing::error_span!("child", n = index + 1);
     let _entered = span.enter();
     link.slot().set_state(ChildState::Booting);
@@ -467,7 +480,14 @@ impl Child {
                         self.wait_running(if cold { Duration::ZERO } else { self.shared.config.shutdown_timeout }).await;
                         return Ok(Some(Exit::Shutdown));
                     }
-                    _ = heartbeat.tick() => self.tick().await,
+                    _ = heartbeat.tick() => {
+                        self.tick().await;
+                        if self.shared.link.is_some_and(|l| l.orphaned() || l.shm.draining()) {
+                            info!("the worker is stopping while this process reconnects");
+                            self.wait_running(self.shared.config.shutdown_timeout).await;
+                            return Ok(Some(Exit::Shutdown));
+                        }
+                    }
                     Some(done) = self.running.join_next_with_id(), if !self.running.is_empty() => self.finished(done),
                 }
             }
@@ -572,8 +592,13 @@ impl Child {
                 _ = heartbeat.tick() => {
                     self.tick().await;
                     // A SIGTERM sent before our handlers existed was lost:
-                    // the shared flag still says the worker is draining.
+                    // the shared flag still says the worker is draining, or
+                    // the supervisor is gone (its pdeathsig came too early).
                     if self.shared.link.is_some_and(|l| l.shm.draining()) {
+                        return self.shutdown(rx, false).await;
+                    }
+                    if self.shared.link.is_some_and(|l| l.orphaned()) {
+                        warn!("the supervisor is gone: draining");
                         return self.shutdown(rx, false).await;
                     }
                 }

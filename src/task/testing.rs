@@ -8,6 +8,7 @@
 //! | `celeriac.test.spin(seconds)` | burns CPU in a blocking loop, ignoring every limit |
 //! | `celeriac.test.hog(mib)` | allocates and keeps `mib` MiB, returns the pid |
 //! | `celeriac.test.orphan()` | leaves a short-lived orphan process behind, returns its pid |
+//! | `celeriac.test.deaf()` | clears its process's parent-death signal (as if the supervisor's death went unnoticed), returns the pid |
 //!
 //! `record` talks to `CELERIAC_TEST_REDIS` (default `redis://127.0.0.1:6379/0`).
 
@@ -99,6 +100,13 @@ pub fn register(registry: &mut Registry) {
             .parse()
             .map_err(|_| TaskError::runtime_error("no pid"))?;
         Ok::<u32, TaskError>(pid)
+    });
+    // Async, so that it runs on the process's main thread: the parent-death
+    // signal is kept per thread.
+    registry.register_async("celeriac.test.deaf", &[], |_ctx: Context, (): ()| async {
+        nix::sys::prctl::set_pdeathsig(None)
+            .map_err(|e| TaskError::runtime_error(e.to_string()))?;
+        Ok::<u32, TaskError>(std::process::id())
     });
     registry.register("celeriac.test.hog", &["mib"], |_ctx, a: Hog| {
         let block = vec![1u8; a.mib.min(4096) * 1024 * 1024];

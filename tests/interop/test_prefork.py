@@ -95,6 +95,28 @@ def test_sigkill_of_the_supervisor(start_worker, rpc_app, account, queue_name):
     assert account.duplicates() == {}
 
 
+def test_a_task_process_that_misses_the_supervisors_death_still_drains(start_worker, rpc_app):
+    # celeriac.test.deaf clears its process's parent-death signal, as when
+    # the signal comes before the process has its handlers: the process must
+    # notice the supervisor is gone by itself, not consume on as an orphan.
+    w = start_worker(TEST, "-c", "1", "--result-backend", "rpc://")
+    pid = rpc_app.send_task("celeriac.test.deaf").get(timeout=15)
+    assert pid in task_pids(w)
+    os.kill(w.pid, signal.SIGKILL)
+
+    def gone():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+    try:
+        wait_until(gone, 15, "the deaf task process to exit")
+    finally:
+        if not gone():
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_task_outliving_the_shutdown_timeout_is_finished_by_the_next_worker(start_worker, rpc_app, account):
     w = start_worker(TEST, "-c", "2", "--shutdown-timeout", "1")
     early = account.send(4.0)
