@@ -249,6 +249,12 @@ async fn run(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry
                 if shm.draining() && shm.task_slots().iter().all(|s| s.pid() == 0) {
                     break;
                 }
+                // A supervisor killed before our handlers existed: its
+                // SIGTERM (pdeathsig) was lost, so look.
+                if nix::unistd::getppid().as_raw() != supervisor {
+                    warn!("the supervisor is gone: stopping");
+                    break;
+                }
             }
             _ = heartbeat.tick(), if connected => events.worker("worker-heartbeat", status(&shm)).await,
             () = tokio::time::sleep_until(next_connect), if !connected => {}
