@@ -18,7 +18,6 @@ use std::sync::{Mutex, MutexGuard, RwLock};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use lapin::options::ExchangeDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
 use serde_json::Value;
@@ -48,18 +47,7 @@ pub const BUSY_EVENTS_PER_MS: f64 = 4.0;
 
 /// Declares the `celeryev` topic exchange exactly as Celery does.
 pub async fn declare_exchange(channel: &Channel) -> Result<(), BrokerError> {
-    channel
-        .exchange_declare(
-            ShortString::from(EVENT_EXCHANGE),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(BrokerError::amqp("declare exchange celeryev"))
+    crate::broker::declare_exchange(channel, EVENT_EXCHANGE, ExchangeKind::Topic, true).await
 }
 
 /// Task events waiting to be sent: full batches, and the one being filled.
@@ -160,11 +148,14 @@ impl Events {
         self.buffer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues a task event (dropped when task events are off).
-    pub fn task(&self, kind: &str, fields: Vec<(&str, Value)>) {
+    /// Queues a task event whose fields `fields` builds (not called when
+    /// task events are off).
+    pub fn task<'a>(&self, kind: &str, fields: impl FnOnce() -> Vec<(&'a str, Value)>) {
         if !self.enabled() {
             return;
         }
+        // Built only now: with events off (the default) a task pays nothing.
+        let fields = fields();
         let (clock, timestamp) = (self.clock(), Self::now());
         let mut buffer = self.lock();
         let first = buffer.since.is_none();
@@ -310,10 +301,15 @@ impl Events {
 
     /// Publishes a worker event at once.
     pub async fn worker(&self, kind: &str, fields: Vec<(&str, Value)>) {
-        let body = self
-            .source
-            .encode(kind, self.clock(), Self::now(), &fields)
-            .into_bytes();
+        let mut body = Vec::with_capacity(256);
+        write_event(
+            &self.prefix,
+            &mut body,
+            kind,
+            self.clock(),
+            Self::now(),
+            &fields,
+        );
         self.send(&routing_key(kind), body).await;
     }
 
@@ -369,7 +365,7 @@ mod tests {
     fn batches_hold_at_most_batch_limit_events_in_order() {
         let events = events();
         for i in 0..BATCH_LIMIT + 2 {
-            events.task("task-started", task_started(&i.to_string()));
+            events.task("task-started", || task_started(&i.to_string()));
         }
         assert_eq!(events.buffered(), BATCH_LIMIT + 2);
         let batches = events.lock().take();
@@ -406,7 +402,7 @@ mod tests {
             utcoffset: 0.0,
         };
         let events = Events::new(source, None, false);
-        events.task("task-started", task_started("x"));
+        events.task("task-started", || task_started("x"));
         assert_eq!(events.buffered(), 0);
         assert!(events.lock().take().is_empty());
     }
@@ -425,15 +421,15 @@ mod tests {
 
         // Busy owner: the events wait, for at most LINGER.
         events.set_idle(false);
-        events.task("task-received", task_started("a"));
+        events.task("task-received", || task_started("a"));
         settle().await;
         assert_eq!(events.buffered(), 1);
         tokio::time::sleep(LINGER * 2).await;
         assert_eq!(events.buffered(), 0);
 
         // The owner going idle sends at once.
-        events.task("task-received", task_started("b"));
-        events.task("task-started", task_started("b"));
+        events.task("task-received", || task_started("b"));
+        events.task("task-started", || task_started("b"));
         settle().await;
         assert_eq!(events.buffered(), 2);
         events.set_idle(true);
@@ -443,7 +439,7 @@ mod tests {
         // A full batch goes out while the owner is busy.
         events.set_idle(false);
         for i in 0..BATCH_LIMIT {
-            events.task("task-started", task_started(&i.to_string()));
+            events.task("task-started", || task_started(&i.to_string()));
         }
         settle().await;
         assert_eq!(events.buffered(), 0);
@@ -451,7 +447,7 @@ mod tests {
         // That was many events in no time: the next message waits for
         // LINGER although the owner is idle...
         events.set_idle(true);
-        events.task("task-started", task_started("c"));
+        events.task("task-started", || task_started("c"));
         settle().await;
         assert_eq!(events.buffered(), 1, "spaced while busy");
         tokio::time::sleep(LINGER * 2).await;
@@ -459,12 +455,12 @@ mod tests {
         // Busy again; a busy owner's events still wait for it to go idle
         // (or for LINGER), however long ago the last message left.
         for i in 0..BATCH_LIMIT {
-            events.task("task-started", task_started(&i.to_string()));
+            events.task("task-started", || task_started(&i.to_string()));
         }
         settle().await;
         events.set_idle(false);
         tokio::time::sleep(LINGER * 10).await;
-        events.task("task-received", task_started("e"));
+        events.task("task-received", || task_started("e"));
         settle().await;
         assert_eq!(events.buffered(), 1, "waits for the owner");
         events.set_idle(true);
@@ -472,7 +468,7 @@ mod tests {
         assert_eq!(events.buffered(), 0);
         // ...and once the rate has dropped, an idle owner's events go out at once.
         tokio::time::sleep(LINGER * 10).await;
-        events.task("task-started", task_started("d"));
+        events.task("task-started", || task_started("d"));
         settle().await;
         assert_eq!(events.buffered(), 0);
     }
@@ -482,7 +478,7 @@ mod tests {
         let events = events();
         let total = (MAX_BATCHES + 2) * BATCH_LIMIT;
         for i in 0..total {
-            events.task("task-started", task_started(&i.to_string()));
+            events.task("task-started", || task_started(&i.to_string()));
         }
         let batches = events.lock().take();
         assert_eq!(batches.len(), MAX_BATCHES);
@@ -500,7 +496,7 @@ mod tests {
         tokio::task::yield_now().await;
         events.set_idle(false);
         for i in 0..BATCH_LIMIT + 3 {
-            events.task("task-started", task_started(&i.to_string()));
+            events.task("task-started", || task_started(&i.to_string()));
         }
         events.flush().await;
         assert_eq!(events.buffered(), 0);
@@ -509,7 +505,7 @@ mod tests {
             .expect("the flusher stopped")
             .expect("and did not panic");
         // Events after that are sent by flush itself.
-        events.task("task-started", task_started("late"));
+        events.task("task-started", || task_started("late"));
         events.flush().await;
         assert_eq!(events.buffered(), 0);
     }

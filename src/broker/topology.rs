@@ -55,6 +55,28 @@ impl QueueSpec {
     }
 }
 
+/// Declares exchange `name` of `kind` (no arguments, not auto-deleted),
+/// as kombu declares Celery's own exchanges.
+pub async fn declare_exchange(
+    channel: &Channel,
+    name: &str,
+    kind: ExchangeKind,
+    durable: bool,
+) -> Result<(), BrokerError> {
+    channel
+        .exchange_declare(
+            ShortString::from(name),
+            kind,
+            ExchangeDeclareOptions {
+                durable,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(BrokerError::amqp(format!("declare exchange {name}")))
+}
+
 /// Declares the exchange, the queue and the binding. When the broker already
 /// holds the queue with other arguments (for example a quorum queue Python
 /// declared), it falls back to a passive declare and uses the queue as it is.

@@ -56,15 +56,14 @@ pub async fn discard_revoked(shared: &Shared, job: &Job, reason: &str, ignore_re
         .and_then(|l| l.shm.revoked(&job.msg.id))
         .map(|r| r.signal as i32)
         .filter(|s| *s != 0);
-    shared.events.task(
-        "task-revoked",
+    shared.events.task("task-revoked", || {
         events::task_revoked(
             &job.msg.id,
             reason == "terminated",
             signum,
             reason == "expired",
-        ),
-    );
+        )
+    });
 }
 
 /// Why `msg` must not run: `expired`, `revoked` or `terminated`, if so.
@@ -131,7 +130,7 @@ pub async fn execute(shared: Arc<Shared>, job: Job, state: Arc<RunState>) -> Fin
     );
     shared
         .events
-        .task("task-started", events::task_started(&id));
+        .task("task-started", || events::task_started(&id));
     let started = Instant::now();
     if let Some(link) = shared.link {
         let now = now_ms();
@@ -184,10 +183,9 @@ pub async fn execute(shared: Arc<Shared>, job: Job, state: Arc<RunState>) -> Fin
     match outcome {
         Ok(value) => {
             shared.record(&msg.task, Outcome::Succeeded, Some(runtime));
-            shared.events.task(
-                "task-succeeded",
-                events::task_succeeded(&id, &value, runtime),
-            );
+            shared.events.task("task-succeeded", || {
+                events::task_succeeded(&id, &value, runtime)
+            });
             follow_up_success(&shared, msg, &value, route).await;
             if !ignore_result {
                 shared
@@ -240,7 +238,7 @@ pub async fn execute(shared: Arc<Shared>, job: Job, state: Arc<RunState>) -> Fin
                             .unwrap_or_default();
                         shared
                             .events
-                            .task("task-retried", events::task_failed(&id, &exc_repr, &tb));
+                            .task("task-retried", || events::task_failed(&id, &exc_repr, &tb));
                         if acks_late {
                             ack(&job.acker, &id).await;
                         }
@@ -266,10 +264,10 @@ pub async fn execute(shared: Arc<Shared>, job: Job, state: Arc<RunState>) -> Fin
             );
             shared
                 .events
-                .task("task-failed", events::task_failed(&id, &why, ""));
+                .task("task-failed", || events::task_failed(&id, &why, ""));
             shared
                 .events
-                .task("task-rejected", events::task_rejected(&id, requeue));
+                .task("task-rejected", || events::task_rejected(&id, requeue));
             if !requeue && !ignore_result {
                 let exc = ExceptionInfo::new(
                     "Reject",
@@ -336,10 +334,9 @@ async fn fail(
     }
     error!(task_id = %msg.id, "Task {}[{}] raised unexpected: {} (after {:.6}s)", msg.display_name(), msg.id, exc.repr(), runtime);
     shared.record(&msg.task, Outcome::Failed, Some(runtime));
-    shared.events.task(
-        "task-failed",
-        events::task_failed(&msg.id, &exc.repr(), &exc.traceback()),
-    );
+    shared.events.task("task-failed", || {
+        events::task_failed(&msg.id, &exc.repr(), &exc.traceback())
+    });
     if acks_late {
         ack(&job.acker, &msg.id).await;
     }

@@ -279,11 +279,7 @@ pub async fn run(
         events: crate::events::Events::new(
             crate::protocol::events::EventSource {
                 hostname: config.hostname.clone(),
-                pid: if link.is_some() {
-                    nix::unistd::getppid().as_raw() as u32
-                } else {
-                    pid
-                },
+                pid: link.map_or(pid, |l| l.supervisor as u32),
                 utcoffset: crate::protocol::events::local_utcoffset(),
             },
             link.map(|l| l.shm),
@@ -776,18 +772,16 @@ impl Child {
                     self.shared.store(&msg, doc).await;
                 }
                 self.shared.record(&msg.task, Outcome::Revoked, None);
-                self.shared.events.task(
-                    "task-revoked",
-                    events::task_revoked(&msg.id, true, Some(revoke.signal as i32), false),
-                );
+                self.shared.events.task("task-revoked", || {
+                    events::task_revoked(&msg.id, true, Some(revoke.signal as i32), false)
+                });
                 continue;
             }
             let exc = lost_exception(&lost);
             self.shared.record(&msg.task, Outcome::Failed, None);
-            self.shared.events.task(
-                "task-failed",
-                events::task_failed(&msg.id, &exc.repr(), &exc.traceback()),
-            );
+            self.shared.events.task("task-failed", || {
+                events::task_failed(&msg.id, &exc.repr(), &exc.traceback())
+            });
             error!(task_id = %msg.id, "Task {}[{}] failed: {}", msg.task, msg.id, exc.repr());
             if lost.task.flags & TaskFlags::IGNORE_RESULT == 0 {
                 let mut doc = self.shared.document(
@@ -847,13 +841,12 @@ impl Child {
                 msg.display_name(), msg.id, lost.deaths
             );
             let exc = lost_exception(lost);
-            self.shared.events.task(
-                "task-failed",
-                events::task_failed(&msg.id, &exc.repr(), &exc.traceback()),
-            );
+            self.shared.events.task("task-failed", || {
+                events::task_failed(&msg.id, &exc.repr(), &exc.traceback())
+            });
             self.shared
                 .events
-                .task("task-rejected", events::task_rejected(&msg.id, false));
+                .task("task-rejected", || events::task_rejected(&msg.id, false));
             store(exc).await;
             reject(&job.acker, &msg.id, false).await;
             self.shared.record(&msg.task, Outcome::Rejected, None);
@@ -868,10 +861,9 @@ impl Child {
             _ => {
                 let exc = lost_exception(lost);
                 error!(task_id = %msg.id, "Task {}[{}] failed: {}", msg.display_name(), msg.id, exc.repr());
-                self.shared.events.task(
-                    "task-failed",
-                    events::task_failed(&msg.id, &exc.repr(), &exc.traceback()),
-                );
+                self.shared.events.task("task-failed", || {
+                    events::task_failed(&msg.id, &exc.repr(), &exc.traceback())
+                });
                 store(exc).await;
                 job::ack(&job.acker, &msg.id).await;
                 self.shared.record(&msg.task, Outcome::Failed, None);
@@ -908,23 +900,22 @@ impl Child {
             shared.store(&job.msg, doc).await;
             reject(&job.acker, &acker_id, false).await;
             shared.record(&job.msg.task, Outcome::Rejected, None);
-            shared.events.task(
-                "task-failed",
+            shared.events.task("task-failed", || {
                 vec![
                     ("uuid", acker_id.clone().into()),
                     (
                         "exception",
                         format!("NotRegistered('{}')", job.msg.task).into(),
                     ),
-                ],
-            );
+                ]
+            });
             return;
         };
         info!(task_id = %acker_id, "Task {}[{}] received", job.msg.display_name(), acker_id);
         self.received += 1;
         self.shared
             .events
-            .task("task-received", events::task_received(&job.msg));
+            .task("task-received", || events::task_received(&job.msg));
         if job.delivery.redelivered {
             if let Some(lost) = self.lost_record(&acker_id).await {
                 if self.settle_lost(&job, &lost).await {

@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_lite::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, Consumer, ExchangeKind};
 use serde_json::{Map, Value};
@@ -20,7 +18,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{debug, error, info, warn};
 
-use crate::broker::{connect, json_properties, publish, table_to_json, BrokerError, Outgoing};
+use crate::broker::{
+    connect, declare_exchange, json_properties, publish, table_to_json, BrokerError, Outgoing,
+};
 use crate::config::WorkerConfig;
 use crate::events::Events;
 use crate::protocol::events::{self as ev, EventSource, HEARTBEAT_FREQ};
@@ -58,13 +58,6 @@ struct Session {
     requests: Consumer,
 }
 
-fn amqp(what: &'static str) -> impl FnOnce(lapin::Error) -> BrokerError {
-    move |source| BrokerError::Amqp {
-        what: what.into(),
-        source,
-    }
-}
-
 /// Connects and declares the event exchange, the pidbox exchanges and this
 /// node's pidbox queue (non-durable, exclusive, auto-delete, with kombu's
 /// TTL and expiry), then consumes it without acknowledgements.
@@ -75,28 +68,21 @@ async fn open_session(config: &WorkerConfig) -> Result<Session, BrokerError> {
         std::process::id()
     );
     let conn = connect(&config.broker_url, &name).await?;
-    let events = conn.create_channel().await.map_err(amqp("open channel"))?;
+    let events = conn
+        .create_channel()
+        .await
+        .map_err(BrokerError::amqp("open channel"))?;
     crate::events::declare_exchange(&events).await?;
-    let replies = conn.create_channel().await.map_err(amqp("open channel"))?;
-    replies
-        .exchange_declare(
-            ShortString::from(REPLY_EXCHANGE),
-            ExchangeKind::Direct,
-            ExchangeDeclareOptions::default(),
-            FieldTable::default(),
-        )
+    let replies = conn
+        .create_channel()
         .await
-        .map_err(amqp("declare reply.celery.pidbox"))?;
-    let requests = conn.create_channel().await.map_err(amqp("open channel"))?;
-    requests
-        .exchange_declare(
-            ShortString::from(PIDBOX_EXCHANGE),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions::default(),
-            FieldTable::default(),
-        )
+        .map_err(BrokerError::amqp("open channel"))?;
+    declare_exchange(&replies, REPLY_EXCHANGE, ExchangeKind::Direct, false).await?;
+    let requests = conn
+        .create_channel()
         .await
-        .map_err(amqp("declare celery.pidbox"))?;
+        .map_err(BrokerError::amqp("open channel"))?;
+    declare_exchange(&requests, PIDBOX_EXCHANGE, ExchangeKind::Fanout, false).await?;
     let queue = format!("{}.celery.pidbox", config.hostname);
     let mut args = FieldTable::default();
     args.insert(
@@ -115,7 +101,7 @@ async fn open_session(config: &WorkerConfig) -> Result<Session, BrokerError> {
             args,
         )
         .await
-        .map_err(amqp("declare the pidbox queue"))?;
+        .map_err(BrokerError::amqp("declare the pidbox queue"))?;
     requests
         .queue_bind(
             ShortString::from(queue.as_str()),
@@ -125,7 +111,7 @@ async fn open_session(config: &WorkerConfig) -> Result<Session, BrokerError> {
             FieldTable::default(),
         )
         .await
-        .map_err(amqp("bind the pidbox queue"))?;
+        .map_err(BrokerError::amqp("bind the pidbox queue"))?;
     let requests = requests
         .basic_consume(
             ShortString::from(queue.as_str()),
@@ -137,7 +123,7 @@ async fn open_session(config: &WorkerConfig) -> Result<Session, BrokerError> {
             FieldTable::default(),
         )
         .await
-        .map_err(amqp("consume the pidbox queue"))?;
+        .map_err(BrokerError::amqp("consume the pidbox queue"))?;
     Ok(Session {
         conn,
         events,
