@@ -5,7 +5,10 @@ use std::sync::Arc;
 use tracing::{error, info, warn};
 
 use crate::broker::mask_url;
-use crate::config::{self, Invocation, ProcessEnv, WorkerConfig, EX_USAGE};
+use crate::config::{self, Invocation, ProcessEnv, WorkerConfig};
+use crate::exit::{self, USAGE};
+use crate::shm::SharedState;
+use crate::supervisor::{Role, Supervisor};
 use crate::task::{builtins, Registry};
 
 /// A celeriac application: the tasks it can run.
@@ -58,7 +61,7 @@ impl App {
             Ok(Invocation::Worker(config)) => config,
             Err(e) => {
                 eprintln!("celeriac: error: {e}");
-                return EX_USAGE;
+                return USAGE;
             }
         };
         if let Err(e) = std::fs::create_dir_all(&config.state_dir) {
@@ -66,7 +69,7 @@ impl App {
                 "celeriac: error: --state-dir: cannot create {}: {e}",
                 config.state_dir.display()
             );
-            return EX_USAGE;
+            return USAGE;
         }
         crate::logging::init(config.log_level, config.log_format);
         if !config.builtin_tasks {
@@ -78,7 +81,13 @@ impl App {
         banner(&config, &self.registry);
         let config = Arc::new(*config);
         let registry = Arc::new(self.registry);
-        match crate::supervisor::Supervisor::new(config, registry) {
+        let supervisor_config = Arc::clone(&config);
+        // The composition root: what each forked role runs.
+        let bodies = move |role: Role, shm: SharedState| match role {
+            Role::Task(n) => crate::child::main(n, shm, Arc::clone(&config), Arc::clone(&registry)),
+            Role::Control => crate::control::main(shm, Arc::clone(&config), Arc::clone(&registry)),
+        };
+        match Supervisor::new(supervisor_config, Box::new(bodies)) {
             Ok(supervisor) => {
                 let code = supervisor.run();
                 info!("worker stopped (exit code {code})");
@@ -86,7 +95,7 @@ impl App {
             }
             Err(e) => {
                 error!("cannot start the supervisor: {e}");
-                1
+                exit::FAILED
             }
         }
     }

@@ -1,5 +1,5 @@
 //! The `celeriac worker` command line and environment, validated before
-//! anything connects or forks. A bad value exits with code 64 (EX_USAGE) and
+//! anything connects or forks. A bad value exits with code 64 ([`crate::exit::USAGE`]) and
 //! one line naming it.
 
 use std::path::PathBuf;
@@ -9,9 +9,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
 use crate::broker::{mask_url, parse_url, QueueSpec};
-
-/// Exit code for a bad flag or environment variable (sysexits EX_USAGE).
-pub const EX_USAGE: i32 = 64;
 
 /// The default broker, as Celery's.
 pub const DEFAULT_BROKER: &str = "amqp://guest:guest@localhost:5672//";

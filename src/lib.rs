@@ -16,11 +16,13 @@
 
 pub mod app;
 pub mod backend;
+pub mod backoff;
 pub mod broker;
 pub mod child;
 pub mod config;
 pub mod control;
 pub mod events;
+pub mod exit;
 pub mod inspect;
 pub mod logging;
 pub mod metrics;

@@ -24,8 +24,10 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use crate::backend::{Backend, BackendError};
+use crate::backoff::Backoff;
 use crate::broker::{connect, declare_queue, mask_url, BrokerError};
 use crate::config::WorkerConfig;
+use crate::exit;
 use crate::protocol::{events, ExceptionInfo, TaskState};
 use crate::shm::{ChildState, Lost, LostReason, Outcome, SharedState, Slot, TaskFlags};
 use crate::task::Registry;
@@ -95,7 +97,7 @@ impl Link {
 
 /// The body of a forked task child: runs [`run_blocking`] with one task
 /// slot and returns the process exit code.
-pub fn child_main(
+pub fn main(
     index: usize,
     shm: SharedState,
     config: Arc<WorkerConfig>,
@@ -110,20 +112,20 @@ pub fn child_main(
     let _entered = span.enter();
     link.slot().set_state(ChildState::Booting);
     match run_blocking(config, registry, 1, Some(link)) {
-        Ok(Exit::Shutdown) => 0,
-        Ok(Exit::Recycled) => 0,
+        Ok(Exit::Shutdown) => exit::DRAINED,
+        Ok(Exit::Recycled) => exit::RECYCLED,
         Err(ChildError::Boot { message, transient }) => {
             error!("cannot start: {message}");
             link.slot().set_error(&message);
             if transient {
-                crate::supervisor::EXIT_BROKER_UNREACHABLE
+                exit::UNREACHABLE
             } else {
-                crate::supervisor::EXIT_BOOT_FAILURE
+                exit::BOOT_REFUSED
             }
         }
         Err(e) => {
             error!("stopped: {e}");
-            1
+            exit::FAILED
         }
     }
 }
@@ -362,21 +364,8 @@ impl ChildSignals {
 
 /// Reconnect delays: 0.5 s doubling to 30 s, with up to 50 % jitter so a
 /// fleet of workers does not reconnect in lockstep.
-fn reconnect_delay(attempt: u32) -> Duration {
-    let base = Duration::from_millis(500u64.saturating_mul(1u64 << attempt.min(6)))
-        .min(Duration::from_secs(30));
-    let seed = u64::from(std::process::id())
-        ^ u64::from(attempt).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos().into());
-    let mut x = seed | 1;
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    let jitter = (x % 500) as f64 / 1000.0; // 0.0 ..< 0.5
-    base.mul_f64(1.0 - jitter)
-}
+const RECONNECT: Backoff =
+    Backoff::new(Duration::from_millis(500), Duration::from_secs(30)).with_jitter(0.5);
 
 impl Child {
     /// Starts a consumer on every queue and tells the supervisor.
@@ -466,7 +455,7 @@ impl Child {
         let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
         let mut attempt: u32 = 0;
         loop {
-            let wait = tokio::time::sleep(reconnect_delay(attempt));
+            let wait = tokio::time::sleep(RECONNECT.delay(attempt));
             tokio::pin!(wait);
             loop {
                 tokio::select! {

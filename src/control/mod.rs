@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{debug, error, info, warn};
 
+use crate::backoff::Backoff;
 use crate::broker::{
     connect, declare_exchange, json_properties, publish, table_to_json, BrokerError, Outgoing,
 };
@@ -28,13 +29,17 @@ use crate::shm::{ChildState, SharedState};
 use crate::task::Registry;
 pub use pidbox::{addressed_to, Effect, Pidbox};
 
+/// Reconnect delays after a failed attempt: 0.5 s doubling to 32 s (the
+/// first retry waits 1 s).
+const RECONNECT: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(32));
+
 /// The fanout exchange remote-control requests are broadcast on.
 pub const PIDBOX_EXCHANGE: &str = "celery.pidbox";
 /// The direct exchange replies go to.
 pub const REPLY_EXCHANGE: &str = "reply.celery.pidbox";
 
 /// The body of the forked control process; returns its exit code.
-pub fn control_main(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry>) -> i32 {
+pub fn main(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry>) -> i32 {
     let span = tracing::error_span!("control");
     let _entered = span.enter();
     shm.control_slot().set_state(ChildState::Booting);
@@ -212,8 +217,7 @@ async fn run(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry
                     }
                     attempt += 1;
                     slot.set_state(ChildState::Reconnecting);
-                    next_connect = tokio::time::Instant::now()
-                        + Duration::from_millis(500 * (1 << attempt.min(6)));
+                    next_connect = tokio::time::Instant::now() + RECONNECT.delay(attempt);
                 }
             }
         }

@@ -1,16 +1,13 @@
-//! Forking a task child, with the single-thread rule checked every time.
-
-use std::sync::Arc;
+//! Forking a process for a role, with the single-thread rule checked every time.
 
 use nix::sys::signal::Signal;
 use nix::unistd::{fork, getppid, ForkResult, Pid};
 use thiserror::Error;
 use tracing::debug;
 
+use super::roles::{Role, RoleBodies};
 use super::signals::Signals;
-use crate::config::WorkerConfig;
 use crate::shm::SharedState;
-use crate::task::Registry;
 
 /// Why a child could not be forked.
 #[derive(Debug, Error)]
@@ -38,14 +35,14 @@ pub fn thread_count() -> usize {
         .unwrap_or(0)
 }
 
-/// Forks the task child for slot `index`. Returns its pid in the
-/// supervisor; never returns in the child.
-pub fn spawn_child(
-    index: usize,
+/// Forks a process for `role`, which runs `bodies.run(role, …)` and exits
+/// with its code. Returns its pid in the supervisor; never returns in the
+/// forked process.
+pub fn spawn(
+    role: Role,
     shm: &SharedState,
     signals: &Signals,
-    config: &Arc<WorkerConfig>,
-    registry: &Arc<Registry>,
+    bodies: &dyn RoleBodies,
 ) -> Result<Pid, ForkError> {
     let threads = thread_count();
     if threads != 1 {
@@ -54,13 +51,13 @@ pub fn spawn_child(
     if tokio::runtime::Handle::try_current().is_ok() {
         return Err(ForkError::Runtime);
     }
-    debug!(index, threads, "forking task process");
+    debug!(threads, "forking {role}");
     let supervisor = nix::unistd::getpid();
-    let slot = &shm.slots()[index];
+    let slot = &shm.slots()[role.slot(shm.task_slots().len())];
     slot.reset();
     // SAFETY: the supervisor is single-threaded (checked just above), so the
     // child starts with every lock free and may allocate. The child never
-    // returns into the supervisor's code: it runs its own main and exits.
+    // returns into the supervisor's code: it runs its role's body and exits.
     #[allow(unsafe_code)]
     let forked = unsafe { fork() };
     match forked.map_err(ForkError::Fork)? {
@@ -76,14 +73,9 @@ pub fn spawn_child(
             // If the supervisor is killed, drain instead of running on alone.
             let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM);
             if getppid() != supervisor {
-                std::process::exit(0);
+                std::process::exit(crate::exit::DRAINED);
             }
-            let code = if index == shm.task_slots().len() {
-                crate::control::control_main(*shm, Arc::clone(config), Arc::clone(registry))
-            } else {
-                crate::child::child_main(index, *shm, Arc::clone(config), Arc::clone(registry))
-            };
-            std::process::exit(code)
+            std::process::exit(bodies.run(role, *shm))
         }
     }
 }

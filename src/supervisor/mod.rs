@@ -5,6 +5,8 @@
 //! connection, so it can fork safely at any time.
 
 mod fork;
+mod policy;
+mod roles;
 mod signals;
 
 use std::sync::Arc;
@@ -16,15 +18,13 @@ use nix::unistd::Pid;
 use tracing::{debug, error, info, warn};
 
 use crate::config::WorkerConfig;
+use crate::exit;
 use crate::shm::{now_ms, DeathCause, LostReason, SharedState};
-use crate::task::Registry;
 pub use fork::{thread_count, ForkError};
+use policy::Ended;
+pub use roles::{Role, RoleBodies};
 use signals::Signals;
 
-/// Exit code of a child the broker refused (credentials, vhost, arguments).
-pub const EXIT_BOOT_FAILURE: i32 = 3;
-/// Exit code of a child that could not reach the broker or result backend.
-pub const EXIT_BROKER_UNREACHABLE: i32 = 4;
 /// Refusals, with no child ever consuming, that stop the worker.
 pub const MAX_BOOT_FAILURES: u32 = 5;
 
@@ -37,7 +37,9 @@ const HARD_LIMIT_GRACE_MS: u64 = 1_000;
 /// How often the probe state file is rewritten.
 const STATE_EVERY: Duration = Duration::from_secs(1);
 
+/// One row of the process table: a role and the process that has it now.
 struct ChildEntry {
+    role: Role,
     pid: Option<Pid>,
     started: Instant,
     respawn_at: Instant,
@@ -49,7 +51,7 @@ struct ChildEntry {
 /// The supervisor's state.
 pub struct Supervisor {
     config: Arc<WorkerConfig>,
-    registry: Arc<Registry>,
+    bodies: Box<dyn RoleBodies>,
     shm: SharedState,
     signals: Signals,
     children: Vec<ChildEntry>,
@@ -65,8 +67,9 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    /// Prepares the shared memory and signal handlers. Nothing is forked yet.
-    pub fn new(config: Arc<WorkerConfig>, registry: Arc<Registry>) -> std::io::Result<Self> {
+    /// Prepares the shared memory and signal handlers. Nothing is forked
+    /// yet; `bodies` says what each forked process runs.
+    pub fn new(config: Arc<WorkerConfig>, bodies: Box<dyn RoleBodies>) -> std::io::Result<Self> {
         // Room for `pool_grow`: up to twice the configured processes (at least 4 more).
         let n = config.concurrency + config.concurrency.max(4);
         let shm = SharedState::map(n)?;
@@ -76,8 +79,11 @@ impl Supervisor {
         let signals = Signals::install()?;
         let now = Instant::now();
         // One entry per task process, then the control process.
-        let children = (0..=n)
-            .map(|_| ChildEntry {
+        let children = (0..n)
+            .map(Role::Task)
+            .chain([Role::Control])
+            .map(|role| ChildEntry {
+                role,
                 pid: None,
                 started: now,
                 respawn_at: now,
@@ -88,7 +94,7 @@ impl Supervisor {
             .collect();
         Ok(Self {
             config,
-            registry,
+            bodies,
             shm,
             signals,
             children,
@@ -135,7 +141,11 @@ impl Supervisor {
                 if self.live_children() == 0 {
                     self.write_state(true);
                     info!("all task processes stopped");
-                    return if self.cold { 1 } else { 0 };
+                    return if self.cold {
+                        exit::FAILED
+                    } else {
+                        exit::DRAINED
+                    };
                 }
                 if Instant::now() >= deadline {
                     error!("task processes did not stop in time; killing them");
@@ -230,7 +240,7 @@ impl Supervisor {
             info!(
                 "{} shutdown: stopping {} task process(es)",
                 if cold { "Cold" } else { "Warm" },
-                self.live_children()
+                self.live_task_children()
             );
             self.shm.set_draining();
             self.drain_deadline =
@@ -249,8 +259,8 @@ impl Supervisor {
     /// Signals the task processes (the control process is stopped last,
     /// so it can announce `worker-offline` once the tasks are done).
     fn signal_children(&self, signal: Signal) {
-        let tasks = self.children.len() - 1;
-        for pid in self.children[..tasks].iter().filter_map(|c| c.pid) {
+        let tasks = self.children.iter().filter(|c| c.role.is_task());
+        for pid in tasks.filter_map(|c| c.pid) {
             let _ = kill(pid, signal);
         }
         if signal == Signal::SIGKILL {
@@ -259,26 +269,28 @@ impl Supervisor {
     }
 
     fn signal_control(&self, signal: Signal) {
-        if let Some(pid) = self.children.last().and_then(|c| c.pid) {
+        let control = self.children.iter().find(|c| c.role == Role::Control);
+        if let Some(pid) = control.and_then(|c| c.pid) {
             let _ = kill(pid, signal);
         }
     }
 
     fn live_task_children(&self) -> usize {
-        let tasks = self.children.len() - 1;
-        self.children[..tasks]
+        self.children
             .iter()
-            .filter(|c| c.pid.is_some())
+            .filter(|c| c.role.is_task() && c.pid.is_some())
             .count()
     }
 
     fn spawn_missing(&mut self) -> Result<(), ForkError> {
         let now = Instant::now();
         let target = self.shm.target();
-        let tasks = self.children.len() - 1;
         for index in 0..self.children.len() {
             let entry = &mut self.children[index];
-            let wanted = index >= tasks || index < target;
+            let wanted = match entry.role {
+                Role::Task(n) => n < target,
+                Role::Control => true,
+            };
             if !wanted {
                 // `pool_shrink`: retire the process in this slot, once.
                 if let (Some(pid), false) = (entry.pid, entry.retiring) {
@@ -292,15 +304,10 @@ impl Supervisor {
                 continue;
             }
             entry.retiring = false;
-            let pid = fork::spawn_child(
-                index,
-                &self.shm,
-                &self.signals,
-                &self.config,
-                &self.registry,
-            )?;
+            let role = entry.role;
+            let pid = fork::spawn(role, &self.shm, &self.signals, self.bodies.as_ref())?;
             self.shm.count_spawn();
-            debug!(pid = pid.as_raw(), index, "started process");
+            debug!(pid = pid.as_raw(), "started {role}");
             let entry = &mut self.children[index];
             entry.pid = Some(pid);
             entry.started = Instant::now();
@@ -323,9 +330,9 @@ impl Supervisor {
     fn reap(&mut self) {
         loop {
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(pid, code)) => self.child_exited(pid, Some(code), None),
+                Ok(WaitStatus::Exited(pid, code)) => self.child_exited(pid, Ended::Code(code)),
                 Ok(WaitStatus::Signaled(pid, signal, _)) => {
-                    self.child_exited(pid, None, Some(signal))
+                    self.child_exited(pid, Ended::Signal(signal))
                 }
                 Ok(WaitStatus::StillAlive) | Err(_) => break,
                 Ok(_) => continue,
@@ -333,27 +340,18 @@ impl Supervisor {
         }
     }
 
-    fn child_exited(&mut self, pid: Pid, code: Option<i32>, signal: Option<Signal>) {
+    fn child_exited(&mut self, pid: Pid, ended: Ended) {
         let Some(index) = self.children.iter().position(|c| c.pid == Some(pid)) else {
             debug!(pid = pid.as_raw(), "reaped orphan");
             return;
         };
-        let slot = &self.shm.slots()[index];
+        let task_slots = self.shm.task_slots().len();
         let entry = &mut self.children[index];
+        let slot = &self.shm.slots()[entry.role.slot(task_slots)];
         entry.pid = None;
-        let how = match (code, signal) {
-            (_, Some(sig)) => format!("signal {} ({sig:?})", sig as i32),
-            (Some(c), _) => format!("exit code {c}"),
-            _ => "unknown status".into(),
-        };
-        let cause = match (code, signal, entry.killed_for) {
-            _ if self.drain_deadline.is_some() => DeathCause::Shutdown,
-            (_, _, Some(killed)) => killed,
-            (Some(EXIT_BOOT_FAILURE | EXIT_BROKER_UNREACHABLE), _, _) => DeathCause::Boot,
-            (Some(0), _, _) => DeathCause::Recycled,
-            (_, Some(_), _) => DeathCause::Crashed,
-            _ => DeathCause::Failed,
-        };
+        let how = ended.describe();
+        let (code, signal) = (ended.code(), ended.signal());
+        let cause = policy::classify(ended, self.drain_deadline.is_some(), entry.killed_for);
         self.shm.count_death(cause);
         if let Some(task) = slot.running_task() {
             let reason = if entry.killed_for == Some(DeathCause::TimeLimit) {
@@ -378,7 +376,7 @@ impl Supervisor {
             debug!(pid = pid.as_raw(), "task process stopped with {how}");
             return;
         }
-        if code == Some(EXIT_BOOT_FAILURE) {
+        if code == Some(exit::BOOT_REFUSED) {
             self.boot_failures += 1;
             let why = if boot_error.is_empty() {
                 "it could not start".to_owned()
@@ -396,7 +394,7 @@ impl Supervisor {
                 "task process {pid} failed to start ({}/{}): {why}",
                 self.boot_failures, MAX_BOOT_FAILURES
             );
-        } else if code == Some(EXIT_BROKER_UNREACHABLE) {
+        } else if code == Some(exit::UNREACHABLE) {
             let since = *self.unreachable_since.get_or_insert_with(Instant::now);
             let why = if boot_error.is_empty() {
                 "the broker is unreachable".to_owned()
@@ -413,32 +411,23 @@ impl Supervisor {
             warn!("task process {pid} could not reach the broker; retrying: {why}");
         } else if self.children[index].retiring {
             info!("task process {pid} retired (pool shrink)");
-        } else if code == Some(0) {
+        } else if matches!(code, Some(exit::RECYCLED | exit::DRAINED)) {
             info!("task process {pid} exited (recycled); replacing it");
         } else {
             warn!("task process {pid} exited with {how}; replacing it");
         }
         let entry = &mut self.children[index];
-        entry.quick_exits = if lived < Duration::from_secs(5) && code != Some(0) {
-            entry.quick_exits + 1
-        } else {
-            0
-        };
-        let backoff = if entry.quick_exits == 0 {
-            Duration::ZERO
-        } else {
-            Duration::from_millis(100 * (1u64 << entry.quick_exits.min(8)))
-                .min(Duration::from_secs(30))
-        };
-        entry.respawn_at = Instant::now() + backoff;
+        entry.quick_exits = policy::quick_exits(entry.quick_exits, lived, ended);
+        entry.respawn_at = Instant::now() + policy::respawn_delay(entry.quick_exits);
     }
 
     fn enforce_limits(&mut self) {
         let now = now_ms();
         let wedged_after_ms = self.config.child_heartbeat_timeout.as_millis() as u64;
-        for (index, entry) in self.children.iter_mut().enumerate() {
+        let task_slots = self.shm.task_slots().len();
+        for entry in self.children.iter_mut() {
             let Some(pid) = entry.pid else { continue };
-            let slot = &self.shm.slots()[index];
+            let slot = &self.shm.slots()[entry.role.slot(task_slots)];
             match slot.running_task() {
                 Some(task)
                     if task.deadline_ms > 0
@@ -469,5 +458,113 @@ impl Supervisor {
                 _ => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{parse, Invocation};
+
+    fn supervisor(args: &[&str]) -> Supervisor {
+        let mut argv = vec!["celeriac", "worker"];
+        argv.extend_from_slice(args);
+        let config = match parse(argv, &[]) {
+            Ok(Invocation::Worker(c)) => Arc::new(*c),
+            _ => panic!("bad test arguments"),
+        };
+        let never = |role: Role, _: SharedState| -> i32 { panic!("{role} must not be forked") };
+        Supervisor::new(config, Box::new(never)).expect("supervisor")
+    }
+
+    /// Pretends `role` runs as `pid`, without forking.
+    fn adopt(s: &mut Supervisor, role: Role, pid: i32) -> Pid {
+        let pid = Pid::from_raw(pid);
+        let entry = s.children.iter_mut().find(|c| c.role == role).unwrap();
+        entry.pid = Some(pid);
+        entry.started = Instant::now();
+        pid
+    }
+
+    fn deaths(s: &Supervisor, cause: DeathCause) -> u64 {
+        let at = DeathCause::ALL.iter().position(|c| *c == cause).unwrap();
+        s.shm.deaths()[at]
+    }
+
+    #[test]
+    fn the_table_has_every_task_slot_then_the_control_process() {
+        let s = supervisor(&["-c", "2"]);
+        let roles: Vec<Role> = s.children.iter().map(|c| c.role).collect();
+        // Room for pool_grow: twice -c, at least 4 more.
+        assert_eq!(
+            roles,
+            [
+                Role::Task(0),
+                Role::Task(1),
+                Role::Task(2),
+                Role::Task(3),
+                Role::Task(4),
+                Role::Task(5),
+                Role::Control
+            ]
+        );
+        assert_eq!(s.shm.task_slots().len(), 6);
+    }
+
+    #[test]
+    fn a_quick_crash_is_counted_and_delays_the_restart() {
+        let mut s = supervisor(&["-c", "2"]);
+        let pid = adopt(&mut s, Role::Task(1), 4_000_001);
+        s.child_exited(pid, Ended::Signal(Signal::SIGSEGV));
+        assert_eq!(deaths(&s, DeathCause::Crashed), 1);
+        let entry = &s.children[1];
+        assert_eq!(entry.pid, None);
+        assert_eq!(entry.quick_exits, 1);
+        assert!(entry.respawn_at > Instant::now() + Duration::from_millis(100));
+        assert!(s.fatal.is_none());
+    }
+
+    #[test]
+    fn a_recycled_process_is_replaced_at_once() {
+        let mut s = supervisor(&["-c", "2"]);
+        let pid = adopt(&mut s, Role::Task(0), 4_000_002);
+        s.child_exited(pid, Ended::Code(exit::RECYCLED));
+        assert_eq!(deaths(&s, DeathCause::Recycled), 1);
+        assert_eq!(s.children[0].quick_exits, 0);
+        assert!(s.children[0].respawn_at <= Instant::now());
+    }
+
+    #[test]
+    fn repeated_refusals_at_boot_stop_the_worker() {
+        let mut s = supervisor(&["-c", "1"]);
+        for n in 0..MAX_BOOT_FAILURES {
+            assert!(s.fatal.is_none(), "fatal too early, after {n}");
+            let pid = adopt(&mut s, Role::Task(0), 4_000_100 + n as i32);
+            s.child_exited(pid, Ended::Code(exit::BOOT_REFUSED));
+        }
+        assert_eq!(deaths(&s, DeathCause::Boot), u64::from(MAX_BOOT_FAILURES));
+        let fatal = s.fatal.expect("the worker gives up");
+        assert!(fatal.contains("after 5 tries"), "{fatal}");
+    }
+
+    #[test]
+    fn during_a_drain_deaths_are_shutdowns_and_nothing_restarts() {
+        let mut s = supervisor(&["-c", "1"]);
+        let task = adopt(&mut s, Role::Task(0), 4_000_003);
+        adopt(&mut s, Role::Control, 4_000_004);
+        s.drain_deadline = Some(Instant::now() + Duration::from_secs(60));
+        assert_eq!(s.live_task_children(), 1);
+        assert_eq!(s.live_children(), 2);
+        s.child_exited(task, Ended::Code(exit::DRAINED));
+        assert_eq!(deaths(&s, DeathCause::Shutdown), 1);
+        assert_eq!(s.live_task_children(), 0);
+        assert_eq!(s.live_children(), 1, "the control process is stopped last");
+    }
+
+    #[test]
+    fn an_unknown_pid_is_an_orphan() {
+        let mut s = supervisor(&["-c", "1"]);
+        s.child_exited(Pid::from_raw(4_000_005), Ended::Code(1));
+        assert!(DeathCause::ALL.iter().all(|c| deaths(&s, *c) == 0));
     }
 }
