@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod repr;
 pub mod shm;
+pub mod signals;
 pub mod supervisor;
 pub mod task;
 

@@ -437,16 +437,19 @@ pub enum Outcome {
     Rejected,
     /// Revoked or expired.
     Revoked,
+    /// Raised `Ignore`.
+    Ignored,
 }
 
 impl Outcome {
     /// Every outcome, in metric order.
-    pub const ALL: [Outcome; 5] = [
+    pub const ALL: [Outcome; 6] = [
         Self::Succeeded,
         Self::Failed,
         Self::Retried,
         Self::Rejected,
         Self::Revoked,
+        Self::Ignored,
     ];
 
     /// The metric label value.
@@ -457,6 +460,7 @@ impl Outcome {
             Self::Retried => "retried",
             Self::Rejected => "rejected",
             Self::Revoked => "revoked",
+            Self::Ignored => "ignored",
         }
     }
 

@@ -27,8 +27,8 @@ pub struct Shared {
     pub pid: u32,
     /// The node name, shared with every task context.
     pub hostname: Arc<str>,
-    /// The supervisor's shared memory, when running as a forked child.
-    pub link: Option<super::Link>,
+    /// This process's place in the supervisor's shared memory.
+    pub link: super::Link,
     /// Task events.
     pub events: crate::events::Events,
     /// Task name -> index in the shared stats table, cached per process.
@@ -52,17 +52,15 @@ impl Shared {
 
     /// Counts a task outcome (and its runtime) in the shared metrics.
     pub fn record(&self, task: &str, outcome: Outcome, runtime: Option<f64>) {
-        let Some(link) = self.link else { return };
-        let index = self.stat_index(link, task);
-        link.shm.record_task(index, outcome, runtime);
+        let index = self.stat_index(self.link, task);
+        self.link.shm.record_task(index, outcome, runtime);
     }
 
     /// Limits set at run time by `time_limit` / `rate_limit` for `task`.
     pub fn runtime_limits(&self, task: &str) -> crate::shm::RuntimeLimits {
-        match self.link {
-            Some(link) => link.shm.runtime_limits(self.stat_index(link, task)),
-            None => crate::shm::RuntimeLimits::default(),
-        }
+        self.link
+            .shm
+            .runtime_limits(self.stat_index(self.link, task))
     }
 
     /// Points publishing at a new connection's channels after a reconnect.

@@ -15,7 +15,6 @@ use lapin::{Channel, Connection, Consumer, ExchangeKind};
 use serde_json::{Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::signal::unix::{signal, SignalKind};
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
@@ -26,6 +25,7 @@ use crate::config::WorkerConfig;
 use crate::events::Events;
 use crate::protocol::events::{self as ev, EventSource, HEARTBEAT_FREQ};
 use crate::shm::{ChildState, SharedState};
+use crate::signals::ProcessSignals;
 use crate::task::Registry;
 pub use pidbox::{addressed_to, Effect, Pidbox};
 
@@ -160,13 +160,9 @@ fn status(shm: &SharedState) -> Vec<(&'static str, Value)> {
 }
 
 async fn run(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry>) -> i32 {
-    let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::quit()),
-    ) else {
+    let Ok(mut signals) = ProcessSignals::install() else {
         error!("cannot install signal handlers");
-        return 1;
+        return crate::exit::FAILED;
     };
     let listener = match config.metrics_bind {
         Some(addr) => match TcpListener::bind(addr).await {
@@ -229,9 +225,7 @@ async fn run(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry
             }
         };
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = quit.recv() => break,
+            _ = signals.recv() => break,
             _ = beat.tick() => {
                 slot.beat();
                 // The supervisor stops the control process last; a drain

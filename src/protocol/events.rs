@@ -171,13 +171,66 @@ pub fn task_succeeded(id: &str, result: &Value, runtime: f64) -> Vec<(&'static s
     ]
 }
 
-/// `task-failed` (or `task-retried`) fields.
-pub fn task_failed(id: &str, exception: &str, traceback: &str) -> Vec<(&'static str, Value)> {
+/// The task event types a worker sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskEventKind {
+    /// `task-received`
+    Received,
+    /// `task-started`
+    Started,
+    /// `task-succeeded`
+    Succeeded,
+    /// `task-failed`
+    Failed,
+    /// `task-retried`
+    Retried,
+    /// `task-rejected`
+    Rejected,
+    /// `task-revoked`
+    Revoked,
+}
+
+impl TaskEventKind {
+    /// The event's `type` field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Received => "task-received",
+            Self::Started => "task-started",
+            Self::Succeeded => "task-succeeded",
+            Self::Failed => "task-failed",
+            Self::Retried => "task-retried",
+            Self::Rejected => "task-rejected",
+            Self::Revoked => "task-revoked",
+        }
+    }
+}
+
+fn exception_fields(id: &str, exception: &str, traceback: &str) -> Vec<(&'static str, Value)> {
     vec![
         ("uuid", id.into()),
         ("exception", exception.into()),
         ("traceback", traceback.into()),
     ]
+}
+
+/// `task-failed` fields.
+pub fn task_failed(id: &str, exception: &str, traceback: &str) -> Vec<(&'static str, Value)> {
+    exception_fields(id, exception, traceback)
+}
+
+/// `task-failed` fields for a task this worker does not know: Celery sends
+/// the exception only, with no traceback.
+pub fn task_not_registered(id: &str, name: &str) -> Vec<(&'static str, Value)> {
+    vec![
+        ("uuid", id.into()),
+        ("exception", format!("NotRegistered('{name}')").into()),
+    ]
+}
+
+/// `task-retried` fields: the exception's repr (the string `None` for a
+/// retry without one, as Celery sends it) and its traceback.
+pub fn task_retried(id: &str, exception: &str, traceback: &str) -> Vec<(&'static str, Value)> {
+    exception_fields(id, exception, traceback)
 }
 
 /// `task-rejected` fields.

@@ -1,0 +1,151 @@
+//! Stopping a task process without losing anything: a shutdown (warm or
+//! cold) or a recycle hands back what waits, lets what runs finish until
+//! the deadline, then requeues or re-publishes what still runs.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+use super::consumers::Incoming;
+use super::job::{decode, requeue, Decoded};
+use super::{Child, ChildError, Exit};
+use crate::shm::ChildState;
+use crate::signals::Stop;
+
+impl Child {
+    /// Drains: cancels the consumers, returns every received but unstarted
+    /// message, waits for running tasks up to the deadline (none for a cold
+    /// stop), then hands back what still runs.
+    pub(super) async fn shutdown(
+        &mut self,
+        rx: &mut mpsc::UnboundedReceiver<Incoming>,
+        stop: Stop,
+    ) -> Result<Exit, ChildError> {
+        self.link.slot().set_state(ChildState::Draining);
+        let timeout = match stop {
+            Stop::Cold => Duration::ZERO,
+            Stop::Warm => self.shared.config.shutdown_timeout,
+        };
+        info!(
+            "{} shutdown: stopping consumers, {} task(s) running, deadline {:?}",
+            if stop == Stop::Cold { "Cold" } else { "Warm" },
+            self.running.len(),
+            timeout
+        );
+        for tag in self.consumers.take_tags() {
+            if let Err(e) = self
+                .channel
+                .basic_cancel(tag.clone(), Default::default())
+                .await
+            {
+                warn!("could not cancel consumer {tag}: {e}");
+            }
+        }
+        // Everything received but not started goes back to the queue.
+        let mut returned = 0usize;
+        while let Ok(incoming) = rx.try_recv() {
+            if let Incoming::Delivery(d, _) = incoming {
+                let id = match decode(*d) {
+                    Decoded::Job(job) => {
+                        requeue(&job.acker, &job.msg.id).await;
+                        job.msg.id.clone()
+                    }
+                    Decoded::Bad { id, acker, .. } => {
+                        requeue(&acker, &id).await;
+                        id
+                    }
+                };
+                debug!(task_id = %id, "returned {id} to the queue");
+                returned += 1;
+            }
+        }
+        for job in self.held.take_all() {
+            requeue(&job.acker, &job.msg.id).await;
+            returned += 1;
+        }
+        if returned > 0 {
+            info!("Returned {returned} unstarted message(s) to the broker");
+        }
+        let deadline = Instant::now() + timeout;
+        while !self.running.is_empty() {
+            tokio::select! {
+                Some(done) = self.running.join_next_with_id() => self.finished(done),
+                () = tokio::time::sleep_until(deadline) => break,
+                _ = self.signals.recv() => {
+                    warn!("second shutdown signal: stopping running tasks now");
+                    break;
+                }
+            }
+        }
+        self.hand_back_running().await;
+        self.shared.events.flush().await;
+        Ok(Exit::Shutdown)
+    }
+
+    /// At the drain deadline: acks_late messages are requeued; early-acked
+    /// tasks are re-published under their own id (confirmed) before they are
+    /// stopped, so nothing is lost either way.
+    async fn hand_back_running(&mut self) {
+        for (_, run) in self.running_info.drain() {
+            run.abort.abort();
+            let id = &run.job_msg.id;
+            if run.acks_late || !run.state.acked.load(Ordering::Acquire) {
+                requeue(&run.acker, id).await;
+                warn!(task_id = %id, "Task {}[{}] did not finish before the deadline; requeued", run.job_msg.display_name(), id);
+            } else {
+                let route = (run.route.0.as_str(), run.route.1.as_str());
+                match self
+                    .shared
+                    .publish_task(&run.job_msg.republish_message(), route)
+                    .await
+                {
+                    Ok(()) => {
+                        warn!(task_id = %id, "Task {}[{}] did not finish before the deadline; re-published", run.job_msg.display_name(), id)
+                    }
+                    Err(e) => {
+                        error!(task_id = %id, "Task {}[{}] could not be re-published at shutdown: {e}", run.job_msg.display_name(), id)
+                    }
+                }
+            }
+        }
+        self.running.abort_all();
+        while self.running.join_next().await.is_some() {}
+    }
+
+    /// `--max-tasks-per-child` and `--max-memory-per-child` (checked after
+    /// each task, as Celery does): finish cleanly and let the supervisor
+    /// start a fresh process.
+    pub(super) fn after_task(&mut self) {
+        self.tasks_run += 1;
+        let cfg = &self.shared.config;
+        if cfg
+            .max_tasks_per_child
+            .is_some_and(|max| self.tasks_run >= max)
+        {
+            info!("recycling this process after {} task(s)", self.tasks_run);
+            self.recycle = true;
+        }
+        if let Some(limit) = cfg.max_memory_per_child {
+            let rss = resident_kib();
+            if rss > limit {
+                info!("recycling this process: resident memory {rss} KiB is above {limit} KiB");
+                self.recycle = true;
+            }
+        }
+    }
+}
+
+/// This process's resident memory in KiB (`VmRSS`).
+fn resident_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}

@@ -1,0 +1,148 @@
+//! Tasks whose process died under them. The supervisor records each death
+//! in the shared lost ring; a live task process settles it the way Celery
+//! does: FAILURE `WorkerLostError` (or `TimeLimitExceeded`) for a task that
+//! was acknowledged early, the same or a rerun for a redelivered acks-late
+//! message, and a quarantine for a message that keeps killing processes.
+
+use std::time::Duration;
+
+use tracing::warn;
+
+use super::job::{self, reject, Job};
+use super::outcome::TaskHappening;
+use super::Child;
+use crate::protocol::{ExceptionInfo, TaskMessage, TaskState};
+use crate::shm::{Lost, LostReason, TaskFlags};
+
+impl Child {
+    /// Settles the deaths nobody has reported yet (early-acked tasks: the
+    /// broker will not bring them back). Runs every tick.
+    pub(super) async fn report_lost(&mut self) {
+        let shm = self.link.shm;
+        while let Some(lost) = shm.claim_report() {
+            let msg = lost_message(&lost);
+            let store_result = lost.task.flags & TaskFlags::IGNORE_RESULT == 0;
+            if let Some(revoke) = shm.revoked(&msg.id).filter(|r| r.signal != 0) {
+                TaskHappening::Terminated {
+                    msg: &msg,
+                    signal: revoke.signal as i32,
+                }
+                .emit(&self.shared);
+                if store_result {
+                    let exc = ExceptionInfo::revoked("terminated");
+                    let doc = self.shared.document(
+                        &msg,
+                        TaskState::Revoked,
+                        serde_json::to_value(&exc).unwrap_or_default(),
+                    );
+                    self.shared.store(&msg, doc).await;
+                }
+                continue;
+            }
+            let exc = lost_exception(&lost);
+            TaskHappening::Lost {
+                msg: &msg,
+                exc: &exc,
+            }
+            .emit(&self.shared);
+            if store_result {
+                self.store_failure(&msg, &exc).await;
+            }
+        }
+    }
+
+    async fn store_failure(&self, msg: &TaskMessage, exc: &ExceptionInfo) {
+        let mut doc = self.shared.document(
+            msg,
+            TaskState::Failure,
+            serde_json::to_value(exc).unwrap_or_default(),
+        );
+        doc.traceback = Some(exc.traceback());
+        self.shared.store(msg, doc).await;
+    }
+
+    /// For a redelivered message: the record of its process dying, if that is
+    /// why it came back. The broker can redeliver before the supervisor has
+    /// reaped the process and counted the death (the dead process's slot
+    /// still lists the task), so that is waited for briefly: an older record
+    /// of the same task would otherwise show one death too few.
+    pub(super) async fn lost_record(&self, id: &str) -> Option<Lost> {
+        let link = self.link;
+        for _ in 0..40 {
+            if link.shm.running_elsewhere(id, link.index).is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        link.shm.find_lost(id)
+    }
+
+    /// Celery's WorkerLostError semantics for an acks-late message whose
+    /// process died, plus a quarantine for messages that keep killing it.
+    /// Returns true when the message was settled (not to be run).
+    pub(super) async fn settle_lost(&self, job: &Job, lost: &Lost) -> bool {
+        let msg = &job.msg;
+        let store_result = !msg
+            .ignore_result
+            .unwrap_or(lost.task.flags & TaskFlags::IGNORE_RESULT != 0);
+        let exc = lost_exception(lost);
+        if lost.deaths >= self.shared.config.max_task_deaths {
+            TaskHappening::Quarantined {
+                msg,
+                exc: &exc,
+                deaths: lost.deaths,
+            }
+            .emit(&self.shared);
+            if store_result {
+                self.store_failure(msg, &exc).await;
+            }
+            reject(&job.acker, &msg.id, false).await;
+            self.link.shm.settle_lost(lost.index);
+            return true;
+        }
+        if lost.reason == LostReason::WorkerLost
+            && lost.task.flags & TaskFlags::REJECT_ON_WORKER_LOST != 0
+        {
+            warn!(task_id = %msg.id, "Task {}[{}] was requeued after its process died; running it again", msg.display_name(), msg.id);
+            return false;
+        }
+        TaskHappening::Lost { msg, exc: &exc }.emit(&self.shared);
+        if store_result {
+            self.store_failure(msg, &exc).await;
+        }
+        job::ack(&job.acker, &msg.id).await;
+        self.link.shm.settle_lost(lost.index);
+        true
+    }
+}
+
+/// A message standing in for a lost task when only its record is left.
+fn lost_message(lost: &Lost) -> TaskMessage {
+    let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    TaskMessage {
+        id: lost.task.id.clone(),
+        task: lost.task.name.clone(),
+        reply_to: non_empty(&lost.task.reply_to),
+        correlation_id: non_empty(&lost.task.correlation_id),
+        ..Default::default()
+    }
+}
+
+/// The exception Celery stores for a lost task.
+fn lost_exception(lost: &Lost) -> ExceptionInfo {
+    match lost.reason {
+        LostReason::TimeLimit => {
+            ExceptionInfo::time_limit_exceeded(lost.task.hard_limit_ms as f64 / 1000.0)
+        }
+        LostReason::WorkerLost => {
+            let how = match nix::sys::signal::Signal::try_from(lost.signal as i32) {
+                Ok(sig) if lost.signal != 0 => format!("signal {} ({sig:?})", lost.signal),
+                _ => "exitcode 1".to_owned(),
+            };
+            ExceptionInfo::worker_lost(format!(
+                "Worker exited prematurely: {how} Job: {}.",
+                lost.deaths
+            ))
+        }
+    }
+}

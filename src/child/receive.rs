@@ -1,0 +1,108 @@
+//! From delivery to a held task, and from held to running.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use lapin::types::ShortString;
+
+use super::execute::{discard_revoked, execute, revoke_reason, RunState};
+use super::job::{decode, reject, Decoded};
+use super::outcome::TaskHappening;
+use super::{Child, Running, SLOTS};
+use crate::protocol::{ExceptionInfo, TaskState};
+
+impl Child {
+    /// Decodes a delivery and decides: reject it (bad or unknown), settle
+    /// it (its process died, it was revoked or expired), or hold it.
+    pub(super) async fn receive(&mut self, delivery: lapin::message::Delivery, tag: &ShortString) {
+        let job = match decode(delivery) {
+            Decoded::Job(job) => *job,
+            Decoded::Bad { id, error, acker } => {
+                TaskHappening::Invalid {
+                    id: &id,
+                    error: &error,
+                }
+                .emit(&self.shared);
+                reject(&acker, &id, false).await;
+                return;
+            }
+        };
+        let shared = Arc::clone(&self.shared);
+        let Some(task) = shared.registry.get(&job.msg.task) else {
+            let exc = ExceptionInfo::not_registered(&job.msg.task);
+            let mut doc = shared.document(
+                &job.msg,
+                TaskState::Failure,
+                serde_json::to_value(&exc).unwrap_or_default(),
+            );
+            doc.traceback = None;
+            TaskHappening::Unregistered { msg: &job.msg }.emit(&shared);
+            shared.store(&job.msg, doc).await;
+            reject(&job.acker, &job.msg.id, false).await;
+            return;
+        };
+        self.received += 1;
+        TaskHappening::Received { msg: &job.msg }.emit(&shared);
+        if job.delivery.redelivered {
+            if let Some(lost) = self.lost_record(&job.msg.id).await {
+                if self.settle_lost(&job, &lost).await {
+                    return;
+                }
+            }
+        }
+        if let Some(reason) = revoke_reason(&shared, &job.msg) {
+            let ignore = job.msg.ignore_result.unwrap_or(task.options.ignore_result);
+            discard_revoked(&shared, &job, reason, ignore).await;
+            return;
+        }
+        let eta = job.msg.eta;
+        if self.held.hold(job, eta, Utc::now()) {
+            self.consumers.held_eta(tag);
+        }
+    }
+
+    /// Starts ready tasks while a slot is free; a task over its rate limit
+    /// waits like an ETA task.
+    pub(super) fn dispatch(&mut self) {
+        while self.running.len() < SLOTS {
+            let Some(job) = self.held.pop_ready() else {
+                break;
+            };
+            let rate = self.shared.runtime_limits(&job.msg.task).rate;
+            let processes = self.link.shm.target();
+            let now = tokio::time::Instant::now();
+            if let Some(wait) = self.held.throttle(&job.msg.task, rate, processes, now) {
+                let at = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+                self.held.schedule(job, at);
+                continue;
+            }
+            let acks_late = self
+                .shared
+                .registry
+                .get(&job.msg.task)
+                .and_then(|t| t.options.acks_late)
+                .unwrap_or(self.shared.config.acks_late);
+            let state = Arc::new(RunState::default());
+            let route = (
+                job.delivery.exchange.clone(),
+                job.delivery.routing_key.clone(),
+            );
+            let job_msg = Arc::clone(&job.msg);
+            let acker = job.acker.clone();
+            let abort =
+                self.running
+                    .spawn(execute(Arc::clone(&self.shared), job, Arc::clone(&state)));
+            self.running_info.insert(
+                abort.id(),
+                Running {
+                    job_msg,
+                    acker,
+                    acks_late,
+                    state,
+                    abort,
+                    route,
+                },
+            );
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! The task process's loop: deliveries, finished tasks, signals, the
+//! once-a-second tick, ETA timers and consumer rotation, one at a time.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, error, warn};
+
+use super::consumers::Incoming;
+use super::execute::Finished;
+use super::{Child, ChildError, Exit};
+use crate::signals::Stop;
+
+impl Child {
+    /// Serves until a shutdown (`Ok`) or a lost connection (`Err`).
+    pub(super) async fn serve(
+        &mut self,
+        rx: &mut mpsc::UnboundedReceiver<Incoming>,
+    ) -> Result<Exit, ChildError> {
+        let mut rotation = tokio::time::interval(Duration::from_millis(250));
+        rotation.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let far = Instant::now() + Duration::from_secs(86_400 * 365);
+        loop {
+            let next_eta = self.next_eta_instant().unwrap_or(far);
+            tokio::select! {
+                stop = self.signals.recv() => return self.shutdown(rx, stop).await,
+                Some(done) = self.running.join_next_with_id(), if !self.running.is_empty() => {
+                    self.finished(done);
+                    if self.recycle {
+                        self.shutdown(rx, Stop::Warm).await?;
+                        return Ok(Exit::Recycled);
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    self.tick().await;
+                    // A SIGTERM sent before our handlers existed was lost:
+                    // the shared flag still says the worker is draining, or
+                    // the supervisor is gone (its pdeathsig came too early).
+                    if self.link.shm.draining() {
+                        return self.shutdown(rx, Stop::Warm).await;
+                    }
+                    if self.link.orphaned() {
+                        warn!("the supervisor is gone: draining");
+                        return self.shutdown(rx, Stop::Warm).await;
+                    }
+                }
+                incoming = rx.recv(), if !self.recycle => {
+                    self.incoming(incoming).await?;
+                    // Take what else has arrived before dispatching: fewer wake-ups under load.
+                    for _ in 0..64 {
+                        let Ok(more) = rx.try_recv() else { break };
+                        self.incoming(Some(more)).await?;
+                    }
+                }
+                () = tokio::time::sleep_until(next_eta), if next_eta != far => self.held.release_due(Utc::now()),
+                _ = rotation.tick() => self.rotate_consumers().await?,
+            }
+            self.dispatch();
+            self.publish_queued(false);
+            // Task events go out when nothing else is in flight: a quick
+            // task's received/started/succeeded share one message.
+            self.shared
+                .events
+                .set_idle(rx.is_empty() && self.running.is_empty());
+        }
+    }
+
+    async fn incoming(&mut self, incoming: Option<Incoming>) -> Result<(), ChildError> {
+        self.shared.events.set_idle(false);
+        match incoming {
+            Some(Incoming::Delivery(d, tag)) => {
+                self.receive(*d, &tag).await;
+                Ok(())
+            }
+            Some(Incoming::Failed(e, tag)) if self.consumers.current(&tag) => {
+                Err(ChildError::ConnectionLost(e.to_string()))
+            }
+            // A consumer of a connection already given up.
+            Some(Incoming::Failed(..)) => Ok(()),
+            Some(Incoming::Ended(tag)) if self.consumers.current(&tag) => Err(
+                ChildError::ConnectionLost(format!("consumer {tag} was cancelled by the broker")),
+            ),
+            Some(Incoming::Ended(_)) => Ok(()),
+            None => Err(ChildError::ConnectionLost("consumers stopped".into())),
+        }
+    }
+
+    /// Bookkeeping when a task's run ends.
+    pub(super) fn finished(
+        &mut self,
+        done: Result<(tokio::task::Id, Finished), tokio::task::JoinError>,
+    ) {
+        let id = match &done {
+            Ok((id, _)) => *id,
+            Err(e) => e.id(),
+        };
+        if let Some(info) = self.running_info.remove(&id) {
+            match done {
+                Ok((_, finished)) => {
+                    debug!(task_id = %finished.id, "slot free");
+                    self.after_task();
+                }
+                Err(e) => {
+                    error!(task_id = %info.job_msg.id, "task runner for {} stopped abnormally: {e}", info.job_msg.id)
+                }
+            }
+        }
+    }
+
+    /// Once a second: tell the supervisor we are alive, apply queue
+    /// changes, and settle tasks whose process died.
+    pub(super) async fn tick(&mut self) {
+        self.link.slot().beat();
+        self.publish_queued(true);
+        if let Err(e) = self.sync_queues().await {
+            warn!("could not change the consumed queues: {e}");
+        }
+        self.report_lost().await;
+    }
+
+    fn next_eta_instant(&self) -> Option<Instant> {
+        let wait = (self.held.next_due()? - Utc::now())
+            .to_std()
+            .unwrap_or(Duration::ZERO);
+        Some(Instant::now() + wait)
+    }
+}

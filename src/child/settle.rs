@@ -1,0 +1,198 @@
+//! Settling a task's outcome the way Celery does: the result stored, canvas
+//! follow-ups and retries sent under publisher confirms, the message
+//! acknowledged or rejected, and the happening emitted.
+
+use chrono::{Duration as ChronoDuration, Utc};
+use serde_json::{json, Value};
+use tracing::{error, warn};
+
+use super::job::{ack, reject, Job};
+use super::outcome::TaskHappening;
+use super::shared::Shared;
+use crate::protocol::{signature_message, ExceptionInfo, TaskMessage, TaskState};
+use crate::task::{Retry, TaskError, TaskOptions};
+
+/// What settling one run needs to know.
+pub(super) struct Settle<'a> {
+    pub(super) shared: &'a Shared,
+    pub(super) job: &'a Job,
+    pub(super) options: &'a TaskOptions,
+    pub(super) ignore_result: bool,
+    pub(super) acks_late: bool,
+    /// The message was acknowledged before the task ran.
+    pub(super) acked: bool,
+    /// Seconds the task's code ran.
+    pub(super) runtime: f64,
+}
+
+impl Settle<'_> {
+    fn msg(&self) -> &TaskMessage {
+        &self.job.msg
+    }
+
+    fn route(&self) -> (&str, &str) {
+        let d = &self.job.delivery;
+        (d.exchange.as_str(), d.routing_key.as_str())
+    }
+
+    /// Settles what the task's code returned.
+    pub(super) async fn outcome(self, outcome: Result<Value, TaskError>) {
+        match outcome {
+            Ok(value) => self.success(value).await,
+            Err(TaskError::Retry(retry)) => self.retry(retry).await,
+            Err(TaskError::Exception(exc)) => self.failure(exc).await,
+            Err(TaskError::Reject { requeue, reason }) => self.rejected(requeue, &reason).await,
+            Err(TaskError::Ignore) => {
+                TaskHappening::Ignored {
+                    msg: self.msg(),
+                    runtime: self.runtime,
+                }
+                .emit(self.shared);
+                if !self.acked {
+                    ack(&self.job.acker, &self.msg().id).await;
+                }
+            }
+        }
+    }
+
+    async fn success(&self, value: Value) {
+        let (shared, msg) = (self.shared, self.msg());
+        if let Some((next, rest)) = msg.embed.chain.split_last() {
+            self.publish_signature(next, Some(value.clone()), rest.to_vec())
+                .await;
+        }
+        for callback in &msg.embed.callbacks {
+            self.publish_signature(callback, Some(value.clone()), Vec::new())
+                .await;
+        }
+        if msg.embed.chord.is_some() {
+            warn!(task_id = %msg.id, "Task {}[{}] is part of a chord; chord bodies are not run by celeriac", msg.display_name(), msg.id);
+        }
+        if !self.ignore_result {
+            shared
+                .store(msg, shared.document(msg, TaskState::Success, value.clone()))
+                .await;
+        }
+        TaskHappening::Succeeded {
+            msg,
+            value: &value,
+            runtime: self.runtime,
+        }
+        .emit(shared);
+        if self.acks_late {
+            ack(&self.job.acker, &msg.id).await;
+        }
+    }
+
+    async fn retry(&self, retry: Retry) {
+        let (shared, msg) = (self.shared, self.msg());
+        let max = retry.max_retries.unwrap_or(self.options.max_retries);
+        if max.is_some_and(|m| msg.retries >= m) {
+            let exc = retry.exc.unwrap_or_else(|| {
+                ExceptionInfo::max_retries_exceeded(format!(
+                    "Can't retry {}[{}] args:{:?} kwargs:{:?}",
+                    msg.task, msg.id, msg.args, msg.kwargs
+                ))
+            });
+            return self.failure(exc).await;
+        }
+        let countdown = retry
+            .countdown
+            .unwrap_or(self.options.default_retry_delay)
+            .max(0.0);
+        let eta = Utc::now() + ChronoDuration::milliseconds((countdown * 1000.0) as i64);
+        if let Err(e) = shared
+            .publish_task(&msg.retry_message(eta), self.route())
+            .await
+        {
+            error!(task_id = %msg.id, "Task {}[{}] could not be re-published for retry, rejecting it: {e}", msg.display_name(), msg.id);
+            if !self.acked {
+                reject(&self.job.acker, &msg.id, false).await;
+            }
+            return;
+        }
+        let exc = retry.exc.as_ref();
+        let stored = exc.map_or(Value::Null, |e| {
+            serde_json::to_value(e).unwrap_or(Value::Null)
+        });
+        let mut doc = shared.document(msg, TaskState::Retry, stored);
+        doc.traceback = exc.map(ExceptionInfo::traceback);
+        doc.children = vec![json!([[msg.id, null], null])];
+        shared.store(msg, doc).await;
+        TaskHappening::Retried {
+            msg,
+            exc,
+            countdown,
+            runtime: self.runtime,
+        }
+        .emit(shared);
+        if self.acks_late {
+            ack(&self.job.acker, &msg.id).await;
+        }
+    }
+
+    async fn failure(&self, exc: ExceptionInfo) {
+        let (shared, msg) = (self.shared, self.msg());
+        for errback in &msg.embed.errbacks {
+            self.publish_signature(errback, Some(Value::String(msg.id.clone())), Vec::new())
+                .await;
+        }
+        if !self.ignore_result {
+            let mut doc = shared.document(
+                msg,
+                TaskState::Failure,
+                serde_json::to_value(&exc).unwrap_or(Value::Null),
+            );
+            doc.traceback = Some(exc.traceback());
+            shared.store(msg, doc).await;
+        }
+        TaskHappening::Failed {
+            msg,
+            exc: &exc,
+            runtime: self.runtime,
+        }
+        .emit(shared);
+        if self.acks_late {
+            ack(&self.job.acker, &msg.id).await;
+        }
+    }
+
+    async fn rejected(&self, requeue: bool, reason: &str) {
+        let (shared, msg) = (self.shared, self.msg());
+        TaskHappening::Rejected {
+            msg,
+            requeue,
+            reason,
+            runtime: self.runtime,
+        }
+        .emit(shared);
+        if !requeue && !self.ignore_result {
+            let exc = ExceptionInfo::new(
+                "Reject",
+                "celery.exceptions",
+                vec![reason.into(), requeue.into()],
+            );
+            let doc = shared.document(
+                msg,
+                TaskState::Failure,
+                serde_json::to_value(&exc).unwrap_or(Value::Null),
+            );
+            shared.store(msg, doc).await;
+        }
+        if !self.acked {
+            reject(&self.job.acker, &msg.id, requeue).await;
+        }
+    }
+
+    async fn publish_signature(&self, sig: &Value, arg: Option<Value>, chain: Vec<Value>) {
+        let (shared, parent) = (self.shared, self.msg());
+        match signature_message(sig, arg, chain, parent, &shared.config.hostname, Utc::now()) {
+            Ok(out) => {
+                if let Err(e) = shared.publish_task(&out, self.route()).await {
+                    error!(task_id = %parent.id, "could not send follow-up task {} of {}: {e}", out.id, parent.id);
+                }
+            }
+            Err(e) => warn!(task_id = %parent.id, "skipping follow-up of {}: {e}", parent.id),
+        }
+    }
+}
