@@ -358,7 +358,6 @@ pub struct Lost {
 struct Header {
     lost_next: AtomicU64,
     draining: AtomicU32,
-    supervisor_heartbeat_ms: AtomicU64,
     spawns: AtomicU64,
     deaths: [AtomicU64; DeathCause::ALL.len()],
     clock: AtomicU64,
@@ -979,15 +978,6 @@ impl SharedState {
     }
     pub(crate) fn set_draining(&self) {
         self.header.draining.store(1, Ordering::Release);
-    }
-    /// The supervisor's last heartbeat.
-    pub fn supervisor_heartbeat_ms(&self) -> u64 {
-        self.header.supervisor_heartbeat_ms.load(Ordering::Acquire)
-    }
-    pub(crate) fn supervisor_beat(&self) {
-        self.header
-            .supervisor_heartbeat_ms
-            .store(now_ms(), Ordering::Release);
     }
 
     /// Supervisor only: records that `task` was lost. Returns how many times
