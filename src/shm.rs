@@ -172,12 +172,9 @@ pub struct Slot {
     pid: AtomicU32,
     state: AtomicU32,
     heartbeat_ms: AtomicU64,
-    /// Tasks started since the worker started (all generations of this slot).
-    pub processed: AtomicU64,
-    /// Times this slot's processes re-established a lost broker connection.
-    pub reconnects: AtomicU64,
-    /// Messages received but not started (prefetched or waiting for an ETA).
-    pub reserved: AtomicU64,
+    processed: AtomicU64,
+    reconnects: AtomicU64,
+    reserved: AtomicU64,
     task_started_ms: AtomicU64,
     task_deadline_ms: AtomicU64,
     task_hard_limit_ms: AtomicU64,
@@ -212,6 +209,22 @@ impl Slot {
     /// Records that the child is alive now.
     pub fn beat(&self) {
         self.heartbeat_ms.store(now_ms(), Ordering::Release);
+    }
+    /// Tasks started since the worker started (all generations of this slot).
+    pub fn processed(&self) -> u64 {
+        self.processed.load(Ordering::Relaxed)
+    }
+    /// Times this slot's processes re-established a lost broker connection.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+    /// Messages received but not started (prefetched or waiting for an ETA).
+    pub fn reserved(&self) -> u64 {
+        self.reserved.load(Ordering::Relaxed)
+    }
+    /// Publishes [`Slot::reserved`].
+    pub fn set_reserved(&self, n: u64) {
+        self.reserved.store(n, Ordering::Relaxed);
     }
     /// Publishes the task now running.
     pub fn start_task(&self, t: &RunningTask) {

@@ -691,10 +691,7 @@ impl Child {
         self.queued_signature = signature;
         self.queued_at = Instant::now();
         let slot = link.slot();
-        slot.reserved.store(
-            (self.ready.len() + self.scheduled.len()) as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        slot.set_reserved((self.ready.len() + self.scheduled.len()) as u64);
         let line = |job: &Job, eta: Option<String>| {
             crate::inspect::Queued {
                 eta,
