@@ -11,19 +11,20 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use super::SharedState;
 
-/// Worker-wide values at the start of the region.
-#[repr(C)]
-pub(super) struct Header {
-    pub(super) lost_next: AtomicU64,
-    draining: AtomicU32,
-    spawns: AtomicU64,
-    deaths: [AtomicU64; DeathCause::ALL.len()],
-    clock: AtomicU64,
-    task_events: AtomicU32,
-    events_published: AtomicU64,
-    started_ms: AtomicU64,
-    pub(super) queues_gen: AtomicU64,
-    target: AtomicU64,
+shm_record! {
+    /// Worker-wide values at the start of the region.
+    pub(super) struct Header {
+        pub(super) lost_next: AtomicU64,
+        draining: AtomicU32,
+        spawns: AtomicU64,
+        deaths: [AtomicU64; DeathCause::ALL.len()],
+        clock: AtomicU64,
+        task_events: AtomicU32,
+        events_published: AtomicU64,
+        started_ms: AtomicU64,
+        pub(super) queues_gen: AtomicU64,
+        target: AtomicU64,
+    }
 }
 
 /// Why a child process ended, for the `celeriac_child_deaths_total` metric.

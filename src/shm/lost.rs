@@ -58,17 +58,18 @@ pub enum LostReason {
     TimeLimit = 2,
 }
 
-/// A task whose child died while running it.
-#[repr(C)]
-pub struct LostRecord {
-    state: AtomicU32,
-    reason: AtomicU32,
-    deaths: AtomicU32,
-    signal: AtomicU32,
-    hard_limit_ms: AtomicU64,
-    flags: AtomicU64,
-    at_ms: AtomicU64,
-    task: SeqText<TEXT_WORDS>,
+shm_record! {
+    /// A task whose child died while running it.
+    pub struct LostRecord {
+        state: AtomicU32,
+        reason: AtomicU32,
+        deaths: AtomicU32,
+        signal: AtomicU32,
+        hard_limit_ms: AtomicU64,
+        flags: AtomicU64,
+        at_ms: AtomicU64,
+        task: SeqText<TEXT_WORDS>,
+    }
 }
 
 /// A lost task, as read from the ring.

@@ -3,7 +3,7 @@
 //!
 //! The supervisor maps the region `MAP_SHARED | MAP_ANONYMOUS` once, before
 //! the first fork, so every process sees the same physical pages. It holds
-//! only atomics, so any bit
+//! only atomics (checked by the compiler through `ShmSafe`), so any bit
 //! pattern, the initial zeros included, is a valid value. Text is stored in
 //! 8-byte words under a sequence lock (`seqtext.rs`).
 //!
@@ -21,14 +21,65 @@
 //!
 //! Where several processes write one value (a stats entry's name, a lost
 //! record's claim, the clock), they do it by compare-and-swap. This file
-//! holds the module's only `unsafe` code: the mapping.
+//! holds the module's only `unsafe` code: the mapping and the `ShmSafe`
+//! impls.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 use std::num::NonZeroUsize;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
+
+/// Types that may be placed in the shared region: laid out `#[repr(C)]` and
+/// made only of atomics, so that every bit pattern is a valid value and
+/// access from several processes at once is sound.
+///
+/// # Safety
+///
+/// Implement it only for such types. Tables do it through `shm_record!`,
+/// which makes the compiler check every field.
+#[allow(unsafe_code)]
+unsafe trait ShmSafe {}
+
+// SAFETY: an atomic integer is valid for any bits and is only accessed by
+// atomic instructions, which stay atomic between processes sharing a page.
+#[allow(unsafe_code)]
+unsafe impl ShmSafe for AtomicU32 {}
+// SAFETY: as for AtomicU32.
+#[allow(unsafe_code)]
+unsafe impl ShmSafe for AtomicU64 {}
+// SAFETY: an array adds no bytes of its own to its ShmSafe elements.
+#[allow(unsafe_code)]
+unsafe impl<T: ShmSafe, const N: usize> ShmSafe for [T; N] {}
+
+/// Declares a struct that lives in the shared region: `#[repr(C)]`, and
+/// [`ShmSafe`] only if every field type is (else the crate does not build).
+macro_rules! shm_record {
+    (
+        $(#[$attr:meta])*
+        $vis:vis struct $name:ident $(<const $n:ident: usize>)? {
+            $($(#[$fattr:meta])* $fvis:vis $field:ident: $ty:ty,)*
+        }
+    ) => {
+        $(#[$attr])*
+        #[repr(C)]
+        $vis struct $name $(<const $n: usize>)? {
+            $($(#[$fattr])* $fvis $field: $ty,)*
+        }
+
+        // SAFETY: the struct is #[repr(C)] and the where-clause has the
+        // compiler check that each field's type is ShmSafe.
+        #[allow(unsafe_code)]
+        unsafe impl $(<const $n: usize>)? $crate::shm::ShmSafe for $name $(<$n>)?
+        where
+            $($ty: $crate::shm::ShmSafe,)*
+        {
+        }
+    };
+}
 
 mod header;
 mod lost;
@@ -83,62 +134,27 @@ impl SharedState {
     /// Call once, before forking.
     pub fn map(tasks: usize) -> std::io::Result<Self> {
         let slots = tasks + 1;
-        let header_size = std::mem::size_of::<Header>().next_multiple_of(64);
-        let slots_size = std::mem::size_of::<Slot>() * slots;
-        let lost_offset = (header_size + slots_size).next_multiple_of(64);
-        let stats_offset =
-            (lost_offset + std::mem::size_of::<LostRecord>() * LOST_RING).next_multiple_of(64);
-        let revoked_offset =
-            (stats_offset + std::mem::size_of::<TaskStat>() * TASK_STATS).next_multiple_of(64);
-        let queues_offset = (revoked_offset + std::mem::size_of::<RevokedEntry>() * REVOKED_TABLE)
-            .next_multiple_of(64);
-        let total = queues_offset + std::mem::size_of::<QueueChange>() * QUEUE_CHANGES;
-        let length = NonZeroUsize::new(total).expect("non-empty region");
-        // SAFETY: an anonymous shared mapping with no address hint cannot alias
-        // any existing Rust object; on success it returns `total` bytes of
-        // zeroed, page-aligned, readable and writable memory.
-        #[allow(unsafe_code)]
-        let base = unsafe {
-            mmap_anonymous(
-                None,
-                length,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-            )
-        }
-        .map_err(std::io::Error::from)?
-        .as_ptr()
-        .cast::<u8>();
-        // SAFETY: the mapping is never unmapped, so references into it are
-        // valid for 'static. Every type placed here is #[repr(C)] and made only
-        // of atomics, for which all-zero (and any other) bytes are valid
-        // values; offsets are multiples of 64, above their 8-byte alignment,
-        // and all regions lie within the `total` bytes mapped. Atomics make
-        // concurrent access from several processes sound on Linux.
-        #[allow(unsafe_code)]
-        let (header, slots, lost, stats, revoked, queue_changes) = unsafe {
-            (
-                &*base.cast::<Header>(),
-                std::slice::from_raw_parts(base.add(header_size).cast::<Slot>(), slots),
-                std::slice::from_raw_parts(base.add(lost_offset).cast::<LostRecord>(), LOST_RING),
-                std::slice::from_raw_parts(base.add(stats_offset).cast::<TaskStat>(), TASK_STATS),
-                std::slice::from_raw_parts(
-                    base.add(revoked_offset).cast::<RevokedEntry>(),
-                    REVOKED_TABLE,
-                ),
-                std::slice::from_raw_parts(
-                    base.add(queues_offset).cast::<QueueChange>(),
-                    QUEUE_CHANGES,
-                ),
-            )
+        // Every table starts at a multiple of 64 bytes, after the one before.
+        let mut end = 0usize;
+        let mut place = |size: usize, count: usize| {
+            let at = end.next_multiple_of(64);
+            end = at + size * count;
+            at
         };
+        let header = place(size_of::<Header>(), 1);
+        let slots_at = place(size_of::<Slot>(), slots);
+        let lost = place(size_of::<LostRecord>(), LOST_RING);
+        let stats = place(size_of::<TaskStat>(), TASK_STATS);
+        let revoked = place(size_of::<RevokedEntry>(), REVOKED_TABLE);
+        let queues = place(size_of::<QueueChange>(), QUEUE_CHANGES);
+        let region = Region::map(end)?;
         Ok(Self {
-            header,
-            slots,
-            lost,
-            stats,
-            revoked,
-            queue_changes,
+            header: &region.table::<Header>(header, 1)[0],
+            slots: region.table(slots_at, slots),
+            lost: region.table(lost, LOST_RING),
+            stats: region.table(stats, TASK_STATS),
+            revoked: region.table(revoked, REVOKED_TABLE),
+            queue_changes: region.table(queues, QUEUE_CHANGES),
             tasks,
         })
     }
@@ -156,5 +172,50 @@ impl SharedState {
     /// The control process's slot.
     pub fn control_slot(&self) -> &'static Slot {
         &self.slots[self.tasks]
+    }
+}
+
+/// A shared anonymous mapping of `len` zeroed bytes at `base`, never
+/// unmapped.
+struct Region {
+    base: NonNull<u8>,
+    len: usize,
+}
+
+impl Region {
+    fn map(len: usize) -> std::io::Result<Self> {
+        let length = NonZeroUsize::new(len).expect("non-empty region");
+        // SAFETY: an anonymous shared mapping with no address hint cannot
+        // alias any existing Rust object; on success it returns `len` bytes
+        // of zeroed, page-aligned, readable and writable memory.
+        #[allow(unsafe_code)]
+        let base = unsafe {
+            mmap_anonymous(
+                None,
+                length,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+            )
+        }
+        .map_err(std::io::Error::from)?;
+        Ok(Self {
+            base: base.cast(),
+            len,
+        })
+    }
+
+    /// The `count` values of `T` starting `offset` bytes into the region.
+    fn table<T: ShmSafe>(&self, offset: usize, count: usize) -> &'static [T] {
+        const { assert!(align_of::<T>() <= 64) };
+        assert!(offset.is_multiple_of(64) && offset + size_of::<T>() * count <= self.len);
+        // SAFETY: the range checked above lies inside the mapping, which is
+        // never unmapped, so the reference is valid for 'static. It is
+        // aligned (the page-aligned base plus a multiple of 64, at least
+        // T's alignment), and T is ShmSafe: any bytes, zeros included, are a
+        // valid T, and sharing it between processes is sound.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::slice::from_raw_parts(self.base.as_ptr().add(offset).cast::<T>(), count)
+        }
     }
 }

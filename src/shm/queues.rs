@@ -27,11 +27,12 @@ impl QueueState {
     const CANCELLED: u32 = 2;
 }
 
-/// One `add_consumer` / `cancel_consumer` change.
-#[repr(C)]
-pub struct QueueChange {
-    state: AtomicU32,
-    text: SeqText<48>,
+shm_record! {
+    /// One `add_consumer` / `cancel_consumer` change.
+    pub struct QueueChange {
+        state: AtomicU32,
+        text: SeqText<48>,
+    }
 }
 
 impl SharedState {

@@ -28,13 +28,14 @@ impl RevokeState {
     const SET: u32 = 2;
 }
 
-/// One remembered revoke.
-#[repr(C)]
-pub struct RevokedEntry {
-    state: AtomicU32,
-    signal: AtomicU32,
-    at_ms: AtomicU64,
-    id: SeqText<8>,
+shm_record! {
+    /// One remembered revoke.
+    pub struct RevokedEntry {
+        state: AtomicU32,
+        signal: AtomicU32,
+        at_ms: AtomicU64,
+        id: SeqText<8>,
+    }
 }
 
 /// A remembered revoke, as read.

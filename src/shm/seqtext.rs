@@ -10,11 +10,12 @@
 
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 
-/// Fixed-size text written under a sequence lock.
-#[repr(C)]
-pub(super) struct SeqText<const N: usize> {
-    seq: AtomicU64,
-    words: [AtomicU64; N],
+shm_record! {
+    /// Fixed-size text written under a sequence lock.
+    pub(super) struct SeqText<const N: usize> {
+        seq: AtomicU64,
+        words: [AtomicU64; N],
+    }
 }
 
 impl<const N: usize> SeqText<N> {

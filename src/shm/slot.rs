@@ -88,23 +88,24 @@ impl TaskFlags {
     pub const IGNORE_RESULT: u64 = 4;
 }
 
-/// One child's slot.
-#[repr(C)]
-pub struct Slot {
-    pid: AtomicU32,
-    state: AtomicU32,
-    heartbeat_ms: AtomicU64,
-    processed: AtomicU64,
-    reconnects: AtomicU64,
-    reserved: AtomicU64,
-    task_started_ms: AtomicU64,
-    task_deadline_ms: AtomicU64,
-    task_hard_limit_ms: AtomicU64,
-    task_flags: AtomicU64,
-    task: SeqText<TEXT_WORDS>,
-    error: SeqText<ERROR_WORDS>,
-    queued: SeqText<QUEUED_WORDS>,
-    detail: SeqText<DETAIL_WORDS>,
+shm_record! {
+    /// One child's slot.
+    pub struct Slot {
+        pid: AtomicU32,
+        state: AtomicU32,
+        heartbeat_ms: AtomicU64,
+        processed: AtomicU64,
+        reconnects: AtomicU64,
+        reserved: AtomicU64,
+        task_started_ms: AtomicU64,
+        task_deadline_ms: AtomicU64,
+        task_hard_limit_ms: AtomicU64,
+        task_flags: AtomicU64,
+        task: SeqText<TEXT_WORDS>,
+        error: SeqText<ERROR_WORDS>,
+        queued: SeqText<QUEUED_WORDS>,
+        detail: SeqText<DETAIL_WORDS>,
+    }
 }
 
 impl Slot {

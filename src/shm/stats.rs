@@ -75,18 +75,19 @@ impl Outcome {
     }
 }
 
-/// Counters for one task name, shared by every process.
-#[repr(C)]
-pub struct TaskStat {
-    state: AtomicU32,
-    name: SeqText<16>,
-    outcomes: [AtomicU64; Outcome::ALL.len()],
-    buckets: [AtomicU64; RUNTIME_BUCKETS.len()],
-    runtime_count: AtomicU64,
-    runtime_sum_us: AtomicU64,
-    soft_limit_ms: AtomicU64,
-    hard_limit_ms: AtomicU64,
-    rate_per_hour: AtomicU64,
+shm_record! {
+    /// Counters for one task name, shared by every process.
+    pub struct TaskStat {
+        state: AtomicU32,
+        name: SeqText<16>,
+        outcomes: [AtomicU64; Outcome::ALL.len()],
+        buckets: [AtomicU64; RUNTIME_BUCKETS.len()],
+        runtime_count: AtomicU64,
+        runtime_sum_us: AtomicU64,
+        soft_limit_ms: AtomicU64,
+        hard_limit_ms: AtomicU64,
+        rate_per_hour: AtomicU64,
+    }
 }
 
 /// Limits set at run time by the `time_limit` and `rate_limit` commands.
