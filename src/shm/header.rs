@@ -188,3 +188,42 @@ impl SharedState {
         self.header.draining.store(1, Ordering::Release);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clock_ticks_and_moves_past_what_it_sees() {
+        let shm = SharedState::map(1).unwrap();
+        assert_eq!((shm.tick_clock(), shm.tick_clock()), (1, 2));
+        assert_eq!(shm.adjust_clock(10), 11);
+        assert_eq!(shm.adjust_clock(3), 12);
+        assert_eq!(shm.clock(), 12);
+    }
+
+    #[test]
+    fn the_target_stays_within_the_slots_mapped() {
+        let shm = SharedState::map(4).unwrap();
+        assert_eq!(shm.set_target(0), 1);
+        assert_eq!(shm.set_target(9), 4);
+        assert_eq!(shm.target(), 4);
+    }
+
+    #[test]
+    fn counters_and_switches() {
+        let shm = SharedState::map(1).unwrap();
+        shm.count_spawn();
+        shm.count_death(DeathCause::Wedged);
+        shm.count_death(DeathCause::Wedged);
+        shm.count_events(3);
+        assert_eq!(shm.spawns(), 1);
+        assert_eq!(shm.deaths(), [0, 0, 0, 0, 2, 0, 0]);
+        assert_eq!(shm.events_published(), 3);
+        assert!(!shm.set_task_events(true));
+        assert!(shm.task_events());
+        assert!(!shm.draining());
+        shm.set_draining();
+        assert!(shm.draining());
+    }
+}

@@ -195,3 +195,64 @@ impl SharedState {
             .find(|t| t.id == id)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(id: &str, flags: u64) -> RunningTask {
+        RunningTask {
+            id: id.into(),
+            name: "tasks.add".into(),
+            hard_limit_ms: 5000,
+            flags,
+            ..RunningTask::default()
+        }
+    }
+
+    #[test]
+    fn an_early_acked_task_is_reported_exactly_once() {
+        let shm = SharedState::map(2).unwrap();
+        assert_eq!(shm.record_lost(&task("t1", 0), LostReason::TimeLimit, 9), 1);
+        let lost = shm.claim_report().expect("claimable");
+        assert_eq!(lost.task, task("t1", 0));
+        assert_eq!(lost.reason, LostReason::TimeLimit);
+        assert_eq!((lost.deaths, lost.signal), (1, 9));
+        assert_eq!(shm.claim_report(), None);
+        assert_eq!(shm.find_lost("t1"), None);
+    }
+
+    #[test]
+    fn racing_claims_have_one_winner() {
+        let shm = SharedState::map(1).unwrap();
+        shm.record_lost(&task("t1", 0), LostReason::WorkerLost, 0);
+        let won = std::thread::scope(|s| {
+            let claims: Vec<_> = (0..4).map(|_| s.spawn(|| shm.claim_report())).collect();
+            claims.into_iter().filter_map(|c| c.join().unwrap()).count()
+        });
+        assert_eq!(won, 1);
+    }
+
+    #[test]
+    fn an_acks_late_task_waits_for_redelivery_and_counts_deaths() {
+        let shm = SharedState::map(1).unwrap();
+        let t = task("t2", TaskFlags::ACKS_LATE);
+        assert_eq!(shm.record_lost(&t, LostReason::WorkerLost, 0), 1);
+        assert_eq!(shm.claim_report(), None);
+        assert_eq!(shm.record_lost(&t, LostReason::WorkerLost, 9), 2);
+        let live: Vec<_> = (0..LOST_RING).filter_map(|i| shm.read_lost(i)).collect();
+        assert_eq!(live.len(), 1, "the older record is superseded");
+        let lost = shm.find_lost("t2").expect("live");
+        assert_eq!((lost.deaths, lost.signal), (2, 9));
+        shm.settle_lost(lost.index);
+        assert_eq!(shm.find_lost("t2"), None);
+    }
+
+    #[test]
+    fn running_elsewhere_skips_the_own_slot() {
+        let shm = SharedState::map(2).unwrap();
+        shm.task_slots()[0].start_task(&task("t3", 0));
+        assert_eq!(shm.running_elsewhere("t3", 0), None);
+        assert_eq!(shm.running_elsewhere("t3", 1).unwrap().id, "t3");
+    }
+}

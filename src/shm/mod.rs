@@ -219,3 +219,29 @@ impl Region {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_do_not_overlap() {
+        let shm = SharedState::map(3).unwrap();
+        let bytes = |p: *const u8, len: usize| (p as usize, p as usize + len);
+        let mut spans = vec![
+            bytes((shm.header as *const Header).cast(), size_of::<Header>()),
+            bytes(shm.slots.as_ptr().cast(), size_of_val(shm.slots)),
+            bytes(shm.lost.as_ptr().cast(), size_of_val(shm.lost)),
+            bytes(shm.stats.as_ptr().cast(), size_of_val(shm.stats)),
+            bytes(shm.revoked.as_ptr().cast(), size_of_val(shm.revoked)),
+            bytes(
+                shm.queue_changes.as_ptr().cast(),
+                size_of_val(shm.queue_changes),
+            ),
+        ];
+        spans.sort();
+        assert!(spans.windows(2).all(|w| w[0].1 <= w[1].0), "{spans:?}");
+        assert_eq!((shm.task_slots().len(), shm.slots().len()), (3, 4));
+        assert!(std::ptr::eq(shm.control_slot(), &shm.slots()[3]));
+    }
+}

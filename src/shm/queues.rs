@@ -95,3 +95,51 @@ impl SharedState {
         queues
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str) -> QueueSpec {
+        QueueSpec {
+            name: name.into(),
+            exchange: name.into(),
+            routing_key: name.into(),
+            queue_type: None,
+            max_priority: None,
+        }
+    }
+
+    fn names(queues: Vec<QueueSpec>) -> Vec<String> {
+        queues.into_iter().map(|q| q.name).collect()
+    }
+
+    #[test]
+    fn a_queue_is_added_then_cancelled() {
+        let shm = SharedState::map(1).unwrap();
+        let base = [spec("celery")];
+        assert_eq!(shm.queues_generation(), 0);
+        assert!(shm.change_queue(&spec("extra"), true));
+        assert_eq!(shm.queues_generation(), 1);
+        assert_eq!(names(shm.desired_queues(&base)), ["celery", "extra"]);
+        assert!(shm.change_queue(&spec("extra"), false));
+        assert_eq!(shm.queues_generation(), 2);
+        assert_eq!(names(shm.desired_queues(&base)), ["celery"]);
+        assert!(shm.change_queue(&spec("celery"), false));
+        assert!(shm.desired_queues(&base).is_empty());
+        let used = shm.queue_changes.iter();
+        let used = used.filter(|c| c.state.load(Ordering::Relaxed) != QueueState::UNUSED);
+        assert_eq!(used.count(), 2, "a name keeps its entry");
+    }
+
+    #[test]
+    fn a_full_table_refuses_new_names_but_not_known_ones() {
+        let shm = SharedState::map(1).unwrap();
+        for i in 0..QUEUE_CHANGES {
+            assert!(shm.change_queue(&spec(&format!("q{i}")), true));
+        }
+        assert!(!shm.change_queue(&spec("one-more"), true));
+        assert!(shm.change_queue(&spec("q0"), false));
+        assert_eq!(shm.desired_queues(&[]).len(), QUEUE_CHANGES - 1);
+    }
+}

@@ -123,3 +123,56 @@ impl SharedState {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Backdates the entry holding `id` past the expiry.
+    fn expire(shm: &SharedState, id: &str) {
+        let e = shm.revoked.iter().find(|e| e.holds(id)).expect("stored");
+        let long_ago = now_ms() - REVOKE_EXPIRES_MS - 1;
+        e.at_ms.store(long_ago, Ordering::Relaxed);
+    }
+
+    #[test]
+    fn a_revoke_is_found_until_it_expires() {
+        let shm = SharedState::map(1).unwrap();
+        assert_eq!(shm.revoked("t1"), None);
+        shm.revoke("t1", 0);
+        let r = shm.revoked("t1").expect("revoked");
+        assert_eq!(r.signal, 0);
+        assert!(now_ms() - r.at_ms < 60_000);
+        assert_eq!(shm.revoked_ids(), ["t1"]);
+        expire(&shm, "t1");
+        assert_eq!(shm.revoked("t1"), None);
+        assert!(shm.revoked_ids().is_empty());
+    }
+
+    #[test]
+    fn revoking_again_overwrites_the_same_entry() {
+        let shm = SharedState::map(1).unwrap();
+        shm.revoke("t1", 0);
+        shm.revoke("t1", 15);
+        assert_eq!(shm.revoked("t1").unwrap().signal, 15);
+        assert_eq!(shm.revoked_ids(), ["t1"]);
+    }
+
+    #[test]
+    fn an_expired_entry_is_reused_by_a_colliding_id() {
+        let shm = SharedState::map(1).unwrap();
+        let home = id_hash("t1") % REVOKED_TABLE;
+        let other = (0..)
+            .map(|i| format!("other-{i}"))
+            .find(|id| id_hash(id) % REVOKED_TABLE == home)
+            .unwrap();
+        shm.revoke("t1", 0);
+        shm.revoke(&other, 9);
+        assert_eq!(shm.revoked(&other).unwrap().signal, 9, "probed past t1");
+        expire(&shm, "t1");
+        shm.revoke(&other, 15);
+        assert!(shm.revoked[home].holds(&other), "took the expired entry");
+        assert_eq!(shm.revoked(&other).unwrap().signal, 15);
+        assert_eq!(shm.revoked("t1"), None);
+    }
+}

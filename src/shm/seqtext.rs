@@ -63,3 +63,55 @@ impl<const N: usize> SeqText<N> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    fn text<const N: usize>() -> SeqText<N> {
+        SeqText {
+            seq: AtomicU64::new(0),
+            words: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+
+    #[test]
+    fn parts_round_trip_and_are_cut_to_size() {
+        let t = text::<2>();
+        assert!(t.read().is_empty());
+        t.write(&["id", "", "name"]);
+        assert_eq!(t.read(), ["id", "", "name"]);
+        t.write(&["0123456789abcdefXYZ"]);
+        assert_eq!(t.read(), ["0123456789abcdef"]);
+        t.write(&[]);
+        assert!(t.read().is_empty());
+    }
+
+    /// A reader racing a writer sees one whole write or the other, never a
+    /// mix of the two.
+    #[test]
+    fn reads_are_never_torn() {
+        const N: usize = 16;
+        let t = text::<N>();
+        let (a, b) = ("a".repeat(N * 8 - 1), "b".repeat(N * 8 - 1));
+        t.write(&[&a]);
+        let stop = AtomicBool::new(false);
+        let torn = std::thread::scope(|s| {
+            s.spawn(|| {
+                for flip in [true, false].iter().cycle() {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    t.write(&[if *flip { &a } else { &b }]);
+                }
+            });
+            let torn = (0..50_000)
+                .map(|_| t.read())
+                .find(|parts| parts.len() != 1 || (parts[0] != a && parts[0] != b));
+            stop.store(true, Ordering::Relaxed);
+            torn
+        });
+        assert_eq!(torn, None);
+    }
+}

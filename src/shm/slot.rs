@@ -247,3 +247,36 @@ impl Slot {
             .store(ChildState::Empty as u32, Ordering::Release);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::SharedState;
+    use super::*;
+
+    #[test]
+    fn a_task_is_published_then_the_slot_is_reset() {
+        let shm = SharedState::map(1).unwrap();
+        let slot = &shm.task_slots()[0];
+        let task = RunningTask {
+            id: "t1".into(),
+            started_ms: 5,
+            flags: TaskFlags::ACKS_LATE,
+            routing_key: "rk".into(),
+            ..RunningTask::default()
+        };
+        slot.set_pid(42);
+        slot.set_state(ChildState::Consuming);
+        slot.start_task(&task);
+        slot.set_reserved(3);
+        slot.set_queued("a\nb\n");
+        slot.set_error("boom");
+        assert_eq!(slot.running_task(), Some(task));
+        slot.reset();
+        assert_eq!(
+            (slot.state(), slot.running_task()),
+            (ChildState::Empty, None)
+        );
+        assert_eq!(slot.queued() + &slot.error(), "");
+        assert_eq!((slot.pid(), slot.processed(), slot.reserved()), (42, 1, 0));
+    }
+}

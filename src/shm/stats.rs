@@ -230,3 +230,51 @@ impl TaskStat {
             .is_ok()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_beyond_the_table_share_the_other_entry() {
+        let shm = SharedState::map(1).unwrap();
+        for i in 0..TASK_STATS - 1 {
+            assert_eq!(shm.task_stat_index(&format!("task{i}")), i);
+        }
+        assert_eq!(
+            shm.task_stat_index("task7"),
+            7,
+            "a known name keeps its entry"
+        );
+        let other = shm.task_stat_index("one.more");
+        assert_eq!(other, TASK_STATS - 1);
+        assert_eq!(shm.task_stat_index("and.another"), other);
+        shm.record_task(other, Outcome::Failed, Some(0.2));
+        shm.record_task(other + 5, Outcome::Failed, Some(1000.0));
+        let stats = shm.task_stats();
+        let last = stats.last().unwrap();
+        assert_eq!(
+            (stats.len(), last.name.as_str()),
+            (TASK_STATS, OVERFLOW_NAME)
+        );
+        assert_eq!(last.outcomes, [0, 2, 0, 0, 0]);
+        assert_eq!((last.buckets[6], last.buckets.iter().sum::<u64>()), (1, 1));
+        assert_eq!(last.runtime_count, 2);
+        assert!((last.runtime_sum - 1000.2).abs() < 1e-6);
+    }
+
+    #[test]
+    fn limits_are_set_removed_or_left_alone() {
+        let shm = SharedState::map(1).unwrap();
+        let i = shm.task_stat_index("tasks.add");
+        assert_eq!(shm.runtime_limits(i), RuntimeLimits::default());
+        shm.set_time_limits(i, Some(1.5), Some(0.0));
+        shm.set_rate_limit(i, Some(10.0));
+        let limits = shm.runtime_limits(i);
+        assert_eq!((limits.soft, limits.hard), (Some(1.5), Some(0.0)));
+        assert_eq!(limits.rate, Some(10.0));
+        shm.set_time_limits(i, None, None);
+        shm.set_rate_limit(i, None);
+        assert_eq!(shm.runtime_limits(i), RuntimeLimits::default());
+    }
+}
