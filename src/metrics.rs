@@ -81,15 +81,8 @@ pub fn render(shm: &SharedState, config: &WorkerConfig) -> String {
     }
     let slots = shm.task_slots();
     let active = slots.iter().filter(|s| s.running_task().is_some()).count();
-    let reserved: u64 = slots
-        .iter()
-        .map(|s| s.reserved.load(std::sync::atomic::Ordering::Relaxed))
-        .sum();
-    let reconnects: u64 = shm
-        .slots()
-        .iter()
-        .map(|s| s.reconnects.load(std::sync::atomic::Ordering::Relaxed))
-        .sum();
+    let reserved: u64 = slots.iter().map(|s| s.reserved()).sum();
+    let reconnects: u64 = shm.slots().iter().map(|s| s.reconnects()).sum();
     let states = [
         ChildState::Booting,
         ChildState::Consuming,

@@ -45,8 +45,7 @@ impl Child {
         self.queued.signature = signature;
         self.queued.at = Instant::now();
         let slot = self.link.slot();
-        slot.reserved
-            .store(self.held.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        slot.set_reserved(self.held.len() as u64);
         let line = |job: &Job, eta: Option<String>| {
             crate::inspect::Queued {
                 eta,

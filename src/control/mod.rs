@@ -140,10 +140,7 @@ async fn open_session(config: &WorkerConfig) -> Result<Session, BrokerError> {
 fn status(shm: &SharedState) -> Vec<(&'static str, Value)> {
     let slots = shm.task_slots();
     let active = slots.iter().filter(|s| s.running_task().is_some()).count() as u64;
-    let processed = slots
-        .iter()
-        .map(|s| s.processed.load(std::sync::atomic::Ordering::Relaxed))
-        .sum();
+    let processed = slots.iter().map(|s| s.processed()).sum();
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let mut l = load
         .split_whitespace()

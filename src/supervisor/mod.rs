@@ -118,7 +118,6 @@ impl Supervisor {
             debug!("cannot become a child subreaper: {e}");
         }
         loop {
-            self.shm.supervisor_beat();
             self.write_state(false);
             let pending = self.signals.wait(TICK);
             if pending.quit {
