@@ -5,11 +5,29 @@
 //! registered under the same names, and stores results where
 //! `AsyncResult.get()` finds them (rpc:// or redis://).
 //!
-//! The crate is split by responsibility: [`protocol`] (the wire format, no
-//! I/O), [`broker`] (RabbitMQ), [`task`] (the registry and task API),
-//! [`backend`] (results), [`child`] (the consume-and-run loop), [`config`]
-//! (the command line), [`supervisor`] (the prefork parent) and [`shm`]
-//! (the memory it shares with its children).
+//! A worker runs as three process roles; `docs/architecture.md` tells the
+//! whole story. The modules, from the wire up:
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`protocol`] | Celery's wire format: task messages v1/v2, results, events, exceptions (no I/O) |
+//! | [`repr`] | Python `repr()` of JSON values, as Celery shows arguments and results |
+//! | [`task`] | the task registry, the task API (context, errors) and the built-in tasks |
+//! | [`broker`] | RabbitMQ: connecting, kombu-compatible topology, publishing with confirms |
+//! | [`backend`] | result backends: `rpc://` and `redis://` |
+//! | [`config`] | the command line and environment, validated before anything forks |
+//! | [`exit`] | every exit code, of the worker and of the processes it forks |
+//! | [`backoff`] | the one capped exponential backoff with jitter |
+//! | [`signals`] | shutdown signals of the processes that run a tokio runtime |
+//! | [`shm`] | the memory the processes share, one file per table |
+//! | [`events`] | publishing Celery events (task events batched on `task.multi`) |
+//! | [`inspect`] | the lines `inspect active/reserved/scheduled` show |
+//! | [`metrics`] | rendering the Prometheus endpoint from shared memory |
+//! | [`logging`] | log setup (text or JSON) |
+//! | [`supervisor`] | role: the single-threaded prefork parent |
+//! | [`child`] | role: a task process (consume, run, settle) |
+//! | [`control`] | role: the control process (worker events, remote control, `/metrics`) |
+//! | [`app`] | the composition root: command line → config → roles → supervisor |
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]

@@ -3,22 +3,22 @@
 //! forks it; it creates its tokio runtime and connection itself.
 //!
 //! The life of one message, file by file:
-//! - [`consumers`]: a consumer forwards each delivery to the loop;
-//! - [`serve`]: the loop takes it, with signals, heartbeats and timers;
-//! - [`receive`]: decoded, checked (unknown task, lost process, revoked,
+//! - `consumers.rs`: a consumer forwards each delivery to the loop;
+//! - `serve.rs`: the loop takes it, with signals, heartbeats and timers;
+//! - `receive.rs`: decoded, checked (unknown task, lost process, revoked,
 //!   expired) and held;
-//! - [`held`]: ready, ETA and rate-limited tasks wait here (pure, no I/O);
-//! - [`receive`] again: dispatched to [`execute`] when a slot is free;
-//! - [`execute`]: acknowledged early or late, limits set, the task's code
-//!   run through [`runner`] (the seam where a kind of task plugs in), then
-//!   settled in [`settle`]: result stored, follow-ups sent, message settled;
-//! - [`outcome`]: every step above is reported as one `TaskHappening`
+//! - `held.rs`: ready, ETA and rate-limited tasks wait here (pure, no I/O);
+//! - `receive.rs` again: dispatched to `execute.rs` when a slot is free;
+//! - `execute.rs`: acknowledged early or late, limits set, the task's code
+//!   run through `runner.rs` (the seam where a kind of task plugs in), then
+//!   settled in `settle.rs`: result stored, follow-ups sent, message settled;
+//! - `outcome.rs`: every step above is reported as one `TaskHappening`
 //!   (log line, metric and Celery event together).
 //!
-//! Around it: [`session`] (connect, lose, reconnect), [`lost`] (tasks whose
-//! process died), [`drain`] (shutdown and recycling), [`queued`] (what
-//! `inspect reserved/scheduled` shows), [`job`] (decode and settle one
-//! delivery), [`shared`] (what running tasks share).
+//! Around it: `session.rs` (connect, lose, reconnect), `lost.rs` (tasks whose
+//! process died), `drain.rs` (shutdown and recycling), `queued.rs` (what
+//! `inspect reserved/scheduled` shows), `job.rs` (decode and settle one
+//! delivery), `shared.rs` (what running tasks share).
 
 mod consumers;
 mod drain;
