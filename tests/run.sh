@@ -4,8 +4,9 @@
 #      installing them from Debian's packages and starting them if needed;
 #   2. creates the Python venv (.venv) with Celery, Flower and the test tools;
 #   3. fetches helm for the chart tests;
-#   4. builds the workspace, runs the Rust tests (unit + fixture tests), then
-#      the interop tests against real Python Celery and the chart tests.
+#   4. builds the workspace and the Python package (pip install . into .venv),
+#      runs the Rust tests (unit + fixture tests), then the interop tests
+#      against real Python Celery and the chart tests.
 # Usage: tests/run.sh [extra pytest args]
 set -euo pipefail
 
@@ -81,6 +82,9 @@ export HELM
 say "building"
 cargo build --workspace --all-targets --locked
 export CELERIAC_BIN="$root/target/debug/celeriac"
+
+say "the Python package: pip install . into .venv"
+.venv/bin/python -m pip install -q --disable-pip-version-check --force-reinstall --no-deps . >&2
 
 say "Rust tests"
 cargo test --workspace --locked

@@ -1,0 +1,5 @@
+"""``python -m celeriac worker …`` is the same as ``celeriac worker …``."""
+
+from celeriac._cli import main
+
+main()
