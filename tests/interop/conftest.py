@@ -196,10 +196,14 @@ def child_pids(pid):
 
 
 def thread_count(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("Threads:"):
-                return int(line.split()[1])
+    """Threads of `pid`; 0 once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):  # gone before or while reading
+        pass
     return 0
 
 
@@ -264,12 +268,51 @@ def rabbitmqctl(*args):
     subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
 
 
-def task_pids(w):
-    """The task processes' pids, as the worker's probe state file lists them."""
+def task_processes(w):
+    """{pid: state} of the task processes, as the worker's probe state file
+    lists them (state is "booting", "consuming", "reconnecting", "draining"...)."""
     import json
     try:
         with open(os.path.join(w.state_dir, "state.json")) as f:
             state = json.load(f)
     except (OSError, ValueError):
-        return []
-    return sorted(c["pid"] for c in state["children"] if c["pid"])
+        return {}
+    return {c["pid"]: c["state"] for c in state["children"] if c["pid"]}
+
+
+def task_pids(w):
+    """The task processes' pids, as the worker's probe state file lists them."""
+    return sorted(task_processes(w))
+
+
+def _live_child(pid, parent):
+    """Whether `pid` is a running (not zombie) child of `parent`."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return fields[0] != "Z" and int(fields[1]) == parent
+
+
+def consuming_pids(w):
+    """The task processes that are consuming now: listed as consuming in the
+    state file (rewritten within a tick of a change, so it can lag) and
+    still running children of the supervisor."""
+    procs = task_processes(w)
+    return sorted(p for p, state in procs.items() if state == "consuming" and _live_child(p, w.pid))
+
+
+def wait_for_consuming(w, count, timeout=20.0):
+    """Waits until the worker has exactly `count` task processes, every one
+    running and consuming, and returns their pids. Right after a fork (a
+    recycled or replaced process) the new process has not started its
+    runtime yet, and the state file may still list the old one: the pids
+    taken at an arbitrary moment can be either."""
+    def settled():
+        pids = consuming_pids(w)
+        return pids if len(pids) == count and len(task_processes(w)) == count else None
+    try:
+        return wait_until(settled, timeout, f"{count} task processes consuming")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; the state file lists {task_processes(w)}") from None
