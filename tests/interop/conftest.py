@@ -6,12 +6,15 @@ import pathlib
 import signal
 import subprocess
 import time
+import urllib.parse
 import uuid
 
 import amqp
 import pytest
 import redis as redis_lib
 from celery import Celery
+
+from private_broker import PrivateRabbit
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BROKER = os.environ.get("TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
@@ -119,8 +122,8 @@ def start_worker(tmp_path, queue_name):
             w.stop()
 
 
-def celery_app(queue, backend="rpc://"):
-    app = Celery("celeriac-tests", broker=BROKER, backend=backend)
+def celery_app(queue, backend="rpc://", broker=BROKER):
+    app = Celery("celeriac-tests", broker=broker, backend=backend)
     app.conf.task_default_queue = queue
     app.conf.broker_connection_retry_on_startup = True
     return app
@@ -148,10 +151,17 @@ def redis_client():
 
 
 class amqp_channel:
-    """`with amqp_channel() as ch:` — a raw py-amqp channel on the test broker."""
+    """`with amqp_channel() as ch:` — a raw py-amqp channel on the test broker
+    (or on the broker at `url`)."""
+
+    def __init__(self, url=BROKER):
+        self.url = urllib.parse.urlsplit(url)
 
     def __enter__(self):
-        self.conn = amqp.Connection(host="127.0.0.1:5672", userid="guest", password="guest", virtual_host="/")
+        u = self.url
+        vhost = urllib.parse.unquote(u.path[1:]) or "/"
+        self.conn = amqp.Connection(host=f"{u.hostname}:{u.port or 5672}", userid=u.username or "guest",
+                                    password=u.password or "guest", virtual_host=vhost)
         self.conn.connect()
         self.ch = self.conn.channel()
         return self.ch
@@ -163,8 +173,8 @@ class amqp_channel:
             pass
 
 
-def queue_depth(name):
-    with amqp_channel() as ch:
+def queue_depth(name, broker=BROKER):
+    with amqp_channel(broker) as ch:
         _, count, _ = ch.queue_declare(name, passive=True)
         return count
 
@@ -264,10 +274,6 @@ def probe(name, state_dir, *args, env=None):
     return p.returncode, lines[0]
 
 
-def rabbitmqctl(*args):
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
-
-
 def task_processes(w):
     """{pid: state} of the task processes, as the worker's probe state file
     lists them (state is "booting", "consuming", "reconnecting", "draining"...)."""
@@ -316,3 +322,44 @@ def wait_for_consuming(w, count, timeout=20.0):
         return wait_until(settled, timeout, f"{count} task processes consuming")
     except AssertionError as e:
         raise AssertionError(f"{e}; the state file lists {task_processes(w)}") from None
+
+
+# RabbitMQ nodes of the tests' own (see private_broker.py): for faults that
+# must not reach the shared broker (stopping it, closing every connection),
+# and for tests whose outcome another Celery process on the shared broker
+# could change.
+
+@pytest.fixture(scope="session")
+def private_rabbit(tmp_path_factory):
+    """private_rabbit(name, **options) -> that node, running. One node per
+    name for the session, created on first use with `options` as
+    PrivateRabbit takes them (plugins, config, server, ctl) and started again
+    if a test left it stopped. All are stopped, by pid, when the session ends."""
+    nodes = {}
+
+    def get(name, **options):
+        node = nodes.get(name)
+        if node is None:
+            node = nodes[name] = PrivateRabbit(tmp_path_factory.mktemp(f"rabbit-{name}"), name, **options)
+        if not node.running:
+            node.start()
+        return node
+
+    yield get
+    for node in nodes.values():
+        node.close()
+
+
+@pytest.fixture
+def private_broker(private_rabbit, queue_name):
+    """The default private node, running when the test starts; the test may
+    stop and start it. The test's queue is deleted from it afterwards."""
+    node = private_rabbit("private")
+    yield node
+    if node.running:  # else the next test that asks for it starts it again
+        for delete in ("queue_delete", "exchange_delete"):
+            with amqp_channel(node.url) as ch:
+                try:
+                    getattr(ch, delete)(queue_name)
+                except amqp.exceptions.AMQPError:
+                    pass
