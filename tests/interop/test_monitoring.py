@@ -22,9 +22,9 @@ def node_of(w):
     return w.log().split(" ready to start")[0].split()[-1]
 
 
-def cli(*args, timeout=30):
+def cli(*args, timeout=30, broker=BROKER):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY", "BROKER"))}
-    return subprocess.run([CELERY, "-b", BROKER, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([CELERY, "-b", broker, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def inspect(w, command, *args):
@@ -33,8 +33,8 @@ def inspect(w, command, *args):
     return json.loads(p.stdout)[node_of(w)]
 
 
-def control(w, command, *args):
-    p = cli("control", command, *args, "-d", node_of(w), "--json")
+def control(w, command, *args, broker=BROKER):
+    p = cli("control", command, *args, "-d", node_of(w), "--json", broker=broker)
     assert p.returncode == 0, p.stdout + p.stderr
     replies = json.loads(p.stdout)
     return (replies[0] if isinstance(replies, list) else replies)[node_of(w)]
@@ -133,11 +133,14 @@ def test_remote_shutdown_drains_and_exits_0(start_worker, rpc_app):
     assert running.get(timeout=5) == 1
 
 
-def test_enable_disable_events(start_worker):
-    w = start_worker("-c", "1")
-    assert control(w, "enable_events") == {"ok": "task events enabled"}
-    assert control(w, "enable_events") == {"ok": "task events already enabled"}
-    assert control(w, "disable_events") == {"ok": "task events disabled"}
+def test_enable_disable_events(private_broker, start_worker):
+    # On the tests' own node: a Flower anywhere on the shared broker
+    # broadcasts enable_events to every worker every 5 s, which would turn
+    # this worker's events on before the first command.
+    w = start_worker("-c", "1", broker=private_broker.url)
+    assert control(w, "enable_events", broker=private_broker.url) == {"ok": "task events enabled"}
+    assert control(w, "enable_events", broker=private_broker.url) == {"ok": "task events already enabled"}
+    assert control(w, "disable_events", broker=private_broker.url) == {"ok": "task events disabled"}
 
 
 def test_unknown_command_gets_celerys_error(start_worker):
