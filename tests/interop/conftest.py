@@ -6,12 +6,15 @@ import pathlib
 import signal
 import subprocess
 import time
+import urllib.parse
 import uuid
 
 import amqp
 import pytest
 import redis as redis_lib
 from celery import Celery
+
+from private_broker import PrivateRabbit
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BROKER = os.environ.get("TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
@@ -119,8 +122,8 @@ def start_worker(tmp_path, queue_name):
             w.stop()
 
 
-def celery_app(queue, backend="rpc://"):
-    app = Celery("celeriac-tests", broker=BROKER, backend=backend)
+def celery_app(queue, backend="rpc://", broker=BROKER):
+    app = Celery("celeriac-tests", broker=broker, backend=backend)
     app.conf.task_default_queue = queue
     app.conf.broker_connection_retry_on_startup = True
     return app
@@ -148,10 +151,17 @@ def redis_client():
 
 
 class amqp_channel:
-    """`with amqp_channel() as ch:` — a raw py-amqp channel on the test broker."""
+    """`with amqp_channel() as ch:` — a raw py-amqp channel on the test broker
+    (or on the broker at `url`)."""
+
+    def __init__(self, url=BROKER):
+        self.url = urllib.parse.urlsplit(url)
 
     def __enter__(self):
-        self.conn = amqp.Connection(host="127.0.0.1:5672", userid="guest", password="guest", virtual_host="/")
+        u = self.url
+        vhost = urllib.parse.unquote(u.path[1:]) or "/"
+        self.conn = amqp.Connection(host=f"{u.hostname}:{u.port or 5672}", userid=u.username or "guest",
+                                    password=u.password or "guest", virtual_host=vhost)
         self.conn.connect()
         self.ch = self.conn.channel()
         return self.ch
@@ -163,8 +173,8 @@ class amqp_channel:
             pass
 
 
-def queue_depth(name):
-    with amqp_channel() as ch:
+def queue_depth(name, broker=BROKER):
+    with amqp_channel(broker) as ch:
         _, count, _ = ch.queue_declare(name, passive=True)
         return count
 
@@ -196,10 +206,14 @@ def child_pids(pid):
 
 
 def thread_count(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("Threads:"):
-                return int(line.split()[1])
+    """Threads of `pid`; 0 once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):  # gone before or while reading
+        pass
     return 0
 
 
@@ -260,16 +274,92 @@ def probe(name, state_dir, *args, env=None):
     return p.returncode, lines[0]
 
 
-def rabbitmqctl(*args):
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
-
-
-def task_pids(w):
-    """The task processes' pids, as the worker's probe state file lists them."""
+def task_processes(w):
+    """{pid: state} of the task processes, as the worker's probe state file
+    lists them (state is "booting", "consuming", "reconnecting", "draining"...)."""
     import json
     try:
         with open(os.path.join(w.state_dir, "state.json")) as f:
             state = json.load(f)
     except (OSError, ValueError):
-        return []
-    return sorted(c["pid"] for c in state["children"] if c["pid"])
+        return {}
+    return {c["pid"]: c["state"] for c in state["children"] if c["pid"]}
+
+
+def task_pids(w):
+    """The task processes' pids, as the worker's probe state file lists them."""
+    return sorted(task_processes(w))
+
+
+def _live_child(pid, parent):
+    """Whether `pid` is a running (not zombie) child of `parent`."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return fields[0] != "Z" and int(fields[1]) == parent
+
+
+def consuming_pids(w):
+    """The task processes that are consuming now: listed as consuming in the
+    state file (rewritten within a tick of a change, so it can lag) and
+    still running children of the supervisor."""
+    procs = task_processes(w)
+    return sorted(p for p, state in procs.items() if state == "consuming" and _live_child(p, w.pid))
+
+
+def wait_for_consuming(w, count, timeout=20.0):
+    """Waits until the worker has exactly `count` task processes, every one
+    running and consuming, and returns their pids. Right after a fork (a
+    recycled or replaced process) the new process has not started its
+    runtime yet, and the state file may still list the old one: the pids
+    taken at an arbitrary moment can be either."""
+    def settled():
+        pids = consuming_pids(w)
+        return pids if len(pids) == count and len(task_processes(w)) == count else None
+    try:
+        return wait_until(settled, timeout, f"{count} task processes consuming")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; the state file lists {task_processes(w)}") from None
+
+
+# RabbitMQ nodes of the tests' own (see private_broker.py): for faults that
+# must not reach the shared broker (stopping it, closing every connection),
+# and for tests whose outcome another Celery process on the shared broker
+# could change.
+
+@pytest.fixture(scope="session")
+def private_rabbit(tmp_path_factory):
+    """private_rabbit(name, **options) -> that node, running. One node per
+    name for the session, created on first use with `options` as
+    PrivateRabbit takes them (plugins, config, server, ctl) and started again
+    if a test left it stopped. All are stopped, by pid, when the session ends."""
+    nodes = {}
+
+    def get(name, **options):
+        node = nodes.get(name)
+        if node is None:
+            node = nodes[name] = PrivateRabbit(tmp_path_factory.mktemp(f"rabbit-{name}"), name, **options)
+        if not node.running:
+            node.start()
+        return node
+
+    yield get
+    for node in nodes.values():
+        node.close()
+
+
+@pytest.fixture
+def private_broker(private_rabbit, queue_name):
+    """The default private node, running when the test starts; the test may
+    stop and start it. The test's queue is deleted from it afterwards."""
+    node = private_rabbit("private")
+    yield node
+    if node.running:  # else the next test that asks for it starts it again
+        for delete in ("queue_delete", "exchange_delete"):
+            with amqp_channel(node.url) as ch:
+                try:
+                    getattr(ch, delete)(queue_name)
+                except amqp.exceptions.AMQPError:
+                    pass

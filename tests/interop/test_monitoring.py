@@ -22,9 +22,9 @@ def node_of(w):
     return w.log().split(" ready to start")[0].split()[-1]
 
 
-def cli(*args, timeout=30):
+def cli(*args, timeout=30, broker=BROKER):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY", "BROKER"))}
-    return subprocess.run([CELERY, "-b", BROKER, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([CELERY, "-b", broker, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def inspect(w, command, *args):
@@ -33,8 +33,8 @@ def inspect(w, command, *args):
     return json.loads(p.stdout)[node_of(w)]
 
 
-def control(w, command, *args):
-    p = cli("control", command, *args, "-d", node_of(w), "--json")
+def control(w, command, *args, broker=BROKER):
+    p = cli("control", command, *args, "-d", node_of(w), "--json", broker=broker)
     assert p.returncode == 0, p.stdout + p.stderr
     replies = json.loads(p.stdout)
     return (replies[0] if isinstance(replies, list) else replies)[node_of(w)]
@@ -133,11 +133,14 @@ def test_remote_shutdown_drains_and_exits_0(start_worker, rpc_app):
     assert running.get(timeout=5) == 1
 
 
-def test_enable_disable_events(start_worker):
-    w = start_worker("-c", "1")
-    assert control(w, "enable_events") == {"ok": "task events enabled"}
-    assert control(w, "enable_events") == {"ok": "task events already enabled"}
-    assert control(w, "disable_events") == {"ok": "task events disabled"}
+def test_enable_disable_events(private_broker, start_worker):
+    # On the tests' own node: a Flower anywhere on the shared broker
+    # broadcasts enable_events to every worker every 5 s, which would turn
+    # this worker's events on before the first command.
+    w = start_worker("-c", "1", broker=private_broker.url)
+    assert control(w, "enable_events", broker=private_broker.url) == {"ok": "task events enabled"}
+    assert control(w, "enable_events", broker=private_broker.url) == {"ok": "task events already enabled"}
+    assert control(w, "disable_events", broker=private_broker.url) == {"ok": "task events disabled"}
 
 
 def test_unknown_command_gets_celerys_error(start_worker):
@@ -166,7 +169,11 @@ def test_celery_events_dump_sees_every_event_type(start_worker, rpc_app, tmp_pat
             expired.get(timeout=15)
         time.sleep(2.5)  # one heartbeat
         assert w.stop() == 0
-        text = lambda: (tmp_path / "events.log").read_text()
+        # Only this worker's lines ("<hostname> [<time>] <event>..."): other
+        # workers on the broker send events too.
+        node = node_of(w)
+        text = lambda: "\n".join(line for line in (tmp_path / "events.log").read_text().splitlines()
+                                 if line.startswith(f"{node} ["))
         # The dump names worker-online "started" and worker-offline "shutdown".
         wanted = ["] task received:", "] task started:", "] task succeeded:", "] task failed:", "] task retried:",
                   "] task revoked:", "] started:", "] heartbeat:", "] shutdown:"]
@@ -311,15 +318,23 @@ def test_task_started_is_sent_while_the_task_runs(start_worker, rpc_app):
 def test_task_events_are_batched_on_task_multi(start_worker, rpc_app):
     """A waiting backlog's events go out as JSON arrays of at most 24 on
     task.multi, several tasks per message; a lone quick task's three events
-    share one message."""
+    share one message. Only this worker's messages are counted: celeryev is
+    shared by every worker on the broker."""
     from conftest import amqp_channel
     messages = []
+    node = None  # this worker's hostname, once it has started
+
+    def keep(m):
+        body = json.loads(m.body)
+        events = body if isinstance(body, list) else [body]
+        if node is not None and any(e.get("hostname") == node for e in events):
+            messages.append((m.delivery_info["routing_key"], body))
+
     with amqp_channel() as ch:
         ch.exchange_declare("celeryev", "topic", durable=True, auto_delete=False)
         q, _, _ = ch.queue_declare("", exclusive=True, auto_delete=True)
         ch.queue_bind(q, "celeryev", "task.#")
-        ch.basic_consume(q, callback=lambda m: messages.append((m.delivery_info["routing_key"], json.loads(m.body))),
-                         no_ack=True)
+        ch.basic_consume(q, callback=keep, no_ack=True)
 
         def drain_until(done, timeout):
             deadline = time.monotonic() + timeout
@@ -333,7 +348,8 @@ def test_task_events_are_batched_on_task_multi(start_worker, rpc_app):
             return {e["uuid"] for _, batch in messages for e in batch if e["type"] == "task-succeeded"}
 
         backlog = [rpc_app.send_task("celeriac.noop", ignore_result=True).id for _ in range(200)]
-        start_worker("-c", "1", "-E")
+        w = start_worker("-c", "1", "-E")
+        node = node_of(w)
         drain_until(lambda: set(backlog) <= succeeded(), 60)
         assert set(backlog) <= succeeded()
         assert all(key == "task.multi" and isinstance(batch, list) for key, batch in messages)

@@ -14,22 +14,35 @@ import uuid
 import pytest
 from billiard.exceptions import TimeLimitExceeded, WorkerLostError
 
-from conftest import task_pids, declare_with_dead_letters, queue_depth, thread_count, wait_until
+from conftest import (consuming_pids, declare_with_dead_letters, queue_depth, task_pids, thread_count,
+                      wait_for_consuming, wait_until)
 
 TEST = "--with-test-tasks"
 
 
 def test_supervisor_is_single_threaded_at_every_fork(start_worker, rpc_app, account):
     w = start_worker(TEST, "-c", "2", "--max-tasks-per-child", "2", "-l", "DEBUG")
-    for _ in range(8):
+    # Two tasks per process: the two processes alive at the end have run at
+    # most one task each, so ten tasks recycle at least four processes and
+    # the worker forks at least six times.
+    for _ in range(10):
         account.send()
     account.wait_all()
     w.wait_for_log("forking task process", count=6)
     forks = re.findall(r"forking task process.*threads=(\d+)", w.log())
     assert len(forks) >= 6 and set(forks) == {"1"}, forks
     assert thread_count(w.pid) == 1, "the supervisor never gains a thread"
-    kids = task_pids(w)
-    assert len(kids) == 2 and all(thread_count(k) > 1 for k in kids), "runtimes live in the children"
+    # The last replacement may have been forked a moment ago, before it
+    # started its runtime (or the state file may still list the process it
+    # replaces): wait for two consuming processes that have their runtime
+    # threads. If the runtimes were not in the children, none would.
+    def children_with_runtimes():
+        kids = consuming_pids(w)
+        return len(kids) == 2 and all(thread_count(k) > 1 for k in kids)
+
+    wait_until(children_with_runtimes, 20, "two consuming task processes with runtime threads "
+                                           "(runtimes live in the children)")
+    assert thread_count(w.pid) == 1, "the supervisor never gains a thread"
 
 
 def test_sigterm_under_steady_load_loses_nothing(start_worker, rpc_app, account, queue_name):
@@ -65,7 +78,7 @@ def test_sigkill_of_a_child_mid_task(start_worker, rpc_app, account, mode):
     victim = account.send(3.0)
     w.wait_for_log(f"[{victim.id}] received")
     time.sleep(0.5)
-    [child] = task_pids(w)
+    [child] = wait_for_consuming(w, 1)
     os.kill(child, signal.SIGKILL)
     after = account.send(0)
     if mode == "acks-late+reject-on-worker-lost":
@@ -84,12 +97,17 @@ def test_sigkill_of_the_supervisor(start_worker, rpc_app, account, queue_name):
     for _ in range(40):
         account.send(0.05)
     time.sleep(0.5)
-    kids = task_pids(w)
+    # Both processes, known to be alive and consuming: an empty list would
+    # make the wait below pass without checking anything.
+    kids = wait_for_consuming(w, 2)
     os.kill(w.pid, signal.SIGKILL)
     # The children notice their parent died and drain (no process left behind).
     wait_until(lambda: not any(os.path.exists(f"/proc/{k}") for k in kids), 30, "children to exit")
-    done = account.completed()
-    assert len(done) + queue_depth(queue_name) == len(account.tokens), "published = completed + queued"
+    # The broker requeues the messages prefetched by the children's closed
+    # connections on its own time: wait for the count to settle. A lost task
+    # keeps the sum short, so this still fails if one is lost.
+    wait_until(lambda: len(account.completed()) + queue_depth(queue_name) == len(account.tokens), 10,
+               "published = completed + queued")
     start_worker(TEST, "-c", "2")
     account.wait_all()
     assert account.duplicates() == {}
@@ -202,7 +220,7 @@ def test_orphans_are_reaped(start_worker, rpc_app):
 
 def test_wedged_idle_process_is_replaced(start_worker, rpc_app):
     w = start_worker("-c", "1", "--child-heartbeat-timeout", "2", "--result-backend", "rpc://")
-    [child] = task_pids(w)
+    [child] = wait_for_consuming(w, 1)
     os.kill(child, signal.SIGSTOP)
     w.wait_for_log(f"task process {child} sent no heartbeat for 2s while idle; killing it", timeout=20)
     wait_until(lambda: task_pids(w) not in ([], [child]), what="replacement process")

@@ -1,6 +1,7 @@
 """The probe binaries against a live worker, and the worker riding out a
 broker that goes away: readiness follows consumption, liveness follows the
-supervisor and never the broker."""
+supervisor and never the broker. The broker faults happen on a RabbitMQ node
+of the tests' own (the private_broker fixture), never on the shared one."""
 
 import os
 import signal
@@ -8,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import probe, queue_depth, rabbitmqctl, wait_until
+from conftest import Account, celery_app, probe, queue_depth, wait_until
 
 
 def ready(w, *args, env=None):
@@ -68,11 +69,22 @@ def test_stopped_supervisor_fails_liveness(start_worker):
     wait_until(lambda: live(w, "--max-age", "2")[0] == 0, 10, "liveness to recover")
 
 
-def test_broker_stop_and_start(start_worker, rpc_app, account):
-    w = start_worker("-c", "2", "--with-test-tasks", "--result-backend", "rpc://")
+@pytest.fixture
+def private_account(private_broker, queue_name, redis_client):
+    """An Account whose tasks go through the private broker."""
+    app = celery_app(queue_name, "rpc://", broker=private_broker.url)
+    a = Account(app, redis_client)
+    yield a
+    a.close()
+    app.close()
+
+
+def test_broker_stop_and_start(private_broker, start_worker, private_account):
+    account = private_account
+    w = start_worker("-c", "2", "--with-test-tasks", "--result-backend", "rpc://", broker=private_broker.url)
     assert account.send(0).get(timeout=15)["count"] == 1
     wait_until(lambda: ready(w)[0] == 0, 10, "readiness before the outage")
-    rabbitmqctl("stop_app")
+    private_broker.stop()
     try:
         wait_until(lambda: ready(w)[0] == 1, 10, "readiness to fail while the broker is down")
         assert "reconnecting" in ready(w)[1]
@@ -80,7 +92,7 @@ def test_broker_stop_and_start(start_worker, rpc_app, account):
         assert live(w)[0] == 0, "liveness does not depend on the broker"
         assert ready(w)[0] == 1
     finally:
-        rabbitmqctl("start_app")
+        private_broker.start()
     wait_until(lambda: ready(w)[0] == 0, 90, "readiness to come back")
     assert account.send(0).get(timeout=30)["count"] == 1, "tasks flow again"
     log = w.log()
@@ -88,14 +100,17 @@ def test_broker_stop_and_start(start_worker, rpc_app, account):
     assert log.count("Reconnected to") == 2
 
 
-def test_connections_closed_under_acks_late_load_recover_without_loss(start_worker, rpc_app, account, queue_name):
-    w = start_worker("-c", "2", "--with-test-tasks", "--acks-late")
+def test_connections_closed_under_acks_late_load_recover_without_loss(private_broker, start_worker, private_account,
+                                                                       queue_name):
+    account = private_account
+    w = start_worker("-c", "2", "--with-test-tasks", "--acks-late", broker=private_broker.url)
     for _ in range(60):
         account.send(0.05)
     time.sleep(0.5)
-    rabbitmqctl("close_all_connections", "celeriac resilience test")
+    # Only this test's worker and client are connected to the private node.
+    private_broker.ctl("close_all_connections", "celeriac resilience test")
     account.wait_all(90)
     wait_until(lambda: ready(w)[0] == 0, 30, "readiness after recovery")
     assert account.completed() == set(account.tokens), "every task completed (at least once)"
-    assert queue_depth(queue_name) == 0
+    assert queue_depth(queue_name, private_broker.url) == 0
     assert w.alive()
