@@ -64,6 +64,19 @@ impl App {
                 return USAGE;
             }
         };
+        // As Celery: --workdir first, so relative paths are taken from there.
+        if let Some(dir) = &config.workdir {
+            if let Err(e) = std::env::set_current_dir(dir) {
+                eprintln!(
+                    "celeriac: error: --workdir: cannot change to {}: {e}",
+                    dir.display()
+                );
+                return USAGE;
+            }
+        }
+        if let Some(mask) = config.umask {
+            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
+        }
         if let Err(e) = std::fs::create_dir_all(&config.state_dir) {
             eprintln!(
                 "celeriac: error: --state-dir: cannot create {}: {e}",
@@ -78,7 +91,9 @@ impl App {
         if config.test_tasks {
             crate::task::testing::register(&mut self.registry);
         }
-        banner(&config, &self.registry);
+        if !config.quiet {
+            banner(&config, &self.registry);
+        }
         let config = Arc::new(*config);
         let registry = Arc::new(self.registry);
         let supervisor_config = Arc::clone(&config);

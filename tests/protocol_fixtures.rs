@@ -386,7 +386,7 @@ fn worker_events_match_celerys_shape() {
         "worker-heartbeat",
         3,
         1.5,
-        events::worker_status(0, 10, [0.821, 0.28, 0.24]),
+        events::worker_status(events::HEARTBEAT_FREQ, 0, 10, [0.821, 0.28, 0.24]),
     );
     let theirs = captured_event("event-worker-heartbeat.json");
     assert_eq!(keys(&ours), keys(&theirs));
@@ -419,7 +419,7 @@ fn encoded_events_equal_the_built_ones() {
         events::task_received(&msg),
         events::task_succeeded("id", &json!({"é": [1, 2.5, null]}), 0.25),
         events::task_revoked("id", true, Some(9), false),
-        events::worker_status(1, 2, [0.1, 0.2, 0.3]),
+        events::worker_status(events::HEARTBEAT_FREQ, 1, 2, [0.1, 0.2, 0.3]),
     ] {
         let built = src.event("task-x", 42, 1795627878.2327826, fields.clone());
         let text = src.encode("task-x", 42, 1795627878.2327826, &fields);

@@ -13,6 +13,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
 use crate::broker::{mask_url, parse_url, QueueSpec};
+use celery_cli::{CeleryWorkerArgs, GlobalArgs};
+
+mod celery_cli;
 
 /// The default broker, as Celery's.
 pub const DEFAULT_BROKER: &str = "amqp://guest:guest@localhost:5672//";
@@ -47,6 +50,8 @@ impl ConfigError {
     disable_help_subcommand = true
 )]
 struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -78,19 +83,13 @@ pub enum QueueType {
 #[derive(clap::Args, Debug)]
 #[command(args_override_self = true)]
 struct WorkerArgs {
-    /// Broker URL [env: CELERY_BROKER_URL, BROKER_URL] [default: amqp://guest:guest@localhost:5672//]
-    #[arg(short = 'b', long)]
-    broker: Option<String>,
-    /// Result backend: rpc:// or redis://host:port/db [env: CELERY_RESULT_BACKEND] [default: none]
-    #[arg(long)]
-    result_backend: Option<String>,
     /// Queues to consume, comma-separated (repeatable)
     #[arg(short = 'Q', long = "queues", default_value = "celery")]
     queues: Vec<String>,
     /// Number of task processes [default: the CPU limit of the container, else the CPU count]
     #[arg(short = 'c', long, env = "CELERIAC_CONCURRENCY")]
     concurrency: Option<usize>,
-    /// Pool implementation; only `prefork` exists
+    /// Pool implementation: `prefork` (or its Celery alias `processes`)
     #[arg(short = 'P', long, default_value = "prefork")]
     pool: String,
     /// Send task events for monitors such as Flower
@@ -99,7 +98,7 @@ struct WorkerArgs {
     /// Node name; %h = hostname, %n = its name part, %d = its domain
     #[arg(short = 'n', long, default_value = "celery@%h")]
     hostname: String,
-    /// Log level: DEBUG, INFO, WARNING, ERROR, CRITICAL
+    /// Log level: DEBUG, INFO, WARNING, ERROR, CRITICAL, FATAL
     #[arg(
         short = 'l',
         long,
@@ -180,9 +179,11 @@ struct WorkerArgs {
     /// Accepted for Celery compatibility (celeriac has no mingle)
     #[arg(long)]
     without_mingle: bool,
-    /// Accepted for Celery compatibility
+    /// Send no worker-heartbeat events (monitors then show the node offline, as with Celery)
     #[arg(long)]
     without_heartbeat: bool,
+    #[command(flatten)]
+    celery: CeleryWorkerArgs,
 }
 
 /// Where task results go.
@@ -247,6 +248,14 @@ pub struct WorkerConfig {
     pub test_tasks: bool,
     /// Global reject_on_worker_lost.
     pub reject_on_worker_lost: bool,
+    /// Print no banner (`-q`).
+    pub quiet: bool,
+    /// Change to this directory before anything else (`--workdir`).
+    pub workdir: Option<PathBuf>,
+    /// File mode creation mask set before anything forks (`--umask`).
+    pub umask: Option<u32>,
+    /// Period of worker-heartbeat events; `None` sends none (`--without-heartbeat`).
+    pub heartbeat_interval: Option<Duration>,
 }
 
 /// What the command line asks for.
@@ -305,7 +314,9 @@ where
         }
     };
     match cli.command {
-        Command::Worker(args) => validate(*args, env).map(|c| Invocation::Worker(Box::new(c))),
+        Command::Worker(args) => {
+            validate(*args, cli.global, env).map(|c| Invocation::Worker(Box::new(c)))
+        }
     }
 }
 
@@ -317,34 +328,50 @@ fn first_line(text: &str) -> String {
     line.trim_start_matches("error: ").to_owned()
 }
 
-fn validate(a: WorkerArgs, env: &dyn Env) -> Result<WorkerConfig, ConfigError> {
-    if a.pool != "prefork" {
-        return Err(ConfigError::new(
-            "--pool",
-            format!(
-                "{:?} is not supported: celeriac runs the prefork pool only",
-                a.pool
-            ),
-        ));
+/// The first of a flag and its environment variables that is set, with
+/// its name for error messages.
+fn first_set(
+    flag: (&'static str, Option<String>),
+    vars: &[&'static str],
+    env: &dyn Env,
+) -> (&'static str, Option<String>) {
+    match flag {
+        (name, Some(v)) => (name, Some(v)),
+        (name, None) => vars
+            .iter()
+            .find_map(|k| env.var(k).map(|v| (*k, Some(v))))
+            .unwrap_or((name, None)),
     }
-    let (broker_name, broker_url) = match a.broker {
-        Some(url) => ("--broker", url),
-        None => match (env.var("CELERY_BROKER_URL"), env.var("BROKER_URL")) {
-            (Some(url), _) => ("CELERY_BROKER_URL", url),
-            (None, Some(url)) => ("BROKER_URL", url),
-            (None, None) => ("--broker", DEFAULT_BROKER.to_owned()),
-        },
-    };
+}
+
+fn validate(a: WorkerArgs, g: GlobalArgs, env: &dyn Env) -> Result<WorkerConfig, ConfigError> {
+    celery_cli::check_pool(&a.pool)?;
+    celery_cli::refuse_unsupported(&g, &a.celery)?;
+    // Celery's order: -b, then BROKER_URL, then CELERY_BROKER_URL.
+    let (broker_name, broker_url) = first_set(
+        ("--broker", g.broker),
+        &["BROKER_URL", "CELERY_BROKER_URL"],
+        env,
+    );
+    let broker_url = broker_url.unwrap_or_else(|| DEFAULT_BROKER.to_owned());
     parse_url(&broker_url).map_err(|e| ConfigError::new(broker_name, e.to_string()))?;
 
-    let (backend_name, backend) = match a.result_backend {
-        Some(url) => ("--result-backend", Some(url)),
-        None => ("CELERY_RESULT_BACKEND", env.var("CELERY_RESULT_BACKEND")),
-    };
+    let (backend_name, backend) = first_set(
+        ("--result-backend", g.result_backend),
+        &["RESULT_BACKEND", "CELERY_RESULT_BACKEND"],
+        env,
+    );
     let result_backend = backend
         .map(|url| parse_backend(&url).map_err(|reason| ConfigError::new(backend_name, reason)))
         .transpose()?;
 
+    let excluded: Vec<&str> = a
+        .celery
+        .exclude_queues
+        .iter()
+        .flat_map(|q| q.split(','))
+        .map(str::trim)
+        .collect();
     let mut names = Vec::new();
     for part in a.queues.iter().flat_map(|q| q.split(',')) {
         let name = part.trim();
@@ -357,12 +384,15 @@ fn validate(a: WorkerArgs, env: &dyn Env) -> Result<WorkerConfig, ConfigError> {
                 format!("queue name {name:?} is longer than 255 bytes"),
             ));
         }
-        if !names.iter().any(|n| n == name) {
+        if !names.iter().any(|n| n == name) && !excluded.contains(&name) {
             names.push(name.to_owned());
         }
     }
     if names.is_empty() {
-        return Err(ConfigError::new("--queues", "no queue given"));
+        return Err(ConfigError::new(
+            "--queues",
+            "no queue left to consume (none given, or all excluded by --exclude-queues)",
+        ));
     }
     let queue_type = match a.queue_type {
         QueueType::Classic => None,
@@ -396,7 +426,7 @@ fn validate(a: WorkerArgs, env: &dyn Env) -> Result<WorkerConfig, ConfigError> {
         other => {
             return Err(ConfigError::new(
                 "--loglevel",
-                format!("{other:?} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+                format!("{other:?} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL, FATAL"),
             ))
         }
     };
@@ -452,6 +482,23 @@ fn validate(a: WorkerArgs, env: &dyn Env) -> Result<WorkerConfig, ConfigError> {
     if a.eta_limit == 0 {
         return Err(ConfigError::new("--eta-limit", "must be at least 1"));
     }
+    let umask = a
+        .celery
+        .umask
+        .as_deref()
+        .map(celery_cli::parse_umask)
+        .transpose()?;
+    let heartbeat_interval = match a.celery.heartbeat_interval {
+        _ if a.without_heartbeat => None,
+        None => Some(Duration::from_secs(2)),
+        Some(s) if s.is_finite() && (0.5..=3600.0).contains(&s) => Some(Duration::from_secs_f64(s)),
+        Some(s) => {
+            return Err(ConfigError::new(
+                "--heartbeat-interval",
+                format!("{s} is not between 0.5 and 3600 seconds"),
+            ))
+        }
+    };
     Ok(WorkerConfig {
         broker_url,
         result_backend,
@@ -478,6 +525,10 @@ fn validate(a: WorkerArgs, env: &dyn Env) -> Result<WorkerConfig, ConfigError> {
         metrics_bind,
         test_tasks: a.with_test_tasks,
         reject_on_worker_lost: a.reject_on_worker_lost,
+        quiet: g.quiet,
+        workdir: g.workdir,
+        umask,
+        heartbeat_interval,
     })
 }
 

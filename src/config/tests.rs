@@ -35,9 +35,134 @@ fn broker_from_env_in_celery_order() {
         ("BROKER_URL", "amqp://a:b@h1//"),
         ("CELERY_BROKER_URL", "amqp://a:b@h2//"),
     ];
+    // The celery command reads -b from BROKER_URL and then overwrites
+    // CELERY_BROKER_URL with it, so BROKER_URL wins.
+    assert_eq!(worker(&[], &env).unwrap().broker_url, "amqp://a:b@h1//");
+    let env = [("CELERY_BROKER_URL", "amqp://a:b@h2//")];
     assert_eq!(worker(&[], &env).unwrap().broker_url, "amqp://a:b@h2//");
     let env = [("BROKER_URL", "amqp://a:b@h1//")];
-    assert_eq!(worker(&[], &env).unwrap().broker_url, "amqp://a:b@h1//");
+    assert_eq!(
+        worker(&["-b", "amqp://a:b@h3//"], &env).unwrap().broker_url,
+        "amqp://a:b@h3//"
+    );
+}
+
+#[test]
+fn result_backend_from_env_in_celery_order() {
+    let env = [
+        ("RESULT_BACKEND", "redis://h1:6379/0"),
+        ("CELERY_RESULT_BACKEND", "rpc://"),
+    ];
+    assert_eq!(
+        worker(&[], &env).unwrap().result_backend,
+        Some(BackendUrl::Redis("redis://h1:6379/0".into()))
+    );
+    let env = [("CELERY_RESULT_BACKEND", "rpc://")];
+    assert_eq!(
+        worker(&[], &env).unwrap().result_backend,
+        Some(BackendUrl::Rpc)
+    );
+}
+
+#[test]
+fn global_options_work_before_and_after_the_subcommand() {
+    for argv in [
+        vec![
+            "celeriac",
+            "-b",
+            "amqp://u:p@b1//",
+            "-q",
+            "worker",
+            "-c",
+            "1",
+        ],
+        vec![
+            "celeriac",
+            "worker",
+            "-b",
+            "amqp://u:p@b1//",
+            "-q",
+            "-c",
+            "1",
+        ],
+    ] {
+        let Ok(Invocation::Worker(c)) = parse(argv.clone(), &[]) else {
+            panic!("{argv:?} did not parse");
+        };
+        assert_eq!(c.broker_url, "amqp://u:p@b1//");
+        assert!(c.quiet);
+    }
+}
+
+#[test]
+fn every_celery_worker_option_is_accepted_or_refused_with_one_line() {
+    // Accepted: the worker runs with them.
+    for args in [
+        &["-O", "fair"][..],
+        &["--optimization", "default"],
+        &["--pool-start-method", "fork"],
+        &["-P", "processes"],
+        &["-l", "FATAL"],
+        &["--umask", "0022"],
+        &["--heartbeat-interval", "5"],
+        &["--without-heartbeat"],
+        &["--without-gossip", "--without-mingle"],
+        &["-X", "other"],
+        &["-C", "--skip-checks", "--workdir", "/tmp"],
+    ] {
+        worker(args, &[]).unwrap_or_else(|e| panic!("{args:?} refused: {e}"));
+    }
+    // Refused, each naming the option and what to do instead.
+    for (args, name) in [
+        (&["-A", "proj"][..], "--app"),
+        (&["--loader", "x"], "--loader"),
+        (&["--config", "celeryconfig"], "--config"),
+        (&["-D"], "--detach"),
+        (&["-S", "/tmp/state"], "--statedb"),
+        (&["--disable-prefetch"], "--disable-prefetch"),
+        (&["--purge"], "--purge"),
+        (&["--discard"], "--purge"),
+        (&["-I", "proj.tasks"], "--include"),
+        (&["--autoscale", "10,3"], "--autoscale"),
+        (&["-B"], "--beat"),
+        (&["-s", "/tmp/beat"], "--schedule-filename"),
+        (&["--schedule", "/tmp/beat"], "--schedule-filename"),
+        (&["--scheduler", "x"], "--scheduler"),
+        (&["-f", "/tmp/log"], "--logfile"),
+        (&["--pidfile", "/tmp/pid"], "--pidfile"),
+        (&["--uid", "1000"], "--uid"),
+        (&["--gid", "1000"], "--gid"),
+        (&["--executable", "/usr/bin/python"], "--executable"),
+        (&["-P", "gevent"], "--pool"),
+        (&["--pool-start-method", "spawn"], "--pool-start-method"),
+        (&["-O", "fast"], "--optimization"),
+        (&["--umask", "9x"], "--umask"),
+        (&["--heartbeat-interval", "0"], "--heartbeat-interval"),
+    ] {
+        let e = worker(args, &[]).expect_err(&format!("{args:?} accepted"));
+        assert_eq!(e.name, name, "{args:?}");
+        assert!(!e.to_string().contains('\n'), "one line: {e}");
+    }
+}
+
+#[test]
+fn exclude_queues_removes_from_the_consumed_ones() {
+    let c = worker(&["-Q", "a,b,c", "-X", "b"], &[]).unwrap();
+    let names: Vec<_> = c.queues.iter().map(|q| q.name.as_str()).collect();
+    assert_eq!(names, ["a", "c"]);
+    let e = worker(&["-Q", "a", "-X", "a"], &[]).unwrap_err();
+    assert_eq!(e.name, "--queues");
+}
+
+#[test]
+fn heartbeats_default_to_two_seconds_and_can_be_turned_off() {
+    let c = worker(&[], &[]).unwrap();
+    assert_eq!(c.heartbeat_interval, Some(Duration::from_secs(2)));
+    let c = worker(&["--heartbeat-interval", "10"], &[]).unwrap();
+    assert_eq!(c.heartbeat_interval, Some(Duration::from_secs(10)));
+    let c = worker(&["--without-heartbeat"], &[]).unwrap();
+    assert_eq!(c.heartbeat_interval, None);
+    assert_eq!(worker(&["--umask", "027"], &[]).unwrap().umask, Some(0o027));
 }
 
 #[test]

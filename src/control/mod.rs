@@ -137,7 +137,7 @@ async fn open_session(config: &WorkerConfig) -> Result<Session, BrokerError> {
     })
 }
 
-fn status(shm: &SharedState) -> Vec<(&'static str, Value)> {
+fn status(shm: &SharedState, freq: f64) -> Vec<(&'static str, Value)> {
     let slots = shm.task_slots();
     let active = slots.iter().filter(|s| s.running_task().is_some()).count() as u64;
     let processed = slots.iter().map(|s| s.processed()).sum();
@@ -146,6 +146,7 @@ fn status(shm: &SharedState) -> Vec<(&'static str, Value)> {
         .split_whitespace()
         .map(|x| x.parse::<f64>().unwrap_or(0.0));
     ev::worker_status(
+        freq,
         active,
         processed,
         [
@@ -190,7 +191,13 @@ async fn run(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry
     let mut attempt: u32 = 0;
     let mut next_connect = tokio::time::Instant::now();
     let mut beat = tokio::time::interval(Duration::from_secs(1));
-    let mut heartbeat = tokio::time::interval(Duration::from_secs_f64(HEARTBEAT_FREQ));
+    // --heartbeat-interval, or none at all with --without-heartbeat.
+    let send_heartbeats = config.heartbeat_interval.is_some();
+    let period = config
+        .heartbeat_interval
+        .unwrap_or(Duration::from_secs_f64(HEARTBEAT_FREQ));
+    let freq = period.as_secs_f64();
+    let mut heartbeat = tokio::time::interval(period);
     loop {
         if session.is_none() && tokio::time::Instant::now() >= next_connect {
             match open_session(&config).await {
@@ -200,7 +207,7 @@ async fn run(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry
                         warn!("control connection re-established");
                     }
                     attempt = 0;
-                    events.worker("worker-online", status(&shm)).await;
+                    events.worker("worker-online", status(&shm, freq)).await;
                     slot.set_state(ChildState::Consuming);
                     session = Some(s);
                 }
@@ -237,7 +244,7 @@ async fn run(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry
                     break;
                 }
             }
-            _ = heartbeat.tick(), if connected => events.worker("worker-heartbeat", status(&shm)).await,
+            _ = heartbeat.tick(), if connected && send_heartbeats => events.worker("worker-heartbeat", status(&shm, freq)).await,
             () = tokio::time::sleep_until(next_connect), if !connected => {}
             item = request => match item {
                 Some(Ok(delivery)) => {
@@ -275,7 +282,7 @@ async fn run(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry
         }
     }
     if let Some(s) = session {
-        events.worker("worker-offline", status(&shm)).await;
+        events.worker("worker-offline", status(&shm, freq)).await;
         let _ = s.conn.close(200, ShortString::from("bye")).await;
     }
     0

@@ -14,7 +14,7 @@ pub const EVENT_EXCHANGE: &str = "celeryev";
 pub const TASK_BATCH_KEY: &str = "task.multi";
 /// Task events published in one message at most, as Celery's prefork pool.
 pub const BATCH_LIMIT: usize = 24;
-/// Seconds between worker heartbeats.
+/// Seconds between worker heartbeats, unless `--heartbeat-interval` says otherwise.
 pub const HEARTBEAT_FREQ: f64 = 2.0;
 
 /// Who sends events: the worker's node name and main pid.
@@ -254,10 +254,15 @@ pub fn task_revoked(
 }
 
 /// Fields of `worker-online`, `worker-heartbeat` and `worker-offline`.
-pub fn worker_status(active: u64, processed: u64, loadavg: [f64; 3]) -> Vec<(&'static str, Value)> {
+pub fn worker_status(
+    freq: f64,
+    active: u64,
+    processed: u64,
+    loadavg: [f64; 3],
+) -> Vec<(&'static str, Value)> {
     let round_up = |x: f64| (x * 100.0 - 1e-9).ceil() / 100.0;
     vec![
-        ("freq", HEARTBEAT_FREQ.into()),
+        ("freq", freq.into()),
         ("active", active.into()),
         ("processed", processed.into()),
         (

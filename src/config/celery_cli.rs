@@ -1,0 +1,186 @@
+//! Every option of Celery 5.7's `celery` and `celery worker` command lines,
+//! so that an existing container command keeps working: each one either
+//! works as in Celery, or is refused with one line saying what to do
+//! instead. `tests/interop/test_celery_cli.py` walks `celery worker --help`
+//! and `celery --help` against this list.
+
+use std::path::PathBuf;
+
+use super::ConfigError;
+
+/// Celery's global options (`celery [OPTIONS] worker …`). Accepted before
+/// or after `worker`.
+#[derive(clap::Args, Debug, Default)]
+pub(super) struct GlobalArgs {
+    /// Broker URL [env: BROKER_URL, CELERY_BROKER_URL] [default: amqp://guest:guest@localhost:5672//]
+    #[arg(short = 'b', long, global = true)]
+    pub(super) broker: Option<String>,
+    /// Result backend: rpc:// or redis://host:port/db [env: RESULT_BACKEND, CELERY_RESULT_BACKEND] [default: none]
+    #[arg(long, global = true)]
+    pub(super) result_backend: Option<String>,
+    /// Change to this directory before anything else
+    #[arg(long, global = true)]
+    pub(super) workdir: Option<PathBuf>,
+    /// Print no banner
+    #[arg(short = 'q', long, global = true)]
+    pub(super) quiet: bool,
+    /// Accepted for Celery compatibility (celeriac's logs have no colour)
+    #[arg(short = 'C', long, global = true)]
+    pub(super) no_color: bool,
+    /// Accepted for Celery compatibility (Django's checks do not run in celeriac)
+    #[arg(long, global = true)]
+    pub(super) skip_checks: bool,
+    /// The Celery app (`module`, `module:attr`)
+    #[arg(short = 'A', long, global = true, hide = true)]
+    pub(super) app: Option<String>,
+    #[arg(long, global = true, hide = true)]
+    pub(super) loader: Option<String>,
+    #[arg(long, global = true, hide = true)]
+    pub(super) config: Option<String>,
+}
+
+/// The options of `celery worker` that celeriac has no flag of its own for.
+#[derive(clap::Args, Debug, Default)]
+pub(super) struct CeleryWorkerArgs {
+    /// Queues not to consume, comma-separated (repeatable)
+    #[arg(short = 'X', long = "exclude-queues")]
+    pub(super) exclude_queues: Vec<String>,
+    /// Accepted for Celery compatibility: `default` and `fair` (the same in Celery 5.7)
+    #[arg(short = 'O', long = "optimization")]
+    pub(super) optimization: Option<String>,
+    /// `fork` (the only start method celeriac has)
+    #[arg(long)]
+    pub(super) pool_start_method: Option<String>,
+    /// File mode creation mask (octal, e.g. 0022) for the worker's files
+    #[arg(long)]
+    pub(super) umask: Option<String>,
+    /// Seconds between worker-heartbeat events [default: 2]
+    #[arg(long)]
+    pub(super) heartbeat_interval: Option<f64>,
+    #[arg(short = 'D', long, hide = true)]
+    pub(super) detach: bool,
+    #[arg(short = 'S', long, hide = true)]
+    pub(super) statedb: Option<String>,
+    #[arg(long, hide = true)]
+    pub(super) disable_prefetch: bool,
+    #[arg(long, alias = "discard", hide = true)]
+    pub(super) purge: bool,
+    #[arg(short = 'I', long, hide = true)]
+    pub(super) include: Vec<String>,
+    #[arg(long, hide = true)]
+    pub(super) autoscale: Option<String>,
+    #[arg(short = 'B', long, hide = true)]
+    pub(super) beat: bool,
+    #[arg(
+        short = 's',
+        long = "schedule-filename",
+        alias = "schedule",
+        hide = true
+    )]
+    pub(super) schedule_filename: Option<String>,
+    #[arg(long, hide = true)]
+    pub(super) scheduler: Option<String>,
+    #[arg(short = 'f', long, hide = true)]
+    pub(super) logfile: Option<String>,
+    #[arg(long, hide = true)]
+    pub(super) pidfile: Option<String>,
+    #[arg(long, hide = true)]
+    pub(super) uid: Option<String>,
+    #[arg(long, hide = true)]
+    pub(super) gid: Option<String>,
+    #[arg(long, hide = true)]
+    pub(super) executable: Option<String>,
+}
+
+/// What celeriac does instead of the refused option, in one line.
+fn refusal(name: &str, instead: &str) -> ConfigError {
+    ConfigError::new(name, format!("not supported by celeriac: {instead}"))
+}
+
+/// Refuses the options celeriac does not have, naming what to do instead.
+pub(super) fn refuse_unsupported(g: &GlobalArgs, w: &CeleryWorkerArgs) -> Result<(), ConfigError> {
+    if let Some(app) = &g.app {
+        return Err(ConfigError::new(
+            "--app",
+            format!("{app:?}: running a Python Celery app's tasks is not available in this version; register the tasks in Rust (see the README's \"Your own tasks\")"),
+        ));
+    }
+    let checks: [(bool, &str, &str); 16] = [
+        (g.loader.is_some(), "--loader", "it configures a Python app's loader; celeriac takes its settings from flags and environment variables"),
+        (g.config.is_some(), "--config", "it names a Python configuration module; pass the broker, backend and queues as flags or environment variables"),
+        (w.detach, "--detach", "celeriac runs in the foreground; let Kubernetes, systemd or another supervisor run it"),
+        (w.statedb.is_some(), "--statedb", "revoked ids are kept in memory; give tasks an `expires` for revokes that must outlive a restart"),
+        (w.disable_prefetch, "--disable-prefetch", "Celery honours it on Redis brokers only; on RabbitMQ use --prefetch-multiplier 1 with --acks-late"),
+        (w.purge, "--purge", "run `celery -A <app> purge -f` (or `rabbitmqctl purge_queue`) before starting the worker"),
+        (!w.include.is_empty(), "--include", "it imports Python task modules; celeriac runs tasks registered in Rust"),
+        (w.autoscale.is_some(), "--autoscale", "set -c to the most processes and use the pool_grow/pool_shrink remote control, or scale pods (KEDA, HPA)"),
+        (w.beat, "--beat", "run `celery -A <app> beat` as a process of its own"),
+        (w.schedule_filename.is_some(), "--schedule-filename", "it belongs to the embedded beat; give it to `celery beat`"),
+        (w.scheduler.is_some(), "--scheduler", "it belongs to the embedded beat; give it to `celery beat`"),
+        (w.logfile.is_some(), "--logfile", "celeriac logs to stderr; let the container runtime or journald collect it"),
+        (w.pidfile.is_some(), "--pidfile", "celeriac runs in the foreground; use the supervisor's own pid tracking"),
+        (w.uid.is_some(), "--uid", "start celeriac as that user (Dockerfile USER, securityContext.runAsUser)"),
+        (w.gid.is_some(), "--gid", "start celeriac as that group (Dockerfile USER, securityContext.runAsGroup)"),
+        (w.executable.is_some(), "--executable", "it only matters with --detach, which celeriac does not do"),
+    ];
+    if let Some((_, name, instead)) = checks.iter().find(|(given, _, _)| *given) {
+        return Err(refusal(name, instead));
+    }
+    match w.optimization.as_deref() {
+        None | Some("default" | "fair") => {}
+        Some(other) => {
+            return Err(ConfigError::new(
+                "--optimization",
+                format!("{other:?} is not one of default, fair"),
+            ))
+        }
+    }
+    match w.pool_start_method.as_deref() {
+        None | Some("fork") => {}
+        Some("spawn") => {
+            return Err(refusal(
+                "--pool-start-method",
+                "celeriac forks its task processes from a supervisor that never runs task code, so `fork` is safe; drop the option",
+            ))
+        }
+        Some(other) => {
+            return Err(ConfigError::new(
+                "--pool-start-method",
+                format!("{other:?} is not one of fork, spawn"),
+            ))
+        }
+    }
+    Ok(())
+}
+
+/// Parses `--umask` as Celery does: octal digits, with or without a
+/// leading 0 (`0022`, `022`, `22`).
+pub(super) fn parse_umask(text: &str) -> Result<u32, ConfigError> {
+    let digits = text.trim();
+    u32::from_str_radix(digits, 8)
+        .ok()
+        .filter(|m| *m <= 0o777 && !digits.is_empty())
+        .ok_or_else(|| {
+            ConfigError::new(
+                "--umask",
+                format!("{text:?} is not an octal file mode mask such as 0022"),
+            )
+        })
+}
+
+/// `-P/--pool`: `prefork` and its Celery alias `processes`.
+pub(super) fn check_pool(pool: &str) -> Result<(), ConfigError> {
+    match pool {
+        "prefork" | "processes" => Ok(()),
+        "eventlet" | "gevent" | "threads" | "solo" | "custom" => Err(refusal(
+            "--pool",
+            &format!(
+                "{pool}: celeriac runs the prefork pool only; raise -c for tasks that wait on I/O"
+            ),
+        )),
+        other => Err(ConfigError::new(
+            "--pool",
+            format!("{other:?} is not a pool; celeriac runs prefork"),
+        )),
+    }
+}
