@@ -84,7 +84,7 @@ impl App {
             );
             return USAGE;
         }
-        crate::logging::init(config.log_level, config.log_format);
+        crate::logging::init(config.log_level, config.log_format, &config.hostname);
         if !config.builtin_tasks {
             self.registry.remove_prefix(builtins::PREFIX);
         }
@@ -123,21 +123,40 @@ fn banner(config: &WorkerConfig, registry: &Registry) {
         Some(config::BackendUrl::Rpc) => "rpc://".to_owned(),
         Some(config::BackendUrl::Redis(u)) => mask_url(u),
     };
-    // Like Celery's banner, on stdout whatever the log level.
-    println!(
-        "celeriac {} {} ready to start: transport {}, results {}, concurrency {} (prefork), task events {}, queues [{}]",
-        env!("CARGO_PKG_VERSION"),
-        config.hostname,
-        mask_url(&config.broker_url),
-        backend,
-        config.concurrency,
-        if config.task_events { "ON" } else { "OFF" },
-        queues.join(", ")
-    );
-    println!(
-        "[tasks] {}",
-        registry.names().collect::<Vec<_>>().join(", ")
-    );
+    // Like Celery's banner, on stdout whatever the log level, in the log format.
+    let tasks: Vec<&str> = registry.names().collect();
+    match config.log_format {
+        config::LogFormat::Text => {
+            println!(
+                "celeriac {} {} ready to start: transport {}, results {}, concurrency {} (prefork), task events {}, queues [{}]",
+                env!("CARGO_PKG_VERSION"),
+                config.hostname,
+                mask_url(&config.broker_url),
+                backend,
+                config.concurrency,
+                if config.task_events { "ON" } else { "OFF" },
+                queues.join(", ")
+            );
+            println!("[tasks] {}", tasks.join(", "));
+        }
+        config::LogFormat::Json => {
+            let fields = serde_json::json!({
+                "message": "ready to start",
+                "version": env!("CARGO_PKG_VERSION"),
+                "hostname": config.hostname,
+                "transport": mask_url(&config.broker_url),
+                "results": backend,
+                "concurrency": config.concurrency,
+                "pool": "prefork",
+                "task_events": config.task_events,
+                "queues": queues,
+                "tasks": tasks,
+            });
+            if let serde_json::Value::Object(map) = fields {
+                println!("{}", crate::logging::json_banner(map));
+            }
+        }
+    }
     for q in queues.iter().filter(|q| q.contains("$(")) {
         warn!("queue {q:?} looks like an unresolved Kubernetes variable reference; readiness will fail until it is set");
     }

@@ -1,23 +1,295 @@
-//! Log output: Celery-like text lines or JSON, on stderr. No background
-//! thread is started, so logging is safe in the single-threaded supervisor.
+//! Log output on stderr, in one of two formats:
+//!
+//! - `text`: Celery's line shape, so that existing log parsing and alerts
+//!   keep working: `[2026-12-02 10:00:00,123: INFO/ForkPoolWorker-1] Task
+//!   proj.add[<id>] succeeded in 0.001s: 5` (local time, as Celery's
+//!   `worker_log_format`). Structured fields other than the task ones (which
+//!   the message already shows) follow as ` key=value`.
+//! - `json`: one object per line with `timestamp` (UTC), `level`,
+//!   `process`, `hostname`, `pid`, `message` and every field; task lines
+//!   carry `task_name`, `task_id`, `state`, `runtime` and `exception`.
+//!
+//! No background thread is started, so logging is safe in the
+//! single-threaded supervisor. Each forked process names itself with
+//! [`set_process_name`] before it logs.
+
+use std::fmt;
+use std::sync::OnceLock;
+
+use serde_json::{Map, Value};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
 
 use crate::config::LogFormat;
 
-/// Installs the global subscriber at `level` in `format`. Lines logged by a
-/// forked process carry its span (`child{n=1}`, `control`).
-pub fn init(level: tracing::Level, format: LogFormat) {
+static PROCESS: OnceLock<String> = OnceLock::new();
+static HOSTNAME: OnceLock<String> = OnceLock::new();
+
+/// Fields a task line carries in JSON; the text line's message already
+/// shows them, so they are not repeated there.
+const TASK_FIELDS: [&str; 5] = ["task_id", "task_name", "state", "runtime", "exception"];
+
+/// Names this process in log lines (`ForkPoolWorker-1`), once, right after
+/// the fork. The supervisor is `MainProcess`.
+pub fn set_process_name(name: String) {
+    let _ = PROCESS.set(name);
+}
+
+fn process_name() -> &'static str {
+    PROCESS.get().map_or("MainProcess", String::as_str)
+}
+
+/// Installs the global subscriber at `level` in `format`; `hostname` (the
+/// node name) goes into every JSON line.
+pub fn init(level: Level, format: LogFormat, hostname: &str) {
+    let _ = HOSTNAME.set(hostname.to_owned());
     let builder = tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
-        .with_target(false);
+        .with_ansi(false);
     let installed = match format {
-        LogFormat::Text => builder.with_ansi(false).try_init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .try_init(),
+        LogFormat::Text => builder.event_format(CeleryText).try_init(),
+        LogFormat::Json => builder.event_format(JsonLine).try_init(),
     };
     // A second init (tests, embedding) keeps the first subscriber.
     drop(installed);
+}
+
+/// Celery's level names.
+fn level_name(level: Level) -> &'static str {
+    match level {
+        Level::ERROR => "ERROR",
+        Level::WARN => "WARNING",
+        Level::INFO => "INFO",
+        Level::DEBUG => "DEBUG",
+        Level::TRACE => "TRACE",
+    }
+}
+
+/// An event's message and fields.
+#[derive(Default)]
+struct Fields {
+    message: String,
+    pairs: Vec<(&'static str, Value)>,
+}
+
+impl Visit for Fields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.message = value.to_owned();
+        } else {
+            self.pairs.push((field.name(), Value::from(value)));
+        }
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.pairs.push((field.name(), Value::from(value)));
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.pairs.push((field.name(), Value::from(value)));
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.pairs.push((field.name(), Value::from(value)));
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.pairs.push((field.name(), Value::from(value)));
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        let text = format!("{value:?}");
+        if field.name() == "message" {
+            self.message = text;
+        } else {
+            self.pairs.push((field.name(), Value::from(text)));
+        }
+    }
+}
+
+impl Fields {
+    fn of(event: &Event<'_>) -> Self {
+        let mut fields = Self::default();
+        event.record(&mut fields);
+        fields
+    }
+}
+
+/// `[2026-12-02 10:00:00,123: INFO/ForkPoolWorker-1] message key=value`.
+struct CeleryText;
+
+impl<S, N> FormatEvent<S, N> for CeleryText
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _ctx: &FmtContext<'_, S, N>,
+        mut w: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let fields = Fields::of(event);
+        write!(
+            w,
+            "{}",
+            text_line(
+                &chrono::Local::now()
+                    .format("%Y-%m-%d %H:%M:%S,%3f")
+                    .to_string(),
+                *event.metadata().level(),
+                process_name(),
+                &fields,
+            )
+        )
+    }
+}
+
+fn text_line(stamp: &str, level: Level, process: &str, fields: &Fields) -> String {
+    let mut line = format!(
+        "[{stamp}: {}/{process}] {}",
+        level_name(level),
+        fields.message
+    );
+    for (key, value) in &fields.pairs {
+        if TASK_FIELDS.contains(key) {
+            continue;
+        }
+        match value {
+            Value::String(s) => line.push_str(&format!(" {key}={s}")),
+            other => line.push_str(&format!(" {key}={other}")),
+        }
+    }
+    line.push('\n');
+    line
+}
+
+/// One JSON object per line.
+struct JsonLine;
+
+impl<S, N> FormatEvent<S, N> for JsonLine
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _ctx: &FmtContext<'_, S, N>,
+        mut w: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let stamp = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let line = json_line(
+            &stamp,
+            *event.metadata().level(),
+            process_name(),
+            Fields::of(event),
+        );
+        writeln!(w, "{line}")
+    }
+}
+
+fn json_line(stamp: &str, level: Level, process: &str, fields: Fields) -> Value {
+    let mut object = Map::new();
+    object.insert("timestamp".into(), stamp.into());
+    object.insert("level".into(), level_name(level).into());
+    object.insert("process".into(), process.into());
+    object.insert(
+        "hostname".into(),
+        HOSTNAME.get().map_or(Value::Null, |h| h.as_str().into()),
+    );
+    object.insert("pid".into(), std::process::id().into());
+    object.insert("message".into(), fields.message.into());
+    for (key, value) in fields.pairs {
+        object.insert(key.into(), value);
+    }
+    Value::Object(object)
+}
+
+/// The banner line in JSON, for `--log-format json` (stdout, like the text banner).
+pub fn json_banner(fields: Map<String, Value>) -> String {
+    let mut object = Map::new();
+    object.insert(
+        "timestamp".into(),
+        chrono::Utc::now()
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+            .into(),
+    );
+    object.insert("level".into(), "INFO".into());
+    object.insert("process".into(), process_name().into());
+    object.insert("pid".into(), std::process::id().into());
+    object.extend(fields);
+    Value::Object(object).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(message: &str, pairs: &[(&'static str, Value)]) -> Fields {
+        Fields {
+            message: message.into(),
+            pairs: pairs.to_vec(),
+        }
+    }
+
+    #[test]
+    fn text_lines_have_celerys_shape() {
+        let f = fields(
+            "Task proj.add[6a1f] succeeded in 0.001000s: 5",
+            &[
+                ("task_id", "6a1f".into()),
+                ("task_name", "proj.add".into()),
+                ("state", "SUCCESS".into()),
+                ("runtime", 0.001.into()),
+            ],
+        );
+        assert_eq!(
+            text_line("2026-12-02 10:00:00,123", Level::INFO, "ForkPoolWorker-1", &f),
+            "[2026-12-02 10:00:00,123: INFO/ForkPoolWorker-1] Task proj.add[6a1f] succeeded in 0.001000s: 5\n"
+        );
+    }
+
+    #[test]
+    fn other_fields_follow_the_message_and_warn_is_warning() {
+        let f = fields("forking task process 1", &[("threads", 1u64.into())]);
+        assert_eq!(
+            text_line("2026-12-02 10:00:00,123", Level::WARN, "MainProcess", &f),
+            "[2026-12-02 10:00:00,123: WARNING/MainProcess] forking task process 1 threads=1\n"
+        );
+    }
+
+    #[test]
+    fn json_lines_carry_the_task_fields() {
+        let f = fields(
+            "Task proj.add[6a1f] raised unexpected: ValueError('x') (after 0.1s)",
+            &[
+                ("task_id", "6a1f".into()),
+                ("task_name", "proj.add".into()),
+                ("state", "FAILURE".into()),
+                ("runtime", 0.1.into()),
+                ("exception", "ValueError".into()),
+            ],
+        );
+        let v = json_line(
+            "2026-12-02T10:00:00.000000Z",
+            Level::ERROR,
+            "ForkPoolWorker-2",
+            f,
+        );
+        assert_eq!(v["level"], "ERROR");
+        assert_eq!(v["process"], "ForkPoolWorker-2");
+        assert_eq!(v["task_name"], "proj.add");
+        assert_eq!(v["state"], "FAILURE");
+        assert_eq!(v["exception"], "ValueError");
+        assert_eq!(v["pid"], std::process::id());
+        assert!(v["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Task proj.add[6a1f]"));
+    }
 }

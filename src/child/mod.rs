@@ -136,8 +136,7 @@ pub fn main(
         shm,
         supervisor: nix::unistd::getppid().as_raw(),
     };
-    let span = tracing::error_span!("child", n = index + 1);
-    let _entered = span.enter();
+    crate::logging::set_process_name(format!("ForkPoolWorker-{}", index + 1));
     link.slot().set_state(ChildState::Booting);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

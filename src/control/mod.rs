@@ -40,8 +40,7 @@ pub const REPLY_EXCHANGE: &str = "reply.celery.pidbox";
 
 /// The body of the forked control process; returns its exit code.
 pub fn main(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry>) -> i32 {
-    let span = tracing::error_span!("control");
-    let _entered = span.enter();
+    crate::logging::set_process_name("ControlProcess".to_owned());
     shm.control_slot().set_state(ChildState::Booting);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
