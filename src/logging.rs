@@ -51,8 +51,8 @@ pub fn init(level: Level, format: LogFormat, hostname: &str) {
         .with_writer(std::io::stderr)
         .with_ansi(false);
     let installed = match format {
-        LogFormat::Text => builder.event_format(CeleryText).try_init(),
-        LogFormat::Json => builder.event_format(JsonLine).try_init(),
+        LogFormat::Text => builder.event_format(LineFormat { json: false }).try_init(),
+        LogFormat::Json => builder.event_format(LineFormat { json: true }).try_init(),
     };
     // A second init (tests, embedding) keeps the first subscriber.
     drop(installed);
@@ -119,10 +119,12 @@ impl Fields {
     }
 }
 
-/// `[2026-12-02 10:00:00,123: INFO/ForkPoolWorker-1] message key=value`.
-struct CeleryText;
+/// Formats each event as a Celery-shaped text line or as a JSON object.
+struct LineFormat {
+    json: bool,
+}
 
-impl<S, N> FormatEvent<S, N> for CeleryText
+impl<S, N> FormatEvent<S, N> for LineFormat
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
@@ -134,18 +136,18 @@ where
         event: &Event<'_>,
     ) -> fmt::Result {
         let fields = Fields::of(event);
-        write!(
-            w,
-            "{}",
-            text_line(
-                &chrono::Local::now()
-                    .format("%Y-%m-%d %H:%M:%S,%3f")
-                    .to_string(),
-                *event.metadata().level(),
-                process_name(),
-                &fields,
+        let level = *event.metadata().level();
+        if self.json {
+            let stamp = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+            writeln!(w, "{}", json_line(&stamp, level, process_name(), fields))
+        } else {
+            let stamp = chrono::Local::now().format("%Y-%m-%d %H:%M:%S,%3f");
+            write!(
+                w,
+                "{}",
+                text_line(&stamp.to_string(), level, process_name(), &fields)
             )
-        )
+        }
     }
 }
 
@@ -166,31 +168,6 @@ fn text_line(stamp: &str, level: Level, process: &str, fields: &Fields) -> Strin
     }
     line.push('\n');
     line
-}
-
-/// One JSON object per line.
-struct JsonLine;
-
-impl<S, N> FormatEvent<S, N> for JsonLine
-where
-    S: Subscriber + for<'a> LookupSpan<'a>,
-    N: for<'a> FormatFields<'a> + 'static,
-{
-    fn format_event(
-        &self,
-        _ctx: &FmtContext<'_, S, N>,
-        mut w: Writer<'_>,
-        event: &Event<'_>,
-    ) -> fmt::Result {
-        let stamp = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-        let line = json_line(
-            &stamp,
-            *event.metadata().level(),
-            process_name(),
-            Fields::of(event),
-        );
-        writeln!(w, "{line}")
-    }
 }
 
 fn json_line(stamp: &str, level: Level, process: &str, fields: Fields) -> Value {
