@@ -186,9 +186,48 @@ pub fn render(shm: &SharedState, config: &WorkerConfig) -> String {
             vec![gauge(&[], if shm.draining() { 1.0 } else { 0.0 })],
         ),
     ];
+    encode(families)
+}
+
+/// Writes `families` in the text format, leaving out those without a sample
+/// yet (the encoder refuses them): a worker that has run no task has no
+/// `celeriac_tasks_total` or `celeriac_task_runtime_seconds` series.
+fn encode(mut families: Vec<MetricFamily>) -> String {
+    families.retain(|f| !f.get_metric().is_empty());
     let mut out = Vec::new();
     TextEncoder::new()
         .encode(&families, &mut out)
-        .expect("text encoding into memory cannot fail");
+        .expect("every family left has a sample, and it is written into memory");
     String::from_utf8(out).expect("the text encoder writes UTF-8")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{parse, Invocation};
+
+    fn config() -> WorkerConfig {
+        let env: [(&str, &str); 0] = [];
+        match parse(["celeriac", "worker", "-c", "2"], &env) {
+            Ok(Invocation::Worker(c)) => *c,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_worker_that_ran_no_task_renders() {
+        let shm = SharedState::map(2).unwrap();
+        let text = render(&shm, &config());
+        assert!(text.contains("celeriac_child_spawns_total 0\n"), "{text}");
+        assert!(
+            text.contains("celeriac_broker_reconnects_total 0\n"),
+            "{text}"
+        );
+        assert!(!text.contains("celeriac_tasks_total"), "{text}");
+        let index = shm.task_stat_index("proj.add");
+        shm.record_task(index, Outcome::Succeeded, Some(0.01));
+        let text = render(&shm, &config());
+        let line = r#"celeriac_tasks_total{task="proj.add",outcome="succeeded"} 1"#;
+        assert!(text.contains(line), "{text}");
+    }
 }

@@ -30,6 +30,20 @@ def sample(text, name, **labels):
     return float(m.group(1)) if m else None
 
 
+def promtool_check(body):
+    check = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_a_fresh_worker_is_scraped_before_any_task(start_worker):
+    w = start_worker("-c", "1", "--metrics-bind", "127.0.0.1:0")
+    text = scrape(metrics_url(w))
+    promtool_check(text)
+    assert sample(text, "celeriac_child_spawns_total") == 2
+    assert sample(text, "celeriac_broker_reconnects_total") == 0
+    assert "celeriac_tasks_total" not in text, "no task has run, so no series yet"
+
+
 def test_metrics_count_what_ran_and_pass_promtool(start_worker, rpc_app):
     w = start_worker("-c", "2", "--result-backend", "rpc://", "--with-test-tasks", "--metrics-bind", "127.0.0.1:0")
     url = metrics_url(w)
@@ -44,8 +58,7 @@ def test_metrics_count_what_ran_and_pass_promtool(start_worker, rpc_app):
     wait_until(lambda: sample(scrape(url), "celeriac_tasks_total", task="nope.missing", outcome="rejected") == 1)
     text = scrape(url)
     for body in (during, text):
-        check = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, text=True)
-        assert check.returncode == 0, check.stdout + check.stderr
+        promtool_check(body)
     assert sample(text, "celeriac_tasks_total", task="celeriac.add", outcome="succeeded") == 20
     assert sample(text, "celeriac_tasks_total", task="celeriac.fail", outcome="failed") == 3
     assert sample(text, "celeriac_task_runtime_seconds_count", task="celeriac.add") == 20
