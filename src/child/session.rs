@@ -123,6 +123,7 @@ impl Child {
                     self.channel = session.channel.clone();
                     self.session = Some(session);
                     self.start_consuming().await?;
+                    self.link.slot().count_reconnect();
                     warn!(
                         "Reconnected to {} after {attempt} attempt(s)",
                         mask_url(&self.shared.config.broker_url)

@@ -187,6 +187,8 @@ async fn run(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry
     let pidbox = Pidbox::new(shm, Arc::clone(&config), registry, supervisor);
     let slot = shm.control_slot();
     let mut session: Option<Session> = None;
+    // Whether a connection was lost: the next one is then a reconnect.
+    let mut lost = false;
     let mut attempt: u32 = 0;
     let mut next_connect = tokio::time::Instant::now();
     let mut beat = tokio::time::interval(Duration::from_secs(1));
@@ -202,9 +204,13 @@ async fn run(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry
             match open_session(&config).await {
                 Ok(s) => {
                     events.use_channel(s.events.clone());
-                    if attempt > 0 {
+                    if lost {
+                        slot.count_reconnect();
+                    }
+                    if lost || attempt > 0 {
                         warn!("control connection re-established");
                     }
+                    lost = false;
                     attempt = 0;
                     events.worker("worker-online", status(&shm, freq)).await;
                     slot.set_state(ChildState::Consuming);
@@ -261,6 +267,7 @@ async fn run(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry
                     };
                     warn!("control connection lost: {why}; reconnecting");
                     session = None;
+                    lost = true;
                     slot.set_state(ChildState::Reconnecting);
                     next_connect = tokio::time::Instant::now() + Duration::from_millis(500);
                 }

@@ -142,6 +142,10 @@ impl Slot {
     pub fn reconnects(&self) -> u64 {
         self.reconnects.load(Ordering::Relaxed)
     }
+    /// Counts a lost broker connection that this slot's process got back.
+    pub fn count_reconnect(&self) {
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
     /// Messages received but not started (prefetched or waiting for an ETA).
     pub fn reserved(&self) -> u64 {
         self.reserved.load(Ordering::Relaxed)
@@ -278,5 +282,15 @@ mod tests {
         );
         assert_eq!(slot.queued() + &slot.error(), "");
         assert_eq!((slot.pid(), slot.processed(), slot.reserved()), (42, 1, 0));
+    }
+
+    #[test]
+    fn reconnects_add_up_across_generations() {
+        let shm = SharedState::map(1).unwrap();
+        let slot = shm.control_slot();
+        slot.count_reconnect();
+        slot.reset();
+        slot.count_reconnect();
+        assert_eq!(slot.reconnects(), 2);
     }
 }

@@ -76,6 +76,35 @@ def test_metrics_count_what_ran_and_pass_promtool(start_worker, rpc_app):
     wait_until(lambda: sample(scrape(url), "celeriac_child_spawns_total") == 4)
 
 
+def own_connections(node):
+    """The broker's ids of this worker's connections only: the broker is shared, and each
+    celeriac process names its connection "celeriac <node> [control ]pid <pid>"."""
+    out = subprocess.run(["rabbitmqctl", "list_connections", "pid", "client_properties", "--silent"],
+                         check=True, capture_output=True, text=True, timeout=120).stdout
+    mark = f'{{"connection_name","celeriac {node} '
+    return [line.split("\t", 1)[0] for line in out.splitlines() if mark in line]
+
+
+def test_broker_reconnects_are_counted(start_worker):
+    w = start_worker("-c", "2", "--metrics-bind", "127.0.0.1:0")
+    url = metrics_url(w)
+    node = re.search(r'hostname="([^"]+)"', scrape(url)).group(1)
+
+    def all_three():
+        ids = own_connections(node)
+        return ids if len(ids) == 3 else None
+
+    ids = wait_until(all_three, 30, "two task processes and the control process connected")
+    assert sample(scrape(url), "celeriac_broker_reconnects_total") == 0
+    for conn in ids:
+        subprocess.run(["rabbitmqctl", "close_connection", conn, "celeriac reconnect test"], check=True,
+                       capture_output=True, timeout=120)
+    wait_until(lambda: sample(scrape(url), "celeriac_broker_reconnects_total") == 3, 30,
+               "a reconnect counted for every process")
+    w.wait_for_log("Reconnected to", count=2)
+    w.wait_for_log("control connection re-established")
+
+
 def test_bad_metrics_address_is_refused_at_startup():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY", "BROKER", "CELERIAC"))}
     p = subprocess.run([worker_binary(), "worker", "--metrics-bind", "everywhere"], env=env,
