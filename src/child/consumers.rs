@@ -24,7 +24,7 @@ pub(super) enum Incoming {
 
 /// One consumer.
 struct Consumer {
-    queue: String,
+    queue: std::sync::Arc<str>,
     tag: ShortString,
     /// ETA messages it delivered since it was started.
     eta_since_rotation: usize,
@@ -61,6 +61,14 @@ impl Consumers {
         self.list.iter().any(|c| &c.tag == tag)
     }
 
+    /// The queue the consumer `tag` consumes (empty if it is gone).
+    pub(super) fn queue_of(&self, tag: &ShortString) -> std::sync::Arc<str> {
+        self.list.iter().find(|c| &c.tag == tag).map_or_else(
+            || std::sync::Arc::from(""),
+            |c| std::sync::Arc::clone(&c.queue),
+        )
+    }
+
     /// Counts an ETA message against the consumer that delivered it.
     pub(super) fn held_eta(&mut self, tag: &ShortString) {
         if let Some(c) = self.list.iter_mut().find(|c| &c.tag == tag) {
@@ -89,7 +97,7 @@ impl Child {
         self.consumers.generation = generation;
         let desired = self.desired_queues();
         for c in std::mem::take(&mut self.consumers.list) {
-            if desired.iter().any(|q| q.name == c.queue) {
+            if desired.iter().any(|q| *q.name == *c.queue) {
                 self.consumers.list.push(c);
             } else {
                 info!(queue = %c.queue, "no longer consuming from {}", c.queue);
@@ -100,7 +108,7 @@ impl Child {
             }
         }
         for spec in desired {
-            if !self.consumers.list.iter().any(|c| c.queue == spec.name) {
+            if !self.consumers.list.iter().any(|c| *c.queue == *spec.name) {
                 if let Some(session) = &self.session {
                     declare_queue(&session.conn, &spec).await?;
                 }
@@ -161,7 +169,7 @@ impl Child {
             let _ = tx.send(Incoming::Ended(forward_tag));
         });
         self.consumers.list.push(Consumer {
-            queue: queue.to_owned(),
+            queue: std::sync::Arc::from(queue),
             tag,
             eta_since_rotation: 0,
         });

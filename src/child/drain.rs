@@ -48,7 +48,7 @@ impl Child {
         let mut returned = 0usize;
         while let Ok(incoming) = rx.try_recv() {
             if let Incoming::Delivery(d, _) = incoming {
-                let id = match decode(*d) {
+                let id = match decode(*d, std::sync::Arc::from("")) {
                     Decoded::Job(job) => {
                         requeue(&job.acker, &job.msg.id).await;
                         job.msg.id.clone()

@@ -55,7 +55,7 @@ pub(super) async fn discard_revoked(
         reason,
         signal,
     }
-    .emit(shared);
+    .emit(shared, &job.queue);
     if !ignore_result {
         let exc = ExceptionInfo::revoked(reason.as_str());
         let mut doc = shared.document(
@@ -118,7 +118,7 @@ pub(super) async fn execute(shared: Arc<Shared>, job: Job, state: Arc<RunState>)
         limits.hard,
         limits.soft,
     );
-    TaskHappening::Started { msg }.emit(&shared);
+    TaskHappening::Started { msg }.emit(&shared, &job.queue);
     let started = Instant::now();
     let now = now_ms();
     let hard_ms = limits.hard.map_or(0, |h| (h * 1000.0) as u64);

@@ -20,6 +20,8 @@ pub struct Job {
     pub acker: Acker,
     /// Where it came from.
     pub delivery: DeliveryInfo,
+    /// The queue it was consumed from.
+    pub queue: Arc<str>,
 }
 
 /// The outcome of decoding one delivery.
@@ -34,8 +36,8 @@ pub enum Decoded {
     },
 }
 
-/// Decodes a delivery into a [`Job`].
-pub fn decode(d: Delivery) -> Decoded {
+/// Decodes a delivery consumed from `queue` into a [`Job`].
+pub fn decode(d: Delivery, queue: Arc<str>) -> Decoded {
     let headers = d
         .properties
         .headers()
@@ -63,6 +65,7 @@ pub fn decode(d: Delivery) -> Decoded {
             msg: Arc::new(msg),
             acker: d.acker,
             delivery,
+            queue,
         })),
         Err(error) => Decoded::Bad {
             id,

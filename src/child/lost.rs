@@ -27,7 +27,7 @@ impl Child {
                     msg: &msg,
                     signal: revoke.signal as i32,
                 }
-                .emit(&self.shared);
+                .emit(&self.shared, &lost.task.routing_key);
                 if store_result {
                     let exc = ExceptionInfo::revoked("terminated");
                     let doc = self.shared.document(
@@ -44,7 +44,7 @@ impl Child {
                 msg: &msg,
                 exc: &exc,
             }
-            .emit(&self.shared);
+            .emit(&self.shared, &lost.task.routing_key);
             if store_result {
                 self.store_failure(&msg, &exc).await;
             }
@@ -92,7 +92,7 @@ impl Child {
                 exc: &exc,
                 deaths: lost.deaths,
             }
-            .emit(&self.shared);
+            .emit(&self.shared, &job.queue);
             if store_result {
                 self.store_failure(msg, &exc).await;
             }
@@ -106,7 +106,7 @@ impl Child {
             warn!(task_id = %msg.id, "Task {}[{}] was requeued after its process died; running it again", msg.display_name(), msg.id);
             return false;
         }
-        TaskHappening::Lost { msg, exc: &exc }.emit(&self.shared);
+        TaskHappening::Lost { msg, exc: &exc }.emit(&self.shared, &job.queue);
         if store_result {
             self.store_failure(msg, &exc).await;
         }

@@ -6,7 +6,7 @@
 use serde_json::Value;
 use tracing::{error, info, warn};
 
-use super::shared::Shared;
+use super::shared::{CountKey, Shared};
 use crate::protocol::events::{self, TaskEventKind};
 use crate::protocol::{DecodeError, ExceptionInfo, TaskMessage};
 use crate::repr::{short_repr, MAX_REPR};
@@ -94,11 +94,22 @@ pub(crate) enum TaskHappening<'a> {
 }
 
 impl TaskHappening<'_> {
-    /// Logs, counts and sends the events of this happening.
-    pub(crate) fn emit(self, shared: &Shared) {
+    /// Logs, counts and sends the events of this happening, about a
+    /// message consumed from `queue`.
+    pub(crate) fn emit(self, shared: &Shared, queue: &str) {
         self.log();
+        let key = |task, exception| CountKey {
+            task,
+            queue,
+            exception,
+        };
+        match self {
+            Self::Received { msg } => shared.count_received(key(&msg.task, "")),
+            Self::Started { msg } => shared.count_started(key(&msg.task, "")),
+            _ => {}
+        }
         if let Some((task, outcome, runtime)) = self.counted() {
-            shared.record(task, outcome, runtime);
+            shared.record(key(task, self.exception()), outcome, runtime);
         }
         for kind in self.event_kinds() {
             shared
@@ -184,6 +195,14 @@ impl TaskHappening<'_> {
             }
             Self::Invalid { .. } => ("<invalid message>", Outcome::Rejected, None),
         })
+    }
+
+    /// The exception class a failure is counted under (empty otherwise).
+    fn exception(&self) -> &str {
+        match self {
+            Self::Failed { exc, .. } | Self::Lost { exc, .. } => &exc.exc_type,
+            _ => "",
+        }
     }
 
     /// The Celery events this sends, in order.

@@ -15,14 +15,15 @@ impl Child {
     /// Decodes a delivery and decides: reject it (bad or unknown), settle
     /// it (its process died, it was revoked or expired), or hold it.
     pub(super) async fn receive(&mut self, delivery: lapin::message::Delivery, tag: &ShortString) {
-        let job = match decode(delivery) {
+        let queue = self.consumers.queue_of(tag);
+        let job = match decode(delivery, std::sync::Arc::clone(&queue)) {
             Decoded::Job(job) => *job,
             Decoded::Bad { id, error, acker } => {
                 TaskHappening::Invalid {
                     id: &id,
                     error: &error,
                 }
-                .emit(&self.shared);
+                .emit(&self.shared, &queue);
                 reject(&acker, &id, false).await;
                 return;
             }
@@ -36,13 +37,13 @@ impl Child {
                 serde_json::to_value(&exc).unwrap_or_default(),
             );
             doc.traceback = None;
-            TaskHappening::Unregistered { msg: &job.msg }.emit(&shared);
+            TaskHappening::Unregistered { msg: &job.msg }.emit(&shared, &job.queue);
             shared.store(&job.msg, doc).await;
             reject(&job.acker, &job.msg.id, false).await;
             return;
         };
         self.received += 1;
-        TaskHappening::Received { msg: &job.msg }.emit(&shared);
+        TaskHappening::Received { msg: &job.msg }.emit(&shared, &job.queue);
         if job.delivery.redelivered {
             if let Some(lost) = self.lost_record(&job.msg.id).await {
                 if self.settle_lost(&job, &lost).await {

@@ -47,7 +47,7 @@ impl Settle<'_> {
                     msg: self.msg(),
                     runtime: self.runtime,
                 }
-                .emit(self.shared);
+                .emit(self.shared, &self.job.queue);
                 if !self.acked {
                     ack(&self.job.acker, &self.msg().id).await;
                 }
@@ -78,7 +78,7 @@ impl Settle<'_> {
             value: &value,
             runtime: self.runtime,
         }
-        .emit(shared);
+        .emit(shared, &self.job.queue);
         if self.acks_late {
             ack(&self.job.acker, &msg.id).await;
         }
@@ -125,7 +125,7 @@ impl Settle<'_> {
             countdown,
             runtime: self.runtime,
         }
-        .emit(shared);
+        .emit(shared, &self.job.queue);
         if self.acks_late {
             ack(&self.job.acker, &msg.id).await;
         }
@@ -151,7 +151,7 @@ impl Settle<'_> {
             exc: &exc,
             runtime: self.runtime,
         }
-        .emit(shared);
+        .emit(shared, &self.job.queue);
         if self.acks_late {
             ack(&self.job.acker, &msg.id).await;
         }
@@ -165,7 +165,7 @@ impl Settle<'_> {
             reason,
             runtime: self.runtime,
         }
-        .emit(shared);
+        .emit(shared, &self.job.queue);
         if !requeue && !self.ignore_result {
             let exc = ExceptionInfo::new(
                 "Reject",

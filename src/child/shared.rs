@@ -31,29 +31,63 @@ pub struct Shared {
     pub link: super::Link,
     /// Task events.
     pub events: crate::events::Events,
-    /// Task name -> index in the shared stats table, cached per process.
+    /// Stats key (task name, or name + queue + exception) -> index in the
+    /// shared stats table, cached per process.
     pub stat_indexes: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
 
+/// What one count is about: the task, the queue its message came from, and
+/// the exception class of a failure (empty otherwise).
+#[derive(Debug, Clone, Copy)]
+pub struct CountKey<'a> {
+    /// The task name.
+    pub task: &'a str,
+    /// The queue the message was consumed from.
+    pub queue: &'a str,
+    /// The exception class of a failure, or empty.
+    pub exception: &'a str,
+}
+
 impl Shared {
-    fn stat_index(&self, link: super::Link, task: &str) -> usize {
+    fn cached(&self, key: String, find: impl FnOnce() -> usize) -> usize {
         let mut cache = self.stat_indexes.lock().unwrap_or_else(|e| e.into_inner());
-        match cache.get(task) {
-            Some(i) => *i,
-            None => {
-                let i = link.shm.task_stat_index(task);
-                if cache.len() < crate::shm::TASK_STATS {
-                    cache.insert(task.to_owned(), i);
-                }
-                i
-            }
+        if let Some(i) = cache.get(&key) {
+            return *i;
         }
+        let i = find();
+        if cache.len() < 2 * crate::shm::TASK_STATS {
+            cache.insert(key, i);
+        }
+        i
+    }
+
+    fn stat_index(&self, link: super::Link, task: &str) -> usize {
+        self.cached(task.to_owned(), || link.shm.task_stat_index(task))
+    }
+
+    fn counter_index(&self, key: CountKey<'_>) -> usize {
+        let cache_key = format!("{}\u{1f}{}\u{1f}{}", key.task, key.queue, key.exception);
+        self.cached(cache_key, || {
+            self.link
+                .shm
+                .task_counter_index(key.task, key.queue, key.exception)
+        })
     }
 
     /// Counts a task outcome (and its runtime) in the shared metrics.
-    pub fn record(&self, task: &str, outcome: Outcome, runtime: Option<f64>) {
-        let index = self.stat_index(self.link, task);
+    pub fn record(&self, key: CountKey<'_>, outcome: Outcome, runtime: Option<f64>) {
+        let index = self.counter_index(key);
         self.link.shm.record_task(index, outcome, runtime);
+    }
+
+    /// Counts a message accepted for running.
+    pub fn count_received(&self, key: CountKey<'_>) {
+        self.link.shm.count_received(self.counter_index(key));
+    }
+
+    /// Counts a run that starts.
+    pub fn count_started(&self, key: CountKey<'_>) {
+        self.link.shm.count_started(self.counter_index(key));
     }
 
     /// Limits set at run time by `time_limit` / `rate_limit` for `task`.

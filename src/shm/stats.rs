@@ -3,9 +3,12 @@
 //! limits (`time_limit`, `rate_limit`). Readers: the control process
 //! (metrics, `inspect stats`) and task processes (the limits).
 //!
-//! An entry is claimed once, by compare-and-swap, and keeps its name for the
-//! life of the worker. Names beyond [`TASK_STATS`]` - 1` share the last
-//! entry, named [`OVERFLOW_NAME`].
+//! An entry is claimed once, by compare-and-swap, and keeps its key for the
+//! life of the worker. Keys beyond [`TASK_STATS`]` - 1` share the last
+//! entry, named [`OVERFLOW_NAME`]. A key is a task name alone (the entry
+//! that holds its run-time limits), or a task name with the queue its
+//! message came from and, for failures, the exception class (the entries
+//! task processes count in, for the `queue_name` and `exception` labels).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -21,6 +24,9 @@ pub const RUNTIME_BUCKETS: [f64; 15] = [
 pub const TASK_STATS: usize = 256;
 /// The name shown for tasks beyond [`TASK_STATS`].
 pub const OVERFLOW_NAME: &str = "<other>";
+
+/// The last part of a counter entry's key.
+const COUNTER_MARK: &str = "#";
 
 /// States of a stats entry.
 struct StatState;
@@ -83,7 +89,9 @@ shm_record! {
     /// Counters for one task name, shared by every process.
     pub struct TaskStat {
         state: AtomicU32,
-        name: SeqText<16>,
+        key: SeqText<24>,
+        received: AtomicU64,
+        started: AtomicU64,
         outcomes: [AtomicU64; Outcome::ALL.len()],
         buckets: [AtomicU64; RUNTIME_BUCKETS.len()],
         runtime_count: AtomicU64,
@@ -110,6 +118,14 @@ pub struct RuntimeLimits {
 pub struct TaskStatSnapshot {
     /// The task name.
     pub name: String,
+    /// The queue the counted messages came from (`None` on a task's limits entry).
+    pub queue: Option<String>,
+    /// The exception class of the counted failures (empty for other outcomes).
+    pub exception: Option<String>,
+    /// Messages accepted for running.
+    pub received: u64,
+    /// Runs started.
+    pub started: u64,
     /// Count per [`Outcome::ALL`].
     pub outcomes: Vec<u64>,
     /// Non-cumulative count per [`RUNTIME_BUCKETS`] bucket.
@@ -121,11 +137,25 @@ pub struct TaskStatSnapshot {
 }
 
 impl SharedState {
-    /// The stats entry for `name`, claiming a free one the first time.
-    /// Callers cache the index: this scans the table.
+    /// The entry of task `name` itself (its run-time limits), claiming a
+    /// free one the first time. Callers cache the index: this scans the table.
     pub fn task_stat_index(&self, name: &str) -> usize {
+        self.stat_index(&[name])
+    }
+
+    /// The entry task processes count `name`'s messages from `queue` in;
+    /// `exception` is the class of a failure, empty otherwise.
+    pub fn task_counter_index(&self, name: &str, queue: &str, exception: &str) -> usize {
+        // The mark keeps empty parts from being dropped at the end of the key.
+        self.stat_index(&[name, queue, exception, COUNTER_MARK])
+    }
+
+    fn stat_index(&self, key: &[&str]) -> usize {
         let last = TASK_STATS - 1;
-        let named = |stat: &TaskStat| stat.name.read().first().map(String::as_str) == Some(name);
+        let named = |stat: &TaskStat| {
+            let stored = stat.key.read();
+            stored.len() == key.len() && stored.iter().zip(key).all(|(a, b)| a == b)
+        };
         for (i, stat) in self.stats.iter().enumerate().take(last) {
             match stat.state.load(Ordering::Acquire) {
                 StatState::READY if named(stat) => return i,
@@ -141,7 +171,7 @@ impl SharedState {
                 }
                 _ => {
                     if stat.claim() {
-                        stat.name.write(&[name]);
+                        stat.key.write(key);
                         stat.state.store(StatState::READY, Ordering::Release);
                         return i;
                     }
@@ -153,7 +183,7 @@ impl SharedState {
         }
         let overflow = &self.stats[last];
         if overflow.claim() {
-            overflow.name.write(&[OVERFLOW_NAME]);
+            overflow.key.write(&[OVERFLOW_NAME]);
             overflow.state.store(StatState::READY, Ordering::Release);
         }
         last
@@ -171,6 +201,20 @@ impl SharedState {
             stat.runtime_sum_us
                 .fetch_add((secs * 1e6) as u64, Ordering::Relaxed);
         }
+    }
+
+    /// Task processes: counts a message accepted for running.
+    pub fn count_received(&self, index: usize) {
+        self.stats[index.min(TASK_STATS - 1)]
+            .received
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Task processes: counts a run that starts.
+    pub fn count_started(&self, index: usize) {
+        self.stats[index.min(TASK_STATS - 1)]
+            .started
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Control process only: overrides the time limits of the task at `index`
@@ -210,8 +254,22 @@ impl SharedState {
         self.stats
             .iter()
             .filter(|s| s.state.load(Ordering::Acquire) == StatState::READY)
-            .map(|s| TaskStatSnapshot {
-                name: s.name.read().into_iter().next().unwrap_or_default(),
+            .map(|s| {
+                let key = s.key.read();
+                let counters = key.len() == 4 && key[3] == COUNTER_MARK;
+                let mut key = key.into_iter();
+                let name = key.next().unwrap_or_default();
+                match counters {
+                    true => (s, name, key.next(), key.next()),
+                    false => (s, name, None, None),
+                }
+            })
+            .map(|(s, name, queue, exception)| TaskStatSnapshot {
+                name,
+                queue,
+                exception,
+                received: load(&s.received),
+                started: load(&s.started),
                 outcomes: s.outcomes.iter().map(load).collect(),
                 buckets: s.buckets.iter().map(load).collect(),
                 runtime_count: load(&s.runtime_count),
@@ -265,6 +323,43 @@ mod tests {
         assert_eq!((last.buckets[6], last.buckets.iter().sum::<u64>()), (1, 1));
         assert_eq!(last.runtime_count, 2);
         assert!((last.runtime_sum - 1000.2).abs() < 1e-6);
+    }
+
+    #[test]
+    fn counters_are_kept_per_task_queue_and_exception() {
+        let shm = SharedState::map(1).unwrap();
+        let limits = shm.task_stat_index("t.add");
+        let ok = shm.task_counter_index("t.add", "q1", "");
+        let other_queue = shm.task_counter_index("t.add", "q2", "");
+        let failed = shm.task_counter_index("t.add", "q1", "ValueError");
+        assert_eq!(
+            [limits, ok, other_queue, failed].len(),
+            [limits, ok, other_queue, failed]
+                .into_iter()
+                .collect::<std::collections::HashSet<_>>()
+                .len(),
+            "four keys, four entries"
+        );
+        assert_eq!(shm.task_counter_index("t.add", "q1", ""), ok, "stable");
+        shm.count_received(ok);
+        shm.count_received(ok);
+        shm.count_started(ok);
+        shm.record_task(ok, Outcome::Succeeded, Some(0.002));
+        shm.record_task(failed, Outcome::Failed, Some(0.1));
+        let stats = shm.task_stats();
+        let find = |q: Option<&str>, e: Option<&str>| {
+            stats
+                .iter()
+                .find(|s| s.queue.as_deref() == q && s.exception.as_deref() == e)
+                .unwrap()
+                .clone()
+        };
+        let s = find(Some("q1"), Some(""));
+        assert_eq!((s.name.as_str(), s.received, s.started), ("t.add", 2, 1));
+        assert_eq!(s.outcomes[0], 1);
+        assert_eq!(find(Some("q1"), Some("ValueError")).outcomes[1], 1);
+        let l = find(None, None);
+        assert_eq!((l.received, l.outcomes.iter().sum::<u64>()), (0, 0));
     }
 
     #[test]

@@ -4,6 +4,7 @@ and its counters match the tasks actually run."""
 import os
 import re
 import signal
+import socket
 import subprocess
 import urllib.request
 
@@ -110,3 +111,66 @@ def test_bad_metrics_address_is_refused_at_startup():
     p = subprocess.run([worker_binary(), "worker", "--metrics-bind", "everywhere"], env=env,
                        capture_output=True, text=True, timeout=10)
     assert p.returncode == 64 and "--metrics-bind" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+# The series celery-exporter's published Grafana dashboards query, with the
+# labels their expressions select or group by (read from the exporter's
+# source and its dashboards, not copied).
+EXPORTER_SERIES = {
+    "celery_task_received_total": {"name", "hostname", "queue_name"},
+    "celery_task_started_total": {"name", "hostname", "queue_name"},
+    "celery_task_succeeded_total": {"name", "hostname", "queue_name"},
+    "celery_task_failed_total": {"name", "hostname", "queue_name", "exception"},
+    "celery_task_retried_total": {"name", "hostname", "queue_name"},
+    "celery_task_rejected_total": {"name", "hostname", "queue_name"},
+    "celery_task_revoked_total": {"name", "hostname", "queue_name"},
+    "celery_task_runtime_bucket": {"name", "hostname", "queue_name", "le"},
+    "celery_task_runtime_sum": {"name", "hostname", "queue_name"},
+    "celery_task_runtime_count": {"name", "hostname", "queue_name"},
+    "celery_worker_up": {"hostname"},
+    "celery_worker_tasks_active": {"hostname"},
+}
+
+
+def series(text):
+    """{metric name: [labels dict, value]} for every sample line."""
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)$", line)
+        if m:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+            out.setdefault(m.group(1), []).append((labels, float(m.group(3))))
+    return out
+
+
+def value_of(found, metric, **labels):
+    """The value of the sample of `metric` with exactly these labels, or None."""
+    return next((v for l, v in found.get(metric, []) if l == labels), None)
+
+
+def test_celery_exporter_series_for_its_dashboards(start_worker, rpc_app, queue_name):
+    w = start_worker("-c", "2", "--metrics-bind", "127.0.0.1:0", "--result-backend", "rpc://")
+    url = metrics_url(w)
+    ok = [rpc_app.send_task("celeriac.add", (i, 1)) for i in range(3)]
+    bad = rpc_app.send_task("celeriac.fail", ("x", "ValueError"))
+    assert [r.get(timeout=15) for r in ok] == [1, 2, 3]
+    with pytest.raises(ValueError):
+        bad.get(timeout=15)
+    # The node is w0-<queue>@<machine>: the exporter labels it by the machine part.
+    add = {"name": "celeriac.add", "hostname": socket.gethostname(), "queue_name": queue_name}
+    wait_until(lambda: value_of(series(scrape(url)), "celery_task_succeeded_total", **add) == 3)
+    text = scrape(url)
+    promtool_check(text)
+    found = series(text)
+    for metric, keys in EXPORTER_SERIES.items():
+        assert metric in found, f"{metric} missing"
+        assert all(set(l) == keys for l, _ in found[metric]), (metric, found[metric])
+    assert value_of(found, "celery_task_received_total", **add) == 3
+    assert value_of(found, "celery_task_started_total", **add) == 3
+    assert value_of(found, "celery_task_runtime_count", **add) == 3
+    fail = dict(add, name="celeriac.fail")
+    assert value_of(found, "celery_task_failed_total", exception="ValueError", **fail) == 1
+    assert value_of(found, "celery_task_succeeded_total", **fail) == 0
+    assert found["celery_worker_up"] == [({"hostname": add["hostname"]}, 1.0)]
+    # The worker's own families still add up per task, whatever the queue.
+    assert sample(text, "celeriac_tasks_total", task="celeriac.add", outcome="succeeded") == 3

@@ -100,8 +100,10 @@ impl Pidbox {
                 .iter()
                 .map(|o| s.outcomes[Outcome::ALL.iter().position(|x| x == o).unwrap_or(0)])
                 .sum();
+            // A task's counts are kept per queue and exception: add them up.
+            let before = total.get(&s.name).and_then(Value::as_u64).unwrap_or(0);
             if ran > 0 {
-                total.insert(s.name, ran.into());
+                total.insert(s.name, (before + ran).into());
             }
         }
         let processes: Vec<u32> = self

@@ -8,7 +8,9 @@ use prometheus::proto::{
 use prometheus::{Encoder, TextEncoder};
 
 use crate::config::WorkerConfig;
-use crate::shm::{ChildState, DeathCause, Outcome, SharedState, RUNTIME_BUCKETS};
+use crate::shm::{ChildState, DeathCause, Outcome, SharedState, TaskStatSnapshot, RUNTIME_BUCKETS};
+
+mod celery_exporter;
 
 fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
     pairs
@@ -22,7 +24,12 @@ fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
         .collect()
 }
 
-fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
+pub(crate) fn family(
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    metrics: Vec<Metric>,
+) -> MetricFamily {
     let mut f = MetricFamily::default();
     f.set_name(name.to_owned());
     f.set_help(help.to_owned());
@@ -31,7 +38,7 @@ fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> Met
     f
 }
 
-fn counter(pairs: &[(&str, &str)], value: f64) -> Metric {
+pub(crate) fn counter(pairs: &[(&str, &str)], value: f64) -> Metric {
     let mut c = Counter::default();
     c.set_value(value);
     let mut m = Metric::from_label(labels(pairs));
@@ -39,7 +46,7 @@ fn counter(pairs: &[(&str, &str)], value: f64) -> Metric {
     m
 }
 
-fn gauge(pairs: &[(&str, &str)], value: f64) -> Metric {
+pub(crate) fn gauge(pairs: &[(&str, &str)], value: f64) -> Metric {
     let mut g = Gauge::default();
     g.set_value(value);
     let mut m = Metric::from_gauge(g);
@@ -47,37 +54,63 @@ fn gauge(pairs: &[(&str, &str)], value: f64) -> Metric {
     m
 }
 
+/// A runtime histogram sample from stats entries added together.
+pub(crate) fn histogram(pairs: &[(&str, &str)], entries: &[&TaskStatSnapshot]) -> Metric {
+    let mut cumulative = 0;
+    let buckets = RUNTIME_BUCKETS
+        .iter()
+        .enumerate()
+        .map(|(i, ub)| {
+            cumulative += entries.iter().map(|s| s.buckets[i]).sum::<u64>();
+            let mut b = Bucket::default();
+            b.set_upper_bound(*ub);
+            b.set_cumulative_count(cumulative);
+            b
+        })
+        .collect();
+    let mut h = Histogram::default();
+    h.set_sample_count(entries.iter().map(|s| s.runtime_count).sum());
+    h.set_sample_sum(entries.iter().map(|s| s.runtime_sum).sum());
+    h.set_bucket(buckets);
+    let mut m = Metric::from_label(labels(pairs));
+    m.set_histogram(h);
+    m
+}
+
+/// Stats entries grouped by `key`, in first-seen order.
+pub(crate) fn grouped<K: PartialEq>(
+    stats: &[TaskStatSnapshot],
+    key: impl Fn(&TaskStatSnapshot) -> K,
+) -> Vec<(K, Vec<&TaskStatSnapshot>)> {
+    let mut groups: Vec<(K, Vec<&TaskStatSnapshot>)> = Vec::new();
+    for s in stats {
+        let k = key(s);
+        match groups.iter_mut().find(|(g, _)| *g == k) {
+            Some((_, members)) => members.push(s),
+            None => groups.push((k, vec![s])),
+        }
+    }
+    groups
+}
+
 /// Renders every metric in Prometheus text format (version 0.0.4).
 pub fn render(shm: &SharedState, config: &WorkerConfig) -> String {
     let stats = shm.task_stats();
     let mut tasks = Vec::new();
     let mut runtimes = Vec::new();
-    for s in &stats {
-        for (outcome, count) in Outcome::ALL.iter().zip(&s.outcomes) {
+    // A task's counts are kept per queue and exception: add them up by name.
+    for (name, entries) in grouped(&stats, |s| s.name.clone()) {
+        if entries.iter().all(|s| s.queue.is_none()) {
+            continue; // only the limits entry of a task that has not run here
+        }
+        for (i, outcome) in Outcome::ALL.iter().enumerate() {
+            let count: u64 = entries.iter().map(|s| s.outcomes[i]).sum();
             tasks.push(counter(
-                &[("task", &s.name), ("outcome", outcome.label())],
-                *count as f64,
+                &[("task", &name), ("outcome", outcome.label())],
+                count as f64,
             ));
         }
-        let mut cumulative = 0;
-        let buckets = RUNTIME_BUCKETS
-            .iter()
-            .zip(&s.buckets)
-            .map(|(ub, n)| {
-                cumulative += n;
-                let mut b = Bucket::default();
-                b.set_upper_bound(*ub);
-                b.set_cumulative_count(cumulative);
-                b
-            })
-            .collect();
-        let mut h = Histogram::default();
-        h.set_sample_count(s.runtime_count);
-        h.set_sample_sum(s.runtime_sum);
-        h.set_bucket(buckets);
-        let mut m = Metric::from_label(labels(&[("task", &s.name)]));
-        m.set_histogram(h);
-        runtimes.push(m);
+        runtimes.push(histogram(&[("task", &name)], &entries));
     }
     let slots = shm.task_slots();
     let active = slots.iter().filter(|s| s.running_task().is_some()).count();
@@ -186,6 +219,8 @@ pub fn render(shm: &SharedState, config: &WorkerConfig) -> String {
             vec![gauge(&[], if shm.draining() { 1.0 } else { 0.0 })],
         ),
     ];
+    let mut families = families;
+    families.extend(celery_exporter::families(&stats, active, &config.hostname));
     encode(families)
 }
 
@@ -224,7 +259,7 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("celeriac_tasks_total"), "{text}");
-        let index = shm.task_stat_index("proj.add");
+        let index = shm.task_counter_index("proj.add", "celery", "");
         shm.record_task(index, Outcome::Succeeded, Some(0.01));
         let text = render(&shm, &config());
         let line = r#"celeriac_tasks_total{task="proj.add",outcome="succeeded"} 1"#;
