@@ -299,6 +299,22 @@ impl Events {
         }
     }
 
+    /// Publishes every task event buffered so far and waits until the
+    /// connection has taken them, without stopping the flusher. Called
+    /// before a message about the same task goes where another process can
+    /// receive it (a retry, a hand-back): monitors apply a task's events in
+    /// arrival order, so this process's events must be ahead of the other
+    /// process's.
+    pub async fn send_pending(&self) {
+        if !self.enabled() {
+            return;
+        }
+        let batches = self.lock().take();
+        for body in batches {
+            self.send(TASK_BATCH_KEY, body).await;
+        }
+    }
+
     /// Publishes a worker event at once.
     pub async fn worker(&self, kind: &str, fields: Vec<(&str, Value)>) {
         let mut body = Vec::with_capacity(256);

@@ -44,6 +44,9 @@ impl Child {
                 warn!("could not cancel consumer {tag}: {e}");
             }
         }
+        // Another process may receive what goes back: this one's events
+        // about those tasks go out first (see `Events::send_pending`).
+        self.shared.events.send_pending().await;
         // Everything received but not started goes back to the queue.
         let mut returned = 0usize;
         while let Ok(incoming) = rx.try_recv() {

@@ -101,6 +101,19 @@ impl Settle<'_> {
             .unwrap_or(self.options.default_retry_delay)
             .max(0.0);
         let eta = Utc::now() + ChronoDuration::milliseconds((countdown * 1000.0) as i64);
+        let exc = retry.exc.as_ref();
+        // The retry message may reach another task process at once, which
+        // sends its own events about this task: this process's events
+        // (received, started, retried) go out first, in that order, or
+        // monitors apply them late and show the task as RETRY with 0 retries.
+        TaskHappening::Retried {
+            msg,
+            exc,
+            countdown,
+            runtime: self.runtime,
+        }
+        .emit(shared, &self.job.queue);
+        shared.events.send_pending().await;
         if let Err(e) = shared
             .publish_task(&msg.retry_message(eta), self.route())
             .await
@@ -111,7 +124,6 @@ impl Settle<'_> {
             }
             return;
         }
-        let exc = retry.exc.as_ref();
         let stored = exc.map_or(Value::Null, |e| {
             serde_json::to_value(e).unwrap_or(Value::Null)
         });
@@ -119,13 +131,6 @@ impl Settle<'_> {
         doc.traceback = exc.map(ExceptionInfo::traceback);
         doc.children = vec![json!([[msg.id, null], null])];
         shared.store(msg, doc).await;
-        TaskHappening::Retried {
-            msg,
-            exc,
-            countdown,
-            runtime: self.runtime,
-        }
-        .emit(shared, &self.job.queue);
         if self.acks_late {
             ack(&self.job.acker, &msg.id).await;
         }
