@@ -5,6 +5,14 @@
 
 use std::time::Duration;
 
+/// How task processes and the control process retry a lost broker: 0.25 s
+/// doubling to a cap of 2 s, each delay shortened by up to half at random.
+/// Whatever the outage lasted, a broker that accepts connections again is
+/// tried within 2 s; the jitter keeps the processes of many pods from
+/// knocking in step (at the cap they try every 1–2 s).
+pub const BROKER_RECONNECT: Backoff =
+    Backoff::new(Duration::from_millis(250), Duration::from_secs(2)).with_jitter(0.5);
+
 /// Delays that double from `base` up to `max`, each shortened by up to
 /// `jitter` (a fraction, 0.0–1.0) so that a fleet of workers does not retry
 /// in lockstep.
@@ -111,6 +119,59 @@ mod tests {
         for attempt in 0..10 {
             assert_eq!(b.delay(attempt), b.ceiling(attempt));
         }
+    }
+
+    /// When the retries of a process that lost the broker at 0 s happen,
+    /// with `draw` as the random draw of each attempt.
+    fn retry_times(draw: impl Fn(u32) -> f64, until: Duration) -> Vec<Duration> {
+        let mut times = vec![];
+        let mut at = Duration::ZERO;
+        for attempt in 0.. {
+            at += BROKER_RECONNECT.delay_with(attempt, draw(attempt));
+            times.push(at);
+            if at > until {
+                break;
+            }
+        }
+        times
+    }
+
+    #[test]
+    fn broker_retries_never_wait_longer_than_the_cap() {
+        for attempt in 0..100 {
+            for unit in [0.0, 0.3, 1.0] {
+                assert!(BROKER_RECONNECT.delay_with(attempt, unit) <= Duration::from_secs(2));
+            }
+            assert!(BROKER_RECONNECT.delay(attempt) <= Duration::from_secs(2));
+        }
+        assert_eq!(BROKER_RECONNECT.delay_with(0, 0.0), MS(250));
+        assert_eq!(BROKER_RECONNECT.delay_with(9, 1.0), MS(1000));
+    }
+
+    #[test]
+    fn a_broker_back_after_up_to_a_minute_is_tried_within_2_s() {
+        let minute = Duration::from_secs(60);
+        let slowest = retry_times(|_| 0.0, minute);
+        let drawn = retry_times(random_unit, minute);
+        for times in [&slowest, &drawn] {
+            for back_ms in (0..=60_000).step_by(50) {
+                let back = MS(back_ms);
+                let next = times
+                    .iter()
+                    .find(|t| **t >= back)
+                    .expect("tried past a minute");
+                assert!(
+                    *next - back <= Duration::from_secs(2),
+                    "back at {back:?}, tried at {next:?}"
+                );
+            }
+        }
+        // The price: about one try a second per process, not a storm.
+        let tries = slowest.iter().filter(|t| **t <= minute).count();
+        assert!(
+            (30..=35).contains(&tries),
+            "{tries} tries in a minute at the slowest"
+        );
     }
 
     #[test]

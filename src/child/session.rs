@@ -9,16 +9,11 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::{Child, ChildError, Exit};
-use crate::backoff::Backoff;
+use crate::backoff::BROKER_RECONNECT;
 use crate::broker::{connect, declare_queue, mask_url, BrokerError};
 use crate::config::WorkerConfig;
 use crate::shm::ChildState;
 use crate::signals::Stop;
-
-/// Reconnect delays: 0.5 s doubling to 30 s, with up to 50 % jitter so a
-/// fleet of workers does not reconnect in lockstep.
-const RECONNECT: Backoff =
-    Backoff::new(Duration::from_millis(500), Duration::from_secs(30)).with_jitter(0.5);
 
 /// Everything tied to one AMQP connection.
 pub(super) struct Session {
@@ -87,7 +82,7 @@ impl Child {
         let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
         let mut attempt: u32 = 0;
         loop {
-            let wait = tokio::time::sleep(RECONNECT.delay(attempt));
+            let wait = tokio::time::sleep(BROKER_RECONNECT.delay(attempt));
             tokio::pin!(wait);
             loop {
                 tokio::select! {

@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, error, info, warn};
 
-use crate::backoff::Backoff;
+use crate::backoff::BROKER_RECONNECT;
 use crate::broker::{
     connect, declare_exchange, json_properties, publish, table_to_json, BrokerError, Outgoing,
 };
@@ -28,10 +28,6 @@ use crate::shm::{ChildState, SharedState};
 use crate::signals::ProcessSignals;
 use crate::task::Registry;
 pub use pidbox::{addressed_to, Effect, Pidbox};
-
-/// Reconnect delays after a failed attempt: 0.5 s doubling to 32 s (the
-/// first retry waits 1 s).
-const RECONNECT: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(32));
 
 /// The fanout exchange remote-control requests are broadcast on.
 pub const PIDBOX_EXCHANGE: &str = "celery.pidbox";
@@ -222,7 +218,7 @@ async fn run(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry
                     }
                     attempt += 1;
                     slot.set_state(ChildState::Reconnecting);
-                    next_connect = tokio::time::Instant::now() + RECONNECT.delay(attempt);
+                    next_connect = tokio::time::Instant::now() + BROKER_RECONNECT.delay(attempt);
                 }
             }
         }
@@ -269,7 +265,7 @@ async fn run(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry
                     session = None;
                     lost = true;
                     slot.set_state(ChildState::Reconnecting);
-                    next_connect = tokio::time::Instant::now() + Duration::from_millis(500);
+                    next_connect = tokio::time::Instant::now() + BROKER_RECONNECT.delay(0);
                 }
             },
             accepted = async { listener.as_ref().expect("guarded").accept().await }, if listener.is_some() => {

@@ -5,6 +5,8 @@ of the tests' own (the private_broker fixture), never on the shared one."""
 
 import os
 import signal
+import socket
+import threading
 import time
 
 import pytest
@@ -114,3 +116,117 @@ def test_connections_closed_under_acks_late_load_recover_without_loss(private_br
     assert account.completed() == set(account.tokens), "every task completed (at least once)"
     assert queue_depth(queue_name, private_broker.url) == 0
     assert w.alive()
+
+
+class BrokerRelay:
+    """A TCP relay on 127.0.0.1 in front of the test broker that can go dark: with the
+    worker connected through it, an outage (every relayed connection cut, new ones
+    refused) reaches this worker only, never the broker other tests share."""
+
+    def __init__(self, upstream=("127.0.0.1", 5672)):
+        self.upstream = upstream
+        self.port = None
+        self.socks = []
+        self.lock = threading.Lock()
+        self.listener = None
+        self.come_back()
+
+    @property
+    def url(self):
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def come_back(self):
+        """Accepts connections again, on the same port."""
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port or 0))
+        listener.listen(64)
+        listener.settimeout(0.05)
+        self.port = listener.getsockname()[1]
+        self.listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def go_dark(self):
+        """Refuses new connections and cuts every open one."""
+        listener, self.listener = self.listener, None
+        listener.close()
+        with self.lock:
+            socks, self.socks = self.socks, []
+        for s in socks:
+            self._cut(s)
+
+    close = go_dark
+
+    def _accept(self, listener):
+        while self.listener is listener:
+            try:
+                client, _ = listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            client.settimeout(None)
+            try:
+                server = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            with self.lock:
+                self.socks += [client, server]
+            for src, dst in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        self._cut(src)
+        self._cut(dst)
+
+    @staticmethod
+    def _cut(s):
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        s.close()
+
+
+@pytest.fixture
+def relay():
+    r = BrokerRelay()
+    yield r
+    if r.listener is not None:
+        r.close()
+
+
+def recovery(w, timeout=30):
+    """Seconds until the task processes consume again, and until the control process
+    has its connection back."""
+    start = time.monotonic()
+    tasks = control = None
+    while (tasks is None or control is None) and time.monotonic() - start < timeout:
+        now = time.monotonic() - start
+        if tasks is None and ready(w)[0] == 0:
+            tasks = now
+        if control is None and "control connection re-established" in w.log():
+            control = now
+        time.sleep(0.05)
+    return tasks, control
+
+
+def test_consuming_again_within_2_s_of_the_broker_coming_back(start_worker, rpc_app, relay):
+    w = start_worker("-c", "2", "--result-backend", "rpc://", broker=relay.url)
+    wait_until(lambda: ready(w)[0] == 0, 30, "readiness")
+    relay.go_dark()
+    wait_until(lambda: ready(w)[0] == 1, 10, "readiness to fail while the broker is away")
+    time.sleep(10)
+    relay.come_back()
+    tasks, control = recovery(w)
+    # Retries are at most 2 s apart; the rest is connecting and declaring on a busy machine.
+    assert tasks is not None and tasks < 3, f"task processes consuming again after {tasks} s"
+    assert control is not None and control < 3, f"control process connected again after {control} s"
+    assert rpc_app.send_task("celeriac.add", (2, 3)).get(timeout=15) == 5
