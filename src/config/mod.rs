@@ -86,7 +86,7 @@ struct WorkerArgs {
     /// Queues to consume, comma-separated (repeatable)
     #[arg(short = 'Q', long = "queues", default_value = "celery")]
     queues: Vec<String>,
-    /// Number of task processes [default: the CPU limit of the container, else the CPU count]
+    /// Number of task processes [default: the machine's CPU count, as Celery]
     #[arg(short = 'c', long, env = "CELERIAC_CONCURRENCY")]
     concurrency: Option<usize>,
     /// Pool implementation: `prefork` (or its Celery alias `processes`)
@@ -550,24 +550,19 @@ fn parse_backend(url: &str) -> Result<BackendUrl, String> {
     ))
 }
 
-/// The concurrency Celery would pick in a container: the cgroup v2 CPU limit
-/// (`cpu.max`) rounded up, else the number of CPUs.
+/// Celery's default concurrency: the machine's online CPUs, what
+/// `os.cpu_count()` returns (billiard's `cpu_count`), whatever the
+/// container's CPU limit or the process's CPU affinity; 2 when unknown, as
+/// Celery. `std::thread::available_parallelism` is not used: it applies the
+/// cgroup quota and the affinity mask, which Celery's default does not.
 pub fn default_concurrency() -> usize {
-    std::fs::read_to_string("/sys/fs/cgroup/cpu.max")
+    use nix::unistd::{sysconf, SysconfVar};
+    sysconf(SysconfVar::_NPROCESSORS_ONLN)
         .ok()
-        .and_then(|s| cpu_max_limit(&s))
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
-
-/// Parses cgroup v2 `cpu.max` (`"200000 100000"` → 2, `"max 100000"` → none).
-pub fn cpu_max_limit(text: &str) -> Option<usize> {
-    let mut parts = text.split_whitespace();
-    let quota: u64 = parts.next()?.parse().ok()?;
-    let period: u64 = parts.next()?.parse().ok()?;
-    if period == 0 {
-        return None;
-    }
-    Some((quota.div_ceil(period)).max(1) as usize)
+        .flatten()
+        .and_then(|n| usize::try_from(n).ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(2)
 }
 
 fn local_hostname() -> String {

@@ -217,10 +217,35 @@ fn hostname_templates() {
     assert_eq!(expand_hostname("worker1", "h").unwrap(), "celery@worker1");
 }
 
+/// The CPUs the machine has online, as `/sys` lists them ("0-3,6").
+fn online_cpus() -> usize {
+    let list = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
+    list.trim()
+        .split(',')
+        .map(|range| match range.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1,
+            None => 1,
+        })
+        .sum()
+}
+
 #[test]
-fn cgroup_cpu_limits_round_up() {
-    assert_eq!(cpu_max_limit("200000 100000\n"), Some(2));
-    assert_eq!(cpu_max_limit("20000 100000"), Some(1));
-    assert_eq!(cpu_max_limit("150000 100000"), Some(2));
-    assert_eq!(cpu_max_limit("max 100000"), None);
+fn default_concurrency_is_the_machines_cpu_count_as_celerys() {
+    use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+    use nix::unistd::Pid;
+    // Pin this test's thread to one CPU: the default must not follow the
+    // affinity (nor a cgroup quota), since os.cpu_count() does not.
+    let before = sched_getaffinity(Pid::from_raw(0)).unwrap();
+    let mut one = CpuSet::new();
+    one.set(
+        (0..CpuSet::count())
+            .find(|&i| before.is_set(i).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    sched_setaffinity(Pid::from_raw(0), &one).unwrap();
+    let c = worker(&[], &[]);
+    sched_setaffinity(Pid::from_raw(0), &before).unwrap();
+    assert_eq!(c.unwrap().concurrency, online_cpus());
+    assert_eq!(worker(&["-c", "3"], &[]).unwrap().concurrency, 3);
 }
