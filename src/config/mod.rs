@@ -87,8 +87,13 @@ struct WorkerArgs {
     #[arg(short = 'Q', long = "queues", default_value = "celery")]
     queues: Vec<String>,
     /// Number of task processes [default: the machine's CPU count, as Celery]
-    #[arg(short = 'c', long, env = "CELERIAC_CONCURRENCY")]
-    concurrency: Option<usize>,
+    #[arg(
+        short = 'c',
+        long,
+        env = "CELERIAC_CONCURRENCY",
+        allow_negative_numbers = true
+    )]
+    concurrency: Option<i64>,
     /// Pool implementation: `prefork` (or its Celery alias `processes`)
     #[arg(short = 'P', long, default_value = "prefork")]
     pool: String,
@@ -407,15 +412,8 @@ fn validate(a: WorkerArgs, g: GlobalArgs, env: &dyn Env) -> Result<WorkerConfig,
         .collect();
 
     let concurrency = match a.concurrency {
-        Some(0) => return Err(ConfigError::new("--concurrency", "must be at least 1")),
-        Some(n) if n > 1024 => {
-            return Err(ConfigError::new(
-                "--concurrency",
-                format!("{n} is more than 1024"),
-            ))
-        }
-        Some(n) => n,
         None => default_concurrency(),
+        Some(n) => concurrency(n)?,
     };
     let log_level = match a.loglevel.to_ascii_uppercase().as_str() {
         "DEBUG" => tracing::Level::DEBUG,
@@ -530,6 +528,21 @@ fn validate(a: WorkerArgs, g: GlobalArgs, env: &dyn Env) -> Result<WorkerConfig,
         umask,
         heartbeat_interval,
     })
+}
+
+/// A `--concurrency` given: 1 to 1024 task processes.
+fn concurrency(n: i64) -> Result<usize, ConfigError> {
+    match usize::try_from(n) {
+        Ok(n @ 1..=1024) => Ok(n),
+        Ok(0) | Err(_) => Err(ConfigError::new(
+            "--concurrency",
+            format!("must be at least 1, not {n}"),
+        )),
+        Ok(_) => Err(ConfigError::new(
+            "--concurrency",
+            format!("{n} is more than 1024"),
+        )),
+    }
 }
 
 fn parse_backend(url: &str) -> Result<BackendUrl, String> {

@@ -190,6 +190,17 @@ fn bad_values_name_themselves_in_one_line() {
         assert!(!err.to_string().contains('\n'));
         assert!(!err.to_string().contains("hunter2"));
     }
+    for n in ["-1", "0", "-99999999999"] {
+        let err = worker(&["-c", n], &[]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("--concurrency: must be at least 1, not {n}")
+        );
+        let err = worker(&["--concurrency", n], &[]).unwrap_err();
+        assert_eq!(err.name, "--concurrency", "{err}");
+    }
+    let err = worker(&["-c", "1025"], &[]).unwrap_err();
+    assert_eq!(err.to_string(), "--concurrency: 1025 is more than 1024");
     let err = worker(&["-c", "many"], &[]).unwrap_err();
     assert!(err.reason.contains("--concurrency"), "{err}");
     assert!(!err.to_string().contains('\n'));

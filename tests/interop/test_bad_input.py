@@ -75,6 +75,7 @@ def test_bad_flags_exit_64_with_one_line():
     cases = [
         (["--pool", "threads"], "--pool"),
         (["--concurrency", "lots"], "--concurrency"),
+        (["-c", "-1"], "--concurrency: must be at least 1"),
         (["--loglevel", "LOUD"], "--loglevel"),
         (["--result-backend", "mongodb://db"], "--result-backend"),
         (["--no-such-flag"], "--no-such-flag"),
@@ -84,6 +85,9 @@ def test_bad_flags_exit_64_with_one_line():
         assert p.returncode == 64, (args, p.returncode, p.stderr)
         lines = [l for l in p.stderr.splitlines() if l.strip()]
         assert len(lines) == 1 and name in lines[0], (args, p.stderr)
+    p = subprocess.run([worker_binary(), "worker"], env=dict(env, CELERIAC_CONCURRENCY="-1"), capture_output=True,
+                       text=True, timeout=10)
+    assert p.returncode == 64 and p.stderr == "celeriac: error: --concurrency: must be at least 1, not -1\n", p.stderr
 
 
 def test_bad_env_var_names_the_variable_and_hides_the_password():
