@@ -1,7 +1,9 @@
 //! The entry point a binary calls: the CLI, the registry and the worker.
 
+use std::path::Path;
 use std::sync::Arc;
 
+use thiserror::Error;
 use tracing::{error, info, warn};
 
 use crate::broker::mask_url;
@@ -77,11 +79,8 @@ impl App {
         if let Some(mask) = config.umask {
             nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
         }
-        if let Err(e) = std::fs::create_dir_all(&config.state_dir) {
-            eprintln!(
-                "celeriac: error: --state-dir: cannot create {}: {e}",
-                config.state_dir.display()
-            );
+        if let Err(e) = check_state_dir(&config.state_dir) {
+            eprintln!("celeriac: error: --state-dir: {e}");
             return USAGE;
         }
         crate::logging::init(config.log_level, config.log_format, &config.hostname);
@@ -114,6 +113,35 @@ impl App {
             }
         }
     }
+}
+
+/// Why the probe state file could not be written.
+#[derive(Debug, Error)]
+enum StateDirError {
+    /// The directory does not exist and cannot be made.
+    #[error("cannot create {dir}: {source}")]
+    Create { dir: String, source: std::io::Error },
+    /// A file cannot be created or removed in it (read-only, not ours).
+    #[error("cannot write in {dir}: {source}")]
+    Write { dir: String, source: std::io::Error },
+}
+
+/// Makes the state directory if needed and writes and removes a file in it,
+/// as the supervisor will every second: a directory the probe file cannot
+/// be written in is refused before anything forks.
+fn check_state_dir(dir: &Path) -> Result<(), StateDirError> {
+    let shown = || dir.display().to_string();
+    std::fs::create_dir_all(dir).map_err(|source| StateDirError::Create {
+        dir: shown(),
+        source,
+    })?;
+    let probe = dir.join(format!(".write-check.{}.tmp", std::process::id()));
+    std::fs::write(&probe, b"")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|source| StateDirError::Write {
+            dir: shown(),
+            source,
+        })
 }
 
 fn banner(config: &WorkerConfig, registry: &Registry) {
@@ -159,5 +187,33 @@ fn banner(config: &WorkerConfig, registry: &Registry) {
     }
     for q in queues.iter().filter(|q| q.contains("$(")) {
         warn!("queue {q:?} looks like an unresolved Kubernetes variable reference; readiness will fail until it is set");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_dir_is_made_and_checked() {
+        let dir = std::env::temp_dir().join(format!("celeriac-state-{}", std::process::id()));
+        check_state_dir(&dir.join("nested")).unwrap();
+        assert_eq!(std::fs::read_dir(dir.join("nested")).unwrap().count(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_state_dir_nothing_can_be_written_in_is_refused() {
+        // Existing directories that refuse new files even to root (tests
+        // run as root, who ignores permission bits).
+        for dir in ["/sys", "/proc"] {
+            let err = check_state_dir(Path::new(dir)).unwrap_err();
+            assert!(matches!(err, StateDirError::Write { .. }), "{dir}: {err}");
+            assert!(err
+                .to_string()
+                .starts_with(&format!("cannot write in {dir}: ")));
+        }
+        let err = check_state_dir(Path::new("/proc/version/x")).unwrap_err();
+        assert!(matches!(err, StateDirError::Create { .. }), "{err}");
     }
 }

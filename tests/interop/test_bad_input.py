@@ -90,6 +90,19 @@ def test_bad_flags_exit_64_with_one_line():
     assert p.returncode == 64 and p.stderr == "celeriac: error: --concurrency: must be at least 1, not -1\n", p.stderr
 
 
+def test_a_state_dir_nothing_can_be_written_in_is_refused_at_startup():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY", "BROKER", "CELERIAC"))}
+    # /sys exists but takes no new file, even from root (the tests run as root). Nothing listens
+    # on the broker port given, so a worker that started anyway would not reach the shared broker.
+    p = subprocess.run([worker_binary(), "worker", "--state-dir", "/sys", "-b", "amqp://guest:guest@127.0.0.1:9//",
+                        "--boot-timeout", "2", "--metrics-bind", "none"],
+                       env=env, capture_output=True, text=True, timeout=20)
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert p.returncode == 64, (p.returncode, p.stderr)
+    assert len(lines) == 1 and lines[0].startswith("celeriac: error: --state-dir: cannot write in /sys: "), p.stderr
+    assert p.stdout == "", "refused before the banner"
+
+
 def test_bad_env_var_names_the_variable_and_hides_the_password():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY", "BROKER", "CELERIAC"))}
     env["CELERY_BROKER_URL"] = "redis://user:hunter2secret@localhost:6379/0"
