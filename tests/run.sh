@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test celeriac has, on a fresh machine too:
 #   1. makes sure RabbitMQ (127.0.0.1:5672) and Redis (127.0.0.1:6379) answer,
-#      installing them from Debian's packages and starting them if needed;
+#      installing them from Debian's packages and starting them if needed, and
+#      that a RabbitMQ 4.x installation exists for the tests that start a 4.x
+#      node of their own (tests/setup/rabbitmq4.sh: a Debian trixie root);
 #   2. creates the Python venv (.venv) with Celery, Flower and the test tools;
 #   3. fetches helm for the chart tests;
 #   4. builds the workspace and the Python package (pip install . into .venv),
@@ -46,6 +48,31 @@ ensure_rabbitmq() {
     rabbitmqctl await_startup >/dev/null 2>&1 || sleep 5
 }
 
+ensure_rabbitmq4() {
+    # RabbitMQ 4.x for the rabbit4 fixture: Debian trixie's rabbitmq-server in a root that
+    # tests/setup/rabbitmq4.sh builds once (about a minute) and reuses. The fixture starts
+    # the node itself, on free loopback ports. If the setup fails, the other tests still run
+    # and each test that needs 4.x fails with the script's message (RABBITMQ4_ERROR).
+    local out errors
+    errors="$(mktemp)"
+    say "RabbitMQ 4.x: tests/setup/rabbitmq4.sh"
+    if out="$(tests/setup/rabbitmq4.sh </dev/null 2>"$errors")"; then
+        cat "$errors" >&2
+        unset RABBITMQ4_ERROR
+        while IFS='=' read -r key value; do
+            case "$key" in RABBITMQ4_*) export "$key=$value" ;; esac
+        done <<<"$out"
+        say "RabbitMQ 4.x: Debian rabbitmq-server ${RABBITMQ4_VERSION:-?}"
+    else
+        cat "$errors" >&2
+        RABBITMQ4_ERROR="$(tail -n 1 "$errors")"
+        export RABBITMQ4_ERROR="${RABBITMQ4_ERROR:-tests/setup/rabbitmq4.sh failed}"
+        unset RABBITMQ4_SERVER RABBITMQ4_CTL RABBITMQ4_EPMD RABBITMQ4_VERSION
+        say "no RabbitMQ 4.x; the tests that need it will fail"
+    fi
+    rm -f "$errors"
+}
+
 ensure_redis() {
     if answers 127.0.0.1 6379; then return 0; fi
     command -v redis-server >/dev/null || apt_install redis-server
@@ -73,6 +100,7 @@ ensure_promtool() {
 }
 
 ensure_rabbitmq
+ensure_rabbitmq4
 ensure_redis
 ensure_promtool
 ensure_venv

@@ -14,7 +14,7 @@ import pytest
 import redis as redis_lib
 from celery import Celery
 
-from private_broker import PrivateRabbit
+from private_broker import PrivateRabbit, rabbitmq4_install
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BROKER = os.environ.get("TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
@@ -357,6 +357,60 @@ def private_broker(private_rabbit, queue_name):
     node = private_rabbit("private")
     yield node
     if node.running:  # else the next test that asks for it starts it again
+        for delete in ("queue_delete", "exchange_delete"):
+            with amqp_channel(node.url) as ch:
+                try:
+                    getattr(ch, delete)(queue_name)
+                except amqp.exceptions.AMQPError:
+                    pass
+
+
+# RabbitMQ 4.3 denies these deprecated features by default; spelled out, a
+# 4.0-4.2 node (Debian trixie has 4.0.5) denies them too, so rabbit4 tests
+# hold the worker to 4.3's rules on any 4.x. On 4.3 they change nothing.
+RABBITMQ_4_3_RULES = "\n".join([
+    "deprecated_features.permit.transient_nonexcl_queues = false",
+    "deprecated_features.permit.global_qos = false",
+])
+
+
+@pytest.fixture(scope="session")
+def rabbitmq4_node(private_rabbit):
+    """rabbitmq4_node(name="rabbitmq4") -> a private RabbitMQ 4.x node
+    (Debian trixie's, through the wrappers of tests/setup/rabbitmq4.sh) with
+    RABBITMQ_4_3_RULES, running; one per name for the session, as
+    private_rabbit gives them. Fails the test with the setup script's own
+    message if there is no 4.x installation."""
+    nodes = {}
+
+    def get(name="rabbitmq4"):
+        install = rabbitmq4_install()
+        nodes[name] = private_rabbit(name, server=install["RABBITMQ4_SERVER"], ctl=install["RABBITMQ4_CTL"],
+                                     epmd=install["RABBITMQ4_EPMD"], config=RABBITMQ_4_3_RULES)
+        return nodes[name]
+
+    yield get
+    # The wrappers' mounts live in mount namespaces of the nodes' own processes: once those
+    # are gone, so are the mounts. Check both.
+    if nodes:
+        cache = str(pathlib.Path(rabbitmq4_install()["RABBITMQ4_SERVER"]).parent.parent)
+        for node in nodes.values():
+            node.close()
+        left = {name: pids for name, node in nodes.items() if (pids := node.leftovers())}
+        mounts = [line for line in pathlib.Path("/proc/self/mountinfo").read_text().splitlines()
+                  if cache in line]
+        assert not left and not mounts, f"RabbitMQ 4.x nodes left processes {left}, mounts {mounts}"
+
+
+@pytest.fixture
+def rabbit4(rabbitmq4_node, queue_name, request):
+    """The session's RabbitMQ 4.x node (see rabbitmq4_node), running when the
+    test starts. Its version is recorded as the test's `rabbitmq_version`
+    property (junit XML). The test's queue is deleted from it afterwards."""
+    node = rabbitmq4_node()
+    request.node.user_properties.append(("rabbitmq_version", node.server_properties().get("version")))
+    yield node
+    if node.running:
         for delete in ("queue_delete", "exchange_delete"):
             with amqp_channel(node.url) as ch:
                 try:

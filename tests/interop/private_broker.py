@@ -17,7 +17,11 @@ installation, with nothing shared with the default one:
   node's process group, which start_new_session made it lead), never by name.
 
 Other kinds of node (another RabbitMQ version, extra plugins such as OAuth 2)
-are the same class with another `server`/`ctl`, `plugins` or `config`.
+are the same class with another `server`/`ctl`/`epmd`, `plugins` or `config`.
+RabbitMQ 4.x comes from a Debian trixie root made by tests/setup/rabbitmq4.sh:
+its wrappers run the root's programs inside it, each in a mount namespace of
+its own (so the mounts they make end with the node's processes). See
+rabbitmq4_install() for how a test gets them.
 """
 
 import os
@@ -30,6 +34,7 @@ import subprocess
 import time
 
 import amqp
+import pytest
 
 RABBITMQ_BIN = pathlib.Path(os.environ.get("TEST_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
 LOOPBACK = "127.0.0.1"
@@ -88,16 +93,29 @@ def _end_group(proc, grace):
     proc.wait()
 
 
+def _sessions():
+    """(pid, session id) of every process."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                yield int(entry), int(fields[3])
+            except (OSError, IndexError, ValueError):
+                continue
+
+
 class PrivateRabbit:
     """One RabbitMQ node under `base_dir`. start() it, stop() and start()
     it again for a fault, and close() it at the end."""
 
     def __init__(self, base_dir, name="private", *, plugins=(), config="", server=None, ctl=None,
-                 user="guest", password="guest"):
+                 epmd=None, user="guest", password="guest"):
         self.base = pathlib.Path(base_dir)
         self.base.mkdir(parents=True, exist_ok=True)
         self.server = str(server or RABBITMQ_BIN / "rabbitmq-server")
         self.ctl_path = str(ctl or RABBITMQ_BIN / "rabbitmqctl")
+        self.epmd = str(epmd or "epmd")  # the installation's own, for another Erlang
         self.user, self.password = user, password
         ports = set()
         while len(ports) < 3:
@@ -106,6 +124,7 @@ class PrivateRabbit:
         self.nodename = f"celeriac-{name}-{self.port}@localhost"
         self.log_path = self.base / "node.log"
         self.boot_seconds = []  # how long each start() took
+        self._leaders = []  # pids of the node's and epmd's processes started so far
         self._node = None
         self._epmd = None
         self._write_files(plugins, config)
@@ -163,7 +182,13 @@ class PrivateRabbit:
         return self._node is not None and self._node.poll() is None
 
     def log(self):
+        """What the node printed (its boot, and its errors if it failed)."""
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def broker_log(self):
+        """The node's own log file, which has what the node logs once booted."""
+        path = self.base / "log" / f"{self.nodename}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def start(self, timeout=180):
         """Starts the node (again) and returns once a client can log in."""
@@ -171,12 +196,14 @@ class PrivateRabbit:
         began = time.monotonic()
         if self._epmd is None or self._epmd.poll() is not None:
             self._epmd = subprocess.Popen(
-                ["epmd", "-port", str(self.epmd_port), "-address", LOOPBACK],
+                [self.epmd, "-port", str(self.epmd_port), "-address", LOOPBACK], cwd=self.base,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            self._leaders.append(self._epmd.pid)
         with open(self.log_path, "ab") as log:
             self._node = subprocess.Popen([self.server], env=self.env(), cwd=self.base, stdout=log,
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           start_new_session=True)
+        self._leaders.append(self._node.pid)
         deadline = began + timeout
         while True:
             if self._node.poll() is not None:
@@ -191,6 +218,16 @@ class PrivateRabbit:
             time.sleep(0.2)
         self.boot_seconds.append(time.monotonic() - began)
         return self.boot_seconds[-1]
+
+    def server_properties(self):
+        """What the node tells an AMQP client about itself (product, version...)."""
+        conn = amqp.Connection(host=self.host, userid=self.user, password=self.password,
+                               virtual_host="/", connect_timeout=5)
+        conn.connect()
+        try:
+            return {k: v.decode() if isinstance(v, bytes) else v for k, v in conn.server_properties.items()}
+        finally:
+            conn.close()
 
     def _logs_in(self):
         # The listener opens before the node accepts logins.
@@ -219,6 +256,17 @@ class PrivateRabbit:
             _end_group(self._epmd, 5)
             self._epmd = None
 
+    def leftovers(self, wait=5.0):
+        """Pids of processes still in a session this node started (the node,
+        its Erlang children, epmd), after waiting up to `wait` seconds for
+        them to go: none once close() has returned, or something escaped it."""
+        deadline = time.monotonic() + wait
+        while True:
+            left = [pid for pid, sid in _sessions() if sid in self._leaders]
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.1)
+
     def ctl(self, *args, timeout=120):
         """rabbitmqctl -n <this node> ARGS; returns its stdout."""
         p = subprocess.run([self.ctl_path, "-n", self.nodename, *args], env=self.env(), cwd=self.base,
@@ -226,3 +274,41 @@ class PrivateRabbit:
         if p.returncode != 0:
             raise RuntimeError(f"rabbitmqctl {' '.join(args)} exited with {p.returncode}:\n{p.stdout}{p.stderr}")
         return p.stdout
+
+
+SETUP_RABBITMQ4 = pathlib.Path(__file__).resolve().parents[1] / "setup" / "rabbitmq4.sh"
+_rabbitmq4 = None
+
+
+def rabbitmq4_install():
+    """{"RABBITMQ4_SERVER": ..., "RABBITMQ4_CTL": ..., "RABBITMQ4_EPMD": ...,
+    "RABBITMQ4_VERSION": ...}: from the environment when tests/run.sh ran
+    tests/setup/rabbitmq4.sh, else from running that script now (it is quick
+    once its root exists). Fails the calling test, with the script's own
+    message, when the setup failed: a test that needs RabbitMQ 4.x never
+    passes or skips without one."""
+    global _rabbitmq4
+    if _rabbitmq4 is None:
+        error = os.environ.get("RABBITMQ4_ERROR")
+        if error:
+            _rabbitmq4 = error
+        elif os.environ.get("RABBITMQ4_SERVER"):
+            _rabbitmq4 = {k: v for k, v in os.environ.items() if k.startswith("RABBITMQ4_")}
+        else:
+            try:
+                p = subprocess.run([str(SETUP_RABBITMQ4)], stdin=subprocess.DEVNULL, capture_output=True,
+                                   text=True, timeout=3600)
+            except subprocess.TimeoutExpired:
+                p = subprocess.CompletedProcess([], 1, "", f"{SETUP_RABBITMQ4.name}: did not finish within 3600 s")
+            if p.returncode != 0:
+                lines = p.stderr.strip().splitlines() or [f"exited with {p.returncode}"]
+                _rabbitmq4 = f"{SETUP_RABBITMQ4.name}: {lines[-1]}" if not lines[-1].startswith(
+                    SETUP_RABBITMQ4.name) else lines[-1]
+            else:
+                _rabbitmq4 = dict(line.split("=", 1) for line in p.stdout.splitlines() if "=" in line)
+        if isinstance(_rabbitmq4, dict) and not all(
+                _rabbitmq4.get(k) for k in ("RABBITMQ4_SERVER", "RABBITMQ4_CTL", "RABBITMQ4_EPMD")):
+            _rabbitmq4 = f"{SETUP_RABBITMQ4.name} gave no RABBITMQ4_SERVER/CTL/EPMD: {_rabbitmq4}"
+    if isinstance(_rabbitmq4, str):
+        pytest.fail(f"no RabbitMQ 4.x for this test: {_rabbitmq4}", pytrace=False)
+    return _rabbitmq4
