@@ -11,6 +11,7 @@ import os
 import pathlib
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,17 @@ def ignored(path, patterns):
         elif fnmatch.fnmatch(path, p) or any(fnmatch.fnmatch("/".join(parts[: i + 1]), p) for i in range(len(parts))):
             return True
     return False
+
+
+def section_names(path):
+    """The section names of a 64-bit little-endian ELF file."""
+    data = pathlib.Path(path).read_bytes()
+    assert data[:6] == b"\x7fELF\x02\x01", f"{path} is not a 64-bit little-endian ELF file"
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    names_at = headers[shstrndx][4]
+    return {data[names_at + h[0]:data.index(b"\0", names_at + h[0])].decode() for h in headers}
 
 
 def main():
@@ -51,7 +63,9 @@ def main():
     binaries = [src for src, _ in copied if src != "state"]
     missing = [b for b in binaries if not (built / b).is_file()]
     assert binaries and not missing, f"the image copies binaries the build did not produce: {missing}"
-    print(f"1 passed, 0 failed: the Dockerfile's build stage produces {', '.join(binaries)}")
+    unstripped = [b for b in binaries if section_names(built / b) & {".symtab", ".debug_info"}]
+    assert not unstripped, f"the image would ship unstripped binaries: {unstripped}"
+    print(f"1 passed, 0 failed: the Dockerfile's build stage produces {', '.join(binaries)}, stripped")
 
 
 if __name__ == "__main__":
