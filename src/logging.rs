@@ -45,17 +45,38 @@ fn process_name() -> &'static str {
 /// Installs the global subscriber at `level` in `format`; `hostname` (the
 /// node name) goes into every JSON line.
 pub fn init(level: Level, format: LogFormat, hostname: &str) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
     let _ = HOSTNAME.set(hostname.to_owned());
-    let builder = tracing_subscriber::fmt()
-        .with_max_level(level)
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(false);
-    let installed = match format {
-        LogFormat::Text => builder.event_format(LineFormat { json: false }).try_init(),
-        LogFormat::Json => builder.event_format(LineFormat { json: true }).try_init(),
-    };
+        .with_ansi(false)
+        .event_format(LineFormat {
+            json: format == LogFormat::Json,
+        })
+        .with_filter(tracing_subscriber::filter::filter_fn(move |meta| {
+            shown(level, meta.level(), meta.target())
+        }));
     // A second init (tests, embedding) keeps the first subscriber.
-    drop(installed);
+    drop(tracing_subscriber::registry().with(layer).try_init());
+}
+
+/// Libraries whose own log lines describe conditions celeriac reports in
+/// its own words (a refused login, a lost connection): shown only at DEBUG.
+const QUIET_LIBRARIES: [&str; 4] = ["lapin", "amq_protocol", "pinky_swear", "redis"];
+
+/// Whether an event at `event` level from `target` is written when the
+/// worker logs at `max`.
+fn shown(max: Level, event: &Level, target: &str) -> bool {
+    if *event > max {
+        return false;
+    }
+    let library = QUIET_LIBRARIES
+        .iter()
+        .any(|l| target == *l || target.starts_with(&format!("{l}::")));
+    !library || max >= Level::DEBUG
 }
 
 /// Celery's level names.
@@ -212,6 +233,27 @@ mod tests {
             message: message.into(),
             pairs: pairs.to_vec(),
         }
+    }
+
+    #[test]
+    fn client_library_lines_show_only_at_debug() {
+        assert!(!shown(Level::WARN, &Level::ERROR, "lapin::channel"));
+        assert!(!shown(Level::INFO, &Level::ERROR, "amq_protocol"));
+        assert!(shown(Level::DEBUG, &Level::ERROR, "lapin::channel"));
+        assert!(shown(
+            Level::WARN,
+            &Level::ERROR,
+            "celeriac::child::session"
+        ));
+        assert!(!shown(
+            Level::WARN,
+            &Level::INFO,
+            "celeriac::child::session"
+        ));
+        assert!(
+            shown(Level::WARN, &Level::ERROR, "lapinou"),
+            "only whole names"
+        );
     }
 
     #[test]

@@ -42,7 +42,7 @@ use lapin::types::ShortString;
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::backend::{Backend, BackendError};
 use crate::broker::{mask_url, BrokerError};
@@ -150,7 +150,8 @@ pub fn main(
         Ok(Exit::Shutdown) => exit::DRAINED,
         Ok(Exit::Recycled) => exit::RECYCLED,
         Err(ChildError::Boot { message, transient }) => {
-            error!("cannot start: {message}");
+            // The supervisor reports it, once for the whole worker.
+            debug!("cannot start: {message}");
             link.slot().set_error(&message);
             if transient {
                 exit::UNREACHABLE

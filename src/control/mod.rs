@@ -203,8 +203,10 @@ async fn run(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry
                     if lost {
                         slot.count_reconnect();
                     }
-                    if lost || attempt > 0 {
+                    if lost {
                         warn!("control connection re-established");
+                    } else if attempt > 0 {
+                        info!("control process connected after {attempt} attempt(s)");
                     }
                     lost = false;
                     attempt = 0;
@@ -213,8 +215,19 @@ async fn run(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry
                     session = Some(s);
                 }
                 Err(e) => {
-                    if attempt == 0 {
+                    // At startup the supervisor reports an unreachable or
+                    // refusing broker for the whole worker; this process
+                    // speaks up only for a problem of its own (task
+                    // processes consume) or a loss.
+                    let own_problem = lost
+                        || shm
+                            .task_slots()
+                            .iter()
+                            .any(|s| s.state() == ChildState::Consuming);
+                    if attempt == 0 && own_problem {
                         warn!("control process cannot reach the broker: {e}; retrying");
+                    } else {
+                        debug!("control process cannot reach the broker: {e}; retrying");
                     }
                     attempt += 1;
                     slot.set_state(ChildState::Reconnecting);

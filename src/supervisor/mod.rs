@@ -60,6 +60,8 @@ pub struct Supervisor {
     boot_failures: u32,
     unreachable_since: Option<Instant>,
     ever_consumed: bool,
+    /// Why task processes could not start, as last reported (one line per change).
+    boot_reason: Option<String>,
     fatal: Option<String>,
     state_written: Option<Instant>,
     control_stopped: bool,
@@ -103,6 +105,7 @@ impl Supervisor {
             boot_failures: 0,
             unreachable_since: None,
             ever_consumed: false,
+            boot_reason: None,
             fatal: None,
             state_written: None,
             control_stopped: false,
@@ -152,6 +155,7 @@ impl Supervisor {
                 }
                 continue;
             }
+            self.check_boot_deadline();
             if let Some(reason) = self.fatal.take() {
                 error!("{reason}");
                 self.begin_drain(false);
@@ -389,25 +393,24 @@ impl Supervisor {
                 ));
                 return;
             }
-            warn!(
-                "task process {pid} failed to start ({}/{}): {why}",
+            debug!(
+                "task process {pid} failed to start ({}/{})",
                 self.boot_failures, MAX_BOOT_FAILURES
             );
+            self.report_boot(why);
         } else if code == Some(exit::UNREACHABLE) {
-            let since = *self.unreachable_since.get_or_insert_with(Instant::now);
+            self.unreachable_since.get_or_insert_with(Instant::now);
             let why = if boot_error.is_empty() {
                 "the broker is unreachable".to_owned()
             } else {
                 boot_error
             };
-            if !self.ever_consumed && since.elapsed() >= self.config.boot_timeout {
-                self.fatal = Some(format!(
-                    "cannot start task processes: still failing after {}s: {why}",
-                    self.config.boot_timeout.as_secs()
-                ));
+            debug!("task process {pid} could not reach the broker");
+            self.report_boot(why);
+            self.check_boot_deadline();
+            if self.fatal.is_some() {
                 return;
             }
-            warn!("task process {pid} could not reach the broker; retrying: {why}");
         } else if self.children[index].retiring {
             info!("task process {pid} retired (pool shrink)");
         } else if matches!(code, Some(exit::RECYCLED | exit::DRAINED)) {
@@ -417,7 +420,42 @@ impl Supervisor {
         }
         let entry = &mut self.children[index];
         entry.quick_exits = policy::quick_exits(entry.quick_exits, lived, ended);
-        entry.respawn_at = Instant::now() + policy::respawn_delay(entry.quick_exits);
+        let delay = if code == Some(exit::UNREACHABLE) {
+            policy::unreachable_retry_delay(entry.quick_exits)
+        } else {
+            policy::respawn_delay(entry.quick_exits)
+        };
+        entry.respawn_at = Instant::now() + delay;
+    }
+
+    /// Reports why task processes cannot start: one WARNING line when the
+    /// reason is new, the repeats at DEBUG.
+    fn report_boot(&mut self, why: String) {
+        if self.boot_reason.as_deref() != Some(why.as_str()) {
+            warn!("task processes cannot start yet, retrying: {why}");
+            self.boot_reason = Some(why);
+        }
+    }
+
+    /// Gives up once the broker has been unreachable for `--boot-timeout`
+    /// without any task process ever consuming, checked every tick so the
+    /// deadline holds whatever the restart backoff is.
+    fn check_boot_deadline(&mut self) {
+        let Some(since) = self.unreachable_since else {
+            return;
+        };
+        if self.ever_consumed || self.fatal.is_some() || since.elapsed() < self.config.boot_timeout
+        {
+            return;
+        }
+        let why = self
+            .boot_reason
+            .clone()
+            .unwrap_or_else(|| "the broker is unreachable".to_owned());
+        self.fatal = Some(format!(
+            "cannot start task processes: still failing after {}s: {why}",
+            self.config.boot_timeout.as_secs()
+        ));
     }
 
     fn enforce_limits(&mut self) {

@@ -93,6 +93,13 @@ pub fn respawn_delay(quick_exits: u32) -> Duration {
     }
 }
 
+/// Restart delays of a task process that could not reach the broker:
+/// the respawn curve, but never over 2 s, so the worker consumes soon after
+/// the broker comes back, and `--boot-timeout` is checked often.
+pub fn unreachable_retry_delay(quick_exits: u32) -> Duration {
+    respawn_delay(quick_exits).min(Duration::from_secs(2))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,6 +171,17 @@ mod tests {
         assert_eq!(quick_exits(2, late, Ended::Code(1)), 0);
         assert_eq!(quick_exits(2, early, Ended::Code(exit::RECYCLED)), 0);
         assert_eq!(quick_exits(2, early, Ended::Code(exit::DRAINED)), 0);
+    }
+
+    #[test]
+    fn an_unreachable_broker_is_retried_at_least_every_two_seconds() {
+        let got: Vec<u64> = (0..12)
+            .map(|n| unreachable_retry_delay(n).as_millis() as u64)
+            .collect();
+        assert_eq!(
+            got,
+            [0, 200, 400, 800, 1600, 2000, 2000, 2000, 2000, 2000, 2000, 2000]
+        );
     }
 
     #[test]
