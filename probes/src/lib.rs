@@ -40,6 +40,10 @@ pub struct State {
     pub concurrency: usize,
     /// One entry per task process slot.
     pub children: Vec<ChildStatus>,
+    /// Why task processes cannot start, while they cannot (the broker or
+    /// the result backend is unreachable or refuses them); passwords masked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// One task process, as the supervisor sees it.
@@ -213,8 +217,12 @@ pub fn readiness(state: &State, now: u64, limits: &Limits) -> Result<String, Str
         .clamp(1, state.concurrency.max(1));
     if consuming < needed {
         let states: Vec<String> = state.children.iter().map(|c| c.state.clone()).collect();
+        let why = state
+            .problem
+            .as_ref()
+            .map_or_else(String::new, |p| format!(" ({p})"));
         return Err(format!(
-            "{consuming} of {} task processes consuming (need {needed}): {}",
+            "{consuming} of {} task processes consuming (need {needed}): {}{why}",
             state.concurrency,
             states.join(", ")
         ));
@@ -324,7 +332,34 @@ mod tests {
                     task_deadline_ms: 0,
                 })
                 .collect(),
+            problem: None,
         }
+    }
+
+    #[test]
+    fn readiness_says_why_task_processes_cannot_start() {
+        let now = 1_000_000;
+        let mut s = state(now);
+        for c in &mut s.children {
+            c.state = "booting".into();
+        }
+        s.problem =
+            Some("redis backend: redis://:********@cache:6379/0: Connection refused".into());
+        let why = readiness(&s, now, &Limits::default()).unwrap_err();
+        assert!(why.starts_with("0 of 2 task processes consuming"), "{why}");
+        assert!(
+            why.ends_with("(redis backend: redis://:********@cache:6379/0: Connection refused)"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn an_older_state_file_without_a_problem_still_reads() {
+        let now = 1_000_000;
+        let text = serde_json::to_string(&state(now)).unwrap();
+        assert!(!text.contains("problem"));
+        let back: State = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.problem, None);
     }
 
     #[test]

@@ -236,6 +236,7 @@ async fn run(
         hostname: Arc::from(config.hostname.as_str()),
         link,
         stat_indexes: Default::default(),
+        backend_down: Default::default(),
         events: crate::events::Events::new(
             crate::protocol::events::EventSource {
                 hostname: config.hostname.clone(),

@@ -4,7 +4,11 @@ use std::sync::{Arc, RwLock};
 
 use chrono::Utc;
 use lapin::Channel;
-use tracing::warn;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tracing::{debug, info, warn};
+
+use crate::backoff::BROKER_RECONNECT;
 
 use crate::backend::Backend;
 use crate::broker::{json_properties, json_to_table, publish_confirmed, BrokerError, Outgoing};
@@ -34,6 +38,8 @@ pub struct Shared {
     /// Stats key (task name, or name + queue + exception) -> index in the
     /// shared stats table, cached per process.
     pub stat_indexes: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    /// The result backend refused the last store (reported once).
+    pub backend_down: AtomicBool,
 }
 
 /// What one count is about: the task, the queue its message came from, and
@@ -106,11 +112,31 @@ impl Shared {
         }
     }
 
-    /// Stores a result, logging (not failing) when the backend is unreachable.
+    /// Stores a result. While the backend does not take it (Redis down, the
+    /// broker connection of rpc:// being replaced) the store is retried
+    /// with backoff, so no result is lost; the task's slot stays busy
+    /// meanwhile. The first failure is logged once for the process, and
+    /// the recovery once.
     pub async fn store(&self, msg: &TaskMessage, doc: ResultDocument) {
-        if let Some(backend) = &self.backend {
-            if let Err(e) = backend.store(msg, &doc).await {
-                warn!(task_id = %msg.id, "could not store {} for {}[{}]: {e}", doc.status.as_str(), msg.display_name(), msg.id);
+        let Some(backend) = &self.backend else { return };
+        let mut attempt = 0u32;
+        loop {
+            match backend.store(msg, &doc).await {
+                Ok(()) => {
+                    if self.backend_down.swap(false, Ordering::AcqRel) {
+                        info!("the result backend takes results again");
+                    }
+                    return;
+                }
+                Err(e) => {
+                    if !self.backend_down.swap(true, Ordering::AcqRel) {
+                        warn!(task_id = %msg.id, "cannot store results, retrying until the backend takes them: {e}");
+                    } else {
+                        debug!(task_id = %msg.id, "still cannot store {} for {}[{}]: {e}", doc.status.as_str(), msg.display_name(), msg.id);
+                    }
+                    tokio::time::sleep(BROKER_RECONNECT.delay(attempt)).await;
+                    attempt = attempt.saturating_add(1);
+                }
             }
         }
     }

@@ -225,6 +225,9 @@ impl Supervisor {
                 .collect(),
             concurrency: self.shm.target(),
             children,
+            problem: (!self.ever_consumed)
+                .then(|| self.boot_reason.clone())
+                .flatten(),
         };
         if let Err(e) = celeriac_probes::write(&self.config.state_dir, &state) {
             warn!(
