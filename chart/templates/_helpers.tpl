@@ -69,7 +69,26 @@ Drain deadline (--shutdown-timeout) in seconds.
 {{- if ge $t $grace -}}
 {{- fail (printf "workers.shutdownTimeoutSeconds (%d) must be below terminationGracePeriodSeconds (%d): the worker needs time to exit after the drain deadline" $t $grace) -}}
 {{- end -}}
+{{- if and $w.spot.enabled (not (include "celeriac.acksLate" .)) (ge $t (int (include "celeriac.spotNoticeSeconds" .))) -}}
+{{- fail (printf "workers.shutdownTimeoutSeconds (%d) is past the spot eviction notice (%s s) and workers.spot.acksLate is false: tasks acknowledged early and still running would be handed back after the VM is gone, and lost. Set workers.spot.acksLate=true or a deadline below the notice" $t (include "celeriac.spotNoticeSeconds" .)) -}}
+{{- end -}}
 {{- $t -}}
+{{- end -}}
+
+{{/*
+Seconds between Azure's spot eviction notice and the VM's end. Not a value: Azure fixes it.
+*/}}
+{{- define "celeriac.spotNoticeSeconds" -}}30{{- end -}}
+
+{{/*
+"true" when the worker acknowledges messages after their task ran: --acks-late rendered under
+spot (workers.spot.acksLate) or given in workers.extraArgs. Empty otherwise.
+*/}}
+{{- define "celeriac.acksLate" -}}
+{{- $w := .Values.workers -}}
+{{- if or (and $w.spot.enabled $w.spot.acksLate) (has "--acks-late" (default (list) $w.extraArgs)) -}}
+true
+{{- end -}}
 {{- end -}}
 
 {{/*
@@ -88,7 +107,12 @@ then lives in the generated node affinity.
 {{- end -}}
 
 {{/*
-Affinity: workers.affinity plus, under spot, the generated node affinity.
+Affinity: workers.affinity plus, under spot, the generated node affinity. Spot nodes are only
+ever those of the named pool (workers.spot.agentPool): the pods tolerate the spot taint, so
+without the pool term they could land on any spot pool of the cluster.
+  required:  the named spot pool only.
+  preferred: the named spot pool, preferred; else the regular pool named by nodeSelector's
+             agentpool key, or (without one) any node that is not a spot node.
 */}}
 {{- define "celeriac.affinity" -}}
 {{- $w := .Values.workers -}}
@@ -97,20 +121,20 @@ Affinity: workers.affinity plus, under spot, the generated node affinity.
 {{- if hasKey $aff "nodeAffinity" -}}
 {{- fail "workers.affinity.nodeAffinity cannot be combined with workers.spot.enabled: the chart generates the node affinity for spot" -}}
 {{- end -}}
-{{- $spotExprs := list (dict "key" "kubernetes.azure.com/scalesetpriority" "operator" "In" "values" (list "spot")) -}}
-{{- if $w.spot.agentPool -}}
-{{- $spotExprs = append $spotExprs (dict "key" "kubernetes.azure.com/agentpool" "operator" "In" "values" (list $w.spot.agentPool)) -}}
-{{- end -}}
+{{- $spotExprs := list
+      (dict "key" "kubernetes.azure.com/scalesetpriority" "operator" "In" "values" (list "spot"))
+      (dict "key" "kubernetes.azure.com/agentpool" "operator" "In" "values" (list $w.spot.agentPool)) -}}
 {{- $spotTerm := dict "matchExpressions" $spotExprs -}}
 {{- $nodeAff := dict -}}
 {{- if eq $w.spot.mode "required" -}}
 {{- $_ := set $nodeAff "requiredDuringSchedulingIgnoredDuringExecution" (dict "nodeSelectorTerms" (list $spotTerm)) -}}
 {{- else -}}
 {{- $regularPool := get (default (dict) $w.nodeSelector) "kubernetes.azure.com/agentpool" -}}
+{{- $fallback := dict "matchExpressions" (list (dict "key" "kubernetes.azure.com/scalesetpriority" "operator" "NotIn" "values" (list "spot"))) -}}
 {{- if $regularPool -}}
-{{- $regularTerm := dict "matchExpressions" (list (dict "key" "kubernetes.azure.com/agentpool" "operator" "In" "values" (list $regularPool))) -}}
-{{- $_ := set $nodeAff "requiredDuringSchedulingIgnoredDuringExecution" (dict "nodeSelectorTerms" (list $spotTerm $regularTerm)) -}}
+{{- $fallback = dict "matchExpressions" (list (dict "key" "kubernetes.azure.com/agentpool" "operator" "In" "values" (list $regularPool))) -}}
 {{- end -}}
+{{- $_ := set $nodeAff "requiredDuringSchedulingIgnoredDuringExecution" (dict "nodeSelectorTerms" (list $spotTerm $fallback)) -}}
 {{- $_ := set $nodeAff "preferredDuringSchedulingIgnoredDuringExecution" (list (dict "weight" 100 "preference" $spotTerm)) -}}
 {{- end -}}
 {{- $_ := set $aff "nodeAffinity" $nodeAff -}}
@@ -148,6 +172,9 @@ Cross-field checks the JSON schema cannot express (or expresses with poor messag
 {{- define "celeriac.validate" -}}
 {{- $w := .Values.workers -}}
 {{- $ac := .Values.appConfiguration -}}
+{{- if and $w.spot.enabled (not $w.spot.agentPool) -}}
+{{- fail "workers.spot.agentPool is required when workers.spot.enabled: name the AKS spot node pool the pods may run on (the value of its kubernetes.azure.com/agentpool label)" -}}
+{{- end -}}
 {{- if $ac.enabled -}}
 {{- if or $w.envFrom.configMap.create $w.envFrom.secret.create -}}
 {{- fail "appConfiguration.enabled: the App Configuration provider owns the ConfigMap/Secret; set workers.envFrom.configMap.create and workers.envFrom.secret.create to false" -}}
