@@ -92,6 +92,16 @@ true
 {{- end -}}
 
 {{/*
+Path of the private CA bundle for amqps:// (SSL_CERT_FILE), or empty when none is configured.
+*/}}
+{{- define "celeriac.brokerCAFile" -}}
+{{- $ca := .Values.workers.brokerCA -}}
+{{- if or $ca.secretName $ca.configMapName -}}
+{{- printf "%s/%s" (trimSuffix "/" $ca.mountPath) $ca.key -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
 nodeSelector. Under spot the agentpool key is dropped: a nodeSelector is ANDed with node
 affinity, and the pool named there is normally a regular (non-spot) pool. The pool choice
 then lives in the generated node affinity.
@@ -175,6 +185,7 @@ Cross-field checks the JSON schema cannot express (or expresses with poor messag
 {{- if and $w.spot.enabled (not $w.spot.agentPool) -}}
 {{- fail "workers.spot.agentPool is required when workers.spot.enabled: name the AKS spot node pool the pods may run on (the value of its kubernetes.azure.com/agentpool label)" -}}
 {{- end -}}
+{{- include "celeriac.validateExtensions" . -}}
 {{- if $ac.enabled -}}
 {{- if or $w.envFrom.configMap.create $w.envFrom.secret.create -}}
 {{- fail "appConfiguration.enabled: the App Configuration provider owns the ConfigMap/Secret; set workers.envFrom.configMap.create and workers.envFrom.secret.create to false" -}}
@@ -199,5 +210,53 @@ Cross-field checks the JSON schema cannot express (or expresses with poor messag
 {{- fail "workers.podDisruptionBudget.minAvailable must be below workers.keda.minReplicaCount, or no pod could ever be evicted" -}}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Checks on the extension points (extraVolumes, extraVolumeMounts, initContainers,
+extraContainers) and the broker CA: names and paths the chart already uses, and duplicates,
+which the API server would refuse only at install time.
+*/}}
+{{- define "celeriac.validateExtensions" -}}
+{{- $w := .Values.workers -}}
+{{- $ca := $w.brokerCA -}}
+{{- $stateDir := include "celeriac.stateDir" . -}}
+{{- if and $ca.secretName $ca.configMapName -}}
+{{- fail "workers.brokerCA: set secretName or configMapName, not both" -}}
+{{- end -}}
+{{- $volumes := list "state" "tmp" -}}
+{{- $mounts := list $stateDir "/tmp" -}}
+{{- if include "celeriac.brokerCAFile" . -}}
+{{- if has (trimSuffix "/" $ca.mountPath) $mounts -}}
+{{- fail (printf "workers.brokerCA.mountPath %q is already used in the worker container" $ca.mountPath) -}}
+{{- end -}}
+{{- $volumes = append $volumes "broker-ca" -}}
+{{- $mounts = append $mounts (trimSuffix "/" $ca.mountPath) -}}
+{{- range $w.extraEnv -}}
+{{- if eq .name "SSL_CERT_FILE" -}}
+{{- fail "workers.extraEnv sets SSL_CERT_FILE, which workers.brokerCA sets too: keep one of them" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- range $w.extraVolumes -}}
+{{- if has .name $volumes -}}
+{{- fail (printf "workers.extraVolumes: the volume name %q is already used in the pod (chart volumes: state, tmp, broker-ca)" .name) -}}
+{{- end -}}
+{{- $volumes = append $volumes .name -}}
+{{- end -}}
+{{- range $w.extraVolumeMounts -}}
+{{- $path := trimSuffix "/" .mountPath -}}
+{{- if has $path $mounts -}}
+{{- fail (printf "workers.extraVolumeMounts: the mount path %q is already used in the worker container" .mountPath) -}}
+{{- end -}}
+{{- $mounts = append $mounts $path -}}
+{{- end -}}
+{{- $containers := list "worker" -}}
+{{- range concat (default (list) $w.initContainers) (default (list) $w.extraContainers) -}}
+{{- if has .name $containers -}}
+{{- fail (printf "workers.initContainers/extraContainers: the container name %q is used twice in the pod (the chart's container is \"worker\")" .name) -}}
+{{- end -}}
+{{- $containers = append $containers .name -}}
 {{- end -}}
 {{- end -}}

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -134,7 +135,7 @@ def arg_after(args: list[str], flag: str) -> str:
 
 # The values matrix: defaults plus every example under chart/ci/.
 CASES = {"defaults": ()} | {p.name.removesuffix("-values.yaml"): (p.name,) for p in sorted(CI_VALUES.glob("*-values.yaml"))}
-REQUIRED_CASES = {"defaults", "spot", "keda", "appconfig", "identity", "podmonitor"}
+REQUIRED_CASES = {"defaults", "spot", "keda", "appconfig", "identity", "podmonitor", "extensions"}
 
 
 def test_matrix_covers_the_required_cases():
@@ -859,6 +860,149 @@ def test_no_pod_monitor_by_default(helm):
 
 
 # --------------------------------------------------------------------------------------------
+# extension points (global, extraVolumes, extraVolumeMounts, extraEnvFrom, initContainers,
+# extraContainers) and the private broker CA
+
+
+def named(items: list[dict] | None) -> list[str]:
+    return [i["name"] for i in items or []]
+
+
+def worker(docs: list[dict]) -> dict:
+    """The worker container, whatever sidecars sit beside it."""
+    [c] = [c for c in pod_spec(docs)["containers"] if c["name"] == "worker"]
+    return c
+
+
+def test_defaults_render_no_extension(helm):
+    spec = pod_spec(render(helm))
+    c = worker(render(helm))
+    assert "initContainers" not in spec
+    assert named(spec["containers"]) == ["worker"]
+    assert named(spec["volumes"]) == ["state", "tmp"]
+    assert named(c["volumeMounts"]) == ["state", "tmp"]
+    assert c["envFrom"] == [
+        {"configMapRef": {"name": "configmap-api-workers", "optional": False}},
+        {"secretRef": {"name": "secret-api-workers", "optional": False}},
+    ]
+    assert named(c["env"]) == ["CELERIAC_STATE_DIR"]
+    # Empty lists and an empty CA name render exactly the same pod as leaving the keys out.
+    empty = ["json:workers." + k + "=[]" for k in ("extraVolumes", "extraVolumeMounts", "extraEnvFrom", "initContainers", "extraContainers")]
+    assert pod_spec(render(helm, sets=(*empty, 'workers.brokerCA.secretName=', 'json:global={}'))) == spec
+
+
+def test_extension_points_rendered_where_they_belong(helm):
+    values = yaml.safe_load((CI_VALUES / "extensions-values.yaml").read_text())["workers"]
+    docs = render(helm, "extensions-values.yaml")
+    spec, c = pod_spec(docs), worker(docs)
+    # Passed through unchanged, after the chart's own entries.
+    assert spec["initContainers"] == values["initContainers"]
+    assert spec["containers"][0]["name"] == "worker"
+    assert spec["containers"][1:] == values["extraContainers"]
+    assert spec["volumes"][:3] == [
+        {"name": "state", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}},
+        {"name": "broker-ca", "configMap": {"name": "rabbitmq-ca-bundle", "items": [{"key": "ca-bundle.pem", "path": "ca-bundle.pem"}]}},
+    ]
+    assert spec["volumes"][3:] == values["extraVolumes"]
+    assert named(c["volumeMounts"]) == ["state", "tmp", "broker-ca", "spool"]
+    assert c["volumeMounts"][3:] == values["extraVolumeMounts"]
+    # extraEnvFrom after the chart's sources: a later source wins for the same key.
+    assert c["envFrom"][:2] == [
+        {"configMapRef": {"name": "configmap-api-workers", "optional": False}},
+        {"secretRef": {"name": "secret-api-workers", "optional": False}},
+    ]
+    assert c["envFrom"][2:] == values["extraEnvFrom"]
+
+
+def test_extensions_keep_the_default_container_annotation(helm):
+    pod = one(render(helm, "extensions-values.yaml"), "Deployment")["spec"]["template"]
+    assert pod["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] == "worker"
+
+
+@pytest.mark.parametrize(
+    ("source", "volume"),
+    [
+        (("workers.brokerCA.secretName=rabbitmq-ca",), {"secret": {"secretName": "rabbitmq-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}}),
+        (("workers.brokerCA.configMapName=kube-root-ca.crt",), {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}}),
+    ],
+)
+def test_broker_ca_mounted_and_named_by_ssl_cert_file(helm, source, volume):
+    docs = render(helm, sets=source)
+    spec, c = pod_spec(docs), worker(docs)
+    [ca] = [v for v in spec["volumes"] if v["name"] == "broker-ca"]
+    assert ca == {"name": "broker-ca", **volume}
+    # A directory mount, not subPath: a rotated bundle reaches the running pod.
+    [mount] = [m for m in c["volumeMounts"] if m["name"] == "broker-ca"]
+    assert mount == {"name": "broker-ca", "mountPath": "/etc/celeriac/broker-ca", "readOnly": True}
+    assert {"name": "SSL_CERT_FILE", "value": "/etc/celeriac/broker-ca/ca.crt"} in c["env"]
+
+
+def test_broker_ca_key_and_mount_path(helm):
+    c = worker(render(helm, sets=("workers.brokerCA.secretName=ca", "workers.brokerCA.key=bundle.pem", "workers.brokerCA.mountPath=/etc/pki/rabbit/")))
+    assert {"name": "SSL_CERT_FILE", "value": "/etc/pki/rabbit/bundle.pem"} in c["env"]
+
+
+@pytest.mark.parametrize(
+    ("sets", "needle"),
+    [
+        (("workers.brokerCA.secretName=a", "workers.brokerCA.configMapName=b"), "not both"),
+        (("workers.brokerCA.secretName=a", 'json:workers.extraEnv=[{"name":"SSL_CERT_FILE","value":"/x"}]'), "SSL_CERT_FILE"),
+        (("workers.brokerCA.secretName=a", "workers.brokerCA.mountPath=/tmp"), '"/tmp"'),
+        (('json:workers.extraVolumes=[{"name":"state","emptyDir":{}}]',), '"state"'),
+        (("workers.brokerCA.secretName=a", 'json:workers.extraVolumes=[{"name":"broker-ca","emptyDir":{}}]'), '"broker-ca"'),
+        (('json:workers.extraVolumes=[{"name":"x","emptyDir":{}},{"name":"x","emptyDir":{}}]',), '"x"'),
+        (('json:workers.extraVolumeMounts=[{"name":"x","mountPath":"/var/run/celeriac"}]',), "/var/run/celeriac"),
+        (('json:workers.extraContainers=[{"name":"worker","image":"busybox"}]',), '"worker"'),
+        (
+            (
+                'json:workers.initContainers=[{"name":"proxy","image":"a"}]',
+                'json:workers.extraContainers=[{"name":"proxy","image":"b"}]',
+            ),
+            '"proxy"',
+        ),
+    ],
+)
+def test_extension_conflicts_fail_with_a_clear_message(helm, sets, needle):
+    err = render_fails(helm, sets=sets)
+    assert needle in err, err
+
+
+def test_as_a_subchart_with_globals(helm, tmp_path):
+    """An umbrella chart passes `global` to every subchart: the schema must accept it, whatever
+    it holds, and the chart renders as it does on its own."""
+    parent = tmp_path / "umbrella"
+    (parent / "charts").mkdir(parents=True)
+    (parent / "Chart.yaml").write_text(
+        "apiVersion: v2\nname: umbrella\nversion: 0.1.0\ndependencies:\n  - name: celeriac\n    version: 0.1.0\n"
+    )
+    (parent / "values.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "global": {"imageRegistry": "example.azurecr.io", "labels": {"team": "payments"}, "nested": [1, {"a": None}]},
+                "celeriac": {"workers": {"name": "payments-worker", "replicas": 2}},
+            }
+        )
+    )
+    shutil.copytree(CHART, parent / "charts" / "celeriac")
+    proc = subprocess.run(
+        [helm, "template", "umbrella", str(parent), "--namespace", "workers-blue", "--kube-version", RENDER_KUBE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    deployment = one(docs, "Deployment")
+    assert deployment["metadata"]["name"] == "payments-worker"
+    assert deployment["spec"]["replicas"] == 2
+    # A subchart's own values are still checked against its schema.
+    (parent / "values.yaml").write_text(yaml.safe_dump({"global": {"x": 1}, "celeriac": {"workers": {"bogus": 1}}}))
+    proc = subprocess.run([helm, "template", "umbrella", str(parent)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "bogus" in proc.stderr, proc.stderr
+
+
+# --------------------------------------------------------------------------------------------
 # values.schema.json refuses bad values
 
 
@@ -884,6 +1028,21 @@ def test_no_pod_monitor_by_default(helm):
         (("workers.podMonitor.apiVersion=v1",), "apiVersion"),
         (("workers.namespace=Workers_Blue",), "namespace"),
         (("workers.spot.acksLate=maybe",), "acksLate"),
+        (("json:global=[]",), "global"),
+        (("workers.extraVolumes=data",), "extraVolumes"),
+        (('json:workers.extraVolumes=[{"emptyDir":{}}]',), "name"),
+        (('json:workers.extraVolumeMounts=[{"name":"data"}]',), "mountPath"),
+        (('json:workers.extraVolumeMounts=[{"name":"data","mountPath":"relative"}]',), "mountPath"),
+        (("workers.extraEnvFrom=tuning",), "extraEnvFrom"),
+        (('json:workers.extraEnvFrom=[{"configMap":{"name":"tuning"}}]',), "configMap"),
+        (('json:workers.extraEnvFrom=[{"prefix":"X_"}]',), "extraEnvFrom"),
+        (('json:workers.initContainers={"name":"init","image":"busybox"}',), "initContainers"),
+        (('json:workers.initContainers=[{"name":"init"}]',), "image"),
+        (('json:workers.extraContainers=[{"name":"Side_Car","image":"busybox"}]',), "name"),
+        (("workers.extraContainers=sidecar",), "extraContainers"),
+        (("workers.brokerCA.key=certs/ca.crt",), "key"),
+        (("workers.brokerCA.mountPath=etc/ca",), "mountPath"),
+        (("workers.brokerCA.secretName=Not_A_Name",), "secretName"),
         (
             (
                 "appConfiguration.enabled=true",
