@@ -69,7 +69,36 @@ Drain deadline (--shutdown-timeout) in seconds.
 {{- if ge $t $grace -}}
 {{- fail (printf "workers.shutdownTimeoutSeconds (%d) must be below terminationGracePeriodSeconds (%d): the worker needs time to exit after the drain deadline" $t $grace) -}}
 {{- end -}}
+{{- if and $w.spot.enabled (not (include "celeriac.acksLate" .)) (ge $t (int (include "celeriac.spotNoticeSeconds" .))) -}}
+{{- fail (printf "workers.shutdownTimeoutSeconds (%d) is past the spot eviction notice (%s s) and workers.spot.acksLate is false: tasks acknowledged early and still running would be handed back after the VM is gone, and lost. Set workers.spot.acksLate=true or a deadline below the notice" $t (include "celeriac.spotNoticeSeconds" .)) -}}
+{{- end -}}
 {{- $t -}}
+{{- end -}}
+
+{{/*
+Seconds between Azure's spot eviction notice and the VM's end. Not a value: Azure fixes it.
+*/}}
+{{- define "celeriac.spotNoticeSeconds" -}}30{{- end -}}
+
+{{/*
+"true" when the worker acknowledges messages after their task ran: --acks-late rendered under
+spot (workers.spot.acksLate) or given in workers.extraArgs. Empty otherwise.
+*/}}
+{{- define "celeriac.acksLate" -}}
+{{- $w := .Values.workers -}}
+{{- if or (and $w.spot.enabled $w.spot.acksLate) (has "--acks-late" (default (list) $w.extraArgs)) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/*
+Path of the private CA bundle for amqps:// (SSL_CERT_FILE), or empty when none is configured.
+*/}}
+{{- define "celeriac.brokerCAFile" -}}
+{{- $ca := .Values.workers.brokerCA -}}
+{{- if or $ca.secretName $ca.configMapName -}}
+{{- printf "%s/%s" (trimSuffix "/" $ca.mountPath) $ca.key -}}
+{{- end -}}
 {{- end -}}
 
 {{/*
@@ -88,7 +117,12 @@ then lives in the generated node affinity.
 {{- end -}}
 
 {{/*
-Affinity: workers.affinity plus, under spot, the generated node affinity.
+Affinity: workers.affinity plus, under spot, the generated node affinity. Spot nodes are only
+ever those of the named pool (workers.spot.agentPool): the pods tolerate the spot taint, so
+without the pool term they could land on any spot pool of the cluster.
+  required:  the named spot pool only.
+  preferred: the named spot pool, preferred; else the regular pool named by nodeSelector's
+             agentpool key, or (without one) any node that is not a spot node.
 */}}
 {{- define "celeriac.affinity" -}}
 {{- $w := .Values.workers -}}
@@ -97,20 +131,20 @@ Affinity: workers.affinity plus, under spot, the generated node affinity.
 {{- if hasKey $aff "nodeAffinity" -}}
 {{- fail "workers.affinity.nodeAffinity cannot be combined with workers.spot.enabled: the chart generates the node affinity for spot" -}}
 {{- end -}}
-{{- $spotExprs := list (dict "key" "kubernetes.azure.com/scalesetpriority" "operator" "In" "values" (list "spot")) -}}
-{{- if $w.spot.agentPool -}}
-{{- $spotExprs = append $spotExprs (dict "key" "kubernetes.azure.com/agentpool" "operator" "In" "values" (list $w.spot.agentPool)) -}}
-{{- end -}}
+{{- $spotExprs := list
+      (dict "key" "kubernetes.azure.com/scalesetpriority" "operator" "In" "values" (list "spot"))
+      (dict "key" "kubernetes.azure.com/agentpool" "operator" "In" "values" (list $w.spot.agentPool)) -}}
 {{- $spotTerm := dict "matchExpressions" $spotExprs -}}
 {{- $nodeAff := dict -}}
 {{- if eq $w.spot.mode "required" -}}
 {{- $_ := set $nodeAff "requiredDuringSchedulingIgnoredDuringExecution" (dict "nodeSelectorTerms" (list $spotTerm)) -}}
 {{- else -}}
 {{- $regularPool := get (default (dict) $w.nodeSelector) "kubernetes.azure.com/agentpool" -}}
+{{- $fallback := dict "matchExpressions" (list (dict "key" "kubernetes.azure.com/scalesetpriority" "operator" "NotIn" "values" (list "spot"))) -}}
 {{- if $regularPool -}}
-{{- $regularTerm := dict "matchExpressions" (list (dict "key" "kubernetes.azure.com/agentpool" "operator" "In" "values" (list $regularPool))) -}}
-{{- $_ := set $nodeAff "requiredDuringSchedulingIgnoredDuringExecution" (dict "nodeSelectorTerms" (list $spotTerm $regularTerm)) -}}
+{{- $fallback = dict "matchExpressions" (list (dict "key" "kubernetes.azure.com/agentpool" "operator" "In" "values" (list $regularPool))) -}}
 {{- end -}}
+{{- $_ := set $nodeAff "requiredDuringSchedulingIgnoredDuringExecution" (dict "nodeSelectorTerms" (list $spotTerm $fallback)) -}}
 {{- $_ := set $nodeAff "preferredDuringSchedulingIgnoredDuringExecution" (list (dict "weight" 100 "preference" $spotTerm)) -}}
 {{- end -}}
 {{- $_ := set $aff "nodeAffinity" $nodeAff -}}
@@ -148,6 +182,10 @@ Cross-field checks the JSON schema cannot express (or expresses with poor messag
 {{- define "celeriac.validate" -}}
 {{- $w := .Values.workers -}}
 {{- $ac := .Values.appConfiguration -}}
+{{- if and $w.spot.enabled (not $w.spot.agentPool) -}}
+{{- fail "workers.spot.agentPool is required when workers.spot.enabled: name the AKS spot node pool the pods may run on (the value of its kubernetes.azure.com/agentpool label)" -}}
+{{- end -}}
+{{- include "celeriac.validateExtensions" . -}}
 {{- if $ac.enabled -}}
 {{- if or $w.envFrom.configMap.create $w.envFrom.secret.create -}}
 {{- fail "appConfiguration.enabled: the App Configuration provider owns the ConfigMap/Secret; set workers.envFrom.configMap.create and workers.envFrom.secret.create to false" -}}
@@ -172,5 +210,53 @@ Cross-field checks the JSON schema cannot express (or expresses with poor messag
 {{- fail "workers.podDisruptionBudget.minAvailable must be below workers.keda.minReplicaCount, or no pod could ever be evicted" -}}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Checks on the extension points (extraVolumes, extraVolumeMounts, initContainers,
+extraContainers) and the broker CA: names and paths the chart already uses, and duplicates,
+which the API server would refuse only at install time.
+*/}}
+{{- define "celeriac.validateExtensions" -}}
+{{- $w := .Values.workers -}}
+{{- $ca := $w.brokerCA -}}
+{{- $stateDir := include "celeriac.stateDir" . -}}
+{{- if and $ca.secretName $ca.configMapName -}}
+{{- fail "workers.brokerCA: set secretName or configMapName, not both" -}}
+{{- end -}}
+{{- $volumes := list "state" "tmp" -}}
+{{- $mounts := list $stateDir "/tmp" -}}
+{{- if include "celeriac.brokerCAFile" . -}}
+{{- if has (trimSuffix "/" $ca.mountPath) $mounts -}}
+{{- fail (printf "workers.brokerCA.mountPath %q is already used in the worker container" $ca.mountPath) -}}
+{{- end -}}
+{{- $volumes = append $volumes "broker-ca" -}}
+{{- $mounts = append $mounts (trimSuffix "/" $ca.mountPath) -}}
+{{- range $w.extraEnv -}}
+{{- if eq .name "SSL_CERT_FILE" -}}
+{{- fail "workers.extraEnv sets SSL_CERT_FILE, which workers.brokerCA sets too: keep one of them" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- range $w.extraVolumes -}}
+{{- if has .name $volumes -}}
+{{- fail (printf "workers.extraVolumes: the volume name %q is already used in the pod (chart volumes: state, tmp, broker-ca)" .name) -}}
+{{- end -}}
+{{- $volumes = append $volumes .name -}}
+{{- end -}}
+{{- range $w.extraVolumeMounts -}}
+{{- $path := trimSuffix "/" .mountPath -}}
+{{- if has $path $mounts -}}
+{{- fail (printf "workers.extraVolumeMounts: the mount path %q is already used in the worker container" .mountPath) -}}
+{{- end -}}
+{{- $mounts = append $mounts $path -}}
+{{- end -}}
+{{- $containers := list "worker" -}}
+{{- range concat (default (list) $w.initContainers) (default (list) $w.extraContainers) -}}
+{{- if has .name $containers -}}
+{{- fail (printf "workers.initContainers/extraContainers: the container name %q is used twice in the pod (the chart's container is \"worker\")" .name) -}}
+{{- end -}}
+{{- $containers = append $containers .name -}}
 {{- end -}}
 {{- end -}}

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -134,7 +135,7 @@ def arg_after(args: list[str], flag: str) -> str:
 
 # The values matrix: defaults plus every example under chart/ci/.
 CASES = {"defaults": ()} | {p.name.removesuffix("-values.yaml"): (p.name,) for p in sorted(CI_VALUES.glob("*-values.yaml"))}
-REQUIRED_CASES = {"defaults", "spot", "keda", "appconfig", "identity", "podmonitor"}
+REQUIRED_CASES = {"defaults", "spot", "keda", "appconfig", "identity", "podmonitor", "extensions"}
 
 
 def test_matrix_covers_the_required_cases():
@@ -463,52 +464,45 @@ def test_workload_identity_label_can_be_disabled(helm):
 # spot: every selector/affinity combination
 
 
+SPOT_ON = ("workers.spot.enabled=true", "workers.spot.agentPool=workersspot")
+# The named spot pool: spot nodes of that pool only, never any other spot pool of the cluster.
+SPOT_POOL_TERM = {"matchExpressions": [SPOT_EXPR, {"key": AGENTPOOL, "operator": "In", "values": ["workersspot"]}]}
+NOT_SPOT_TERM = {"matchExpressions": [{"key": "kubernetes.azure.com/scalesetpriority", "operator": "NotIn", "values": ["spot"]}]}
+
 SPOT_CASES = {
     "off": ((), {AGENTPOOL: "workers"}, None),
-    "required-any-spot-pool": (
-        ("workers.spot.enabled=true",),
-        None,
-        {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [SPOT_EXPR]}]}},
-    ),
     "required-named-spot-pool": (
-        ("workers.spot.enabled=true", "workers.spot.agentPool=workersspot"),
+        SPOT_ON,
         None,
-        {
-            "requiredDuringSchedulingIgnoredDuringExecution": {
-                "nodeSelectorTerms": [
-                    {"matchExpressions": [SPOT_EXPR, {"key": AGENTPOOL, "operator": "In", "values": ["workersspot"]}]}
-                ]
-            }
-        },
+        {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [SPOT_POOL_TERM]}},
     ),
     "preferred-with-regular-fallback": (
-        ("workers.spot.enabled=true", "workers.spot.mode=preferred"),
+        (*SPOT_ON, "workers.spot.mode=preferred"),
         None,
         {
             "requiredDuringSchedulingIgnoredDuringExecution": {
                 "nodeSelectorTerms": [
-                    {"matchExpressions": [SPOT_EXPR]},
+                    SPOT_POOL_TERM,
                     {"matchExpressions": [{"key": AGENTPOOL, "operator": "In", "values": ["workers"]}]},
                 ]
             },
-            "preferredDuringSchedulingIgnoredDuringExecution": [
-                {"weight": 100, "preference": {"matchExpressions": [SPOT_EXPR]}}
-            ],
+            "preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 100, "preference": SPOT_POOL_TERM}],
         },
     ),
+    # Without a regular pool to fall back to, the fallback is any node that is not a spot node:
+    # the pods tolerate the spot taint, so "anything" would include every other spot pool.
     "preferred-without-agentpool-selector": (
-        ("workers.spot.enabled=true", "workers.spot.mode=preferred", "workers.nodeSelector=null"),
+        (*SPOT_ON, "workers.spot.mode=preferred", "workers.nodeSelector=null"),
         None,
         {
-            "preferredDuringSchedulingIgnoredDuringExecution": [
-                {"weight": 100, "preference": {"matchExpressions": [SPOT_EXPR]}}
-            ]
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [SPOT_POOL_TERM, NOT_SPOT_TERM]},
+            "preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 100, "preference": SPOT_POOL_TERM}],
         },
     ),
     "required-keeps-other-selector-keys": (
-        ("workers.spot.enabled=true", "workers.nodeSelector.kubernetes\\.io/os=linux"),
+        (*SPOT_ON, "workers.nodeSelector.kubernetes\\.io/os=linux"),
         {"kubernetes.io/os": "linux"},
-        {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [SPOT_EXPR]}]}},
+        {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [SPOT_POOL_TERM]}},
     ),
     "off-custom-pool": (("workers.nodeSelector.kubernetes\\.azure\\.com/agentpool=batch",), {AGENTPOOL: "batch"}, None),
 }
@@ -529,12 +523,45 @@ def test_spot_scheduling(helm, case):
         assert AGENTPOOL not in (spec.get("nodeSelector") or {})
 
 
+def _spot_node_terms(spec: dict) -> list[dict]:
+    """Every node selector term a spot pod may be scheduled by (required terms)."""
+    return spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+
+
+@pytest.mark.parametrize("files", [("spot-values.yaml",), ("spot-preferred-values.yaml",), ("all-features-values.yaml",)])
+def test_every_spot_term_names_the_pool(helm, files):
+    """A term that admits spot nodes must also name the pool: whichever example, no required
+    term lets the pods (which tolerate the spot taint) onto another spot pool."""
+    spec = pod_spec(render(helm, *files))
+    for term in _spot_node_terms(spec):
+        exprs = {e["key"]: e for e in term["matchExpressions"]}
+        spot = exprs.get("kubernetes.azure.com/scalesetpriority")
+        admits_spot = spot is None or spot["operator"] == "In"
+        if admits_spot:
+            assert AGENTPOOL in exprs and exprs[AGENTPOOL]["operator"] == "In", term
+            assert len(exprs[AGENTPOOL]["values"]) == 1, term
+
+
 def test_spot_example_file(helm):
     spec = pod_spec(render(helm, "spot-values.yaml"))
     assert "nodeSelector" not in spec
     assert spec["tolerations"] == [SPOT_TOLERATION]
-    terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
-    assert terms == [{"matchExpressions": [SPOT_EXPR, {"key": AGENTPOOL, "operator": "In", "values": ["workersspot"]}]}]
+    assert _spot_node_terms(spec) == [SPOT_POOL_TERM]
+
+
+def test_spot_without_a_pool_name_is_refused(helm):
+    # The schema refuses it first, naming the value...
+    err = render_fails(helm, sets=("workers.spot.enabled=true",))
+    assert "agentPool" in err and "schema" in err, err
+    # ...and the template says why when the schema is skipped (helm --skip-schema-validation).
+    proc = subprocess.run(
+        [helm, "template", "celeriac", str(CHART), "--skip-schema-validation", "--set", "workers.spot.enabled=true"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "workers.spot.agentPool is required when workers.spot.enabled" in proc.stderr, proc.stderr
 
 
 def test_spot_keeps_user_tolerations_and_pod_affinity(helm):
@@ -550,7 +577,7 @@ def test_spot_rejects_user_node_affinity(helm):
     err = render_fails(
         helm,
         sets=(
-            "workers.spot.enabled=true",
+            *SPOT_ON,
             'json:workers.affinity={"nodeAffinity":{"requiredDuringSchedulingIgnoredDuringExecution":{"nodeSelectorTerms":[]}}}',
         ),
     )
@@ -572,13 +599,15 @@ def test_user_node_affinity_passes_through_without_spot(helm):
     ("sets", "expected"),
     [
         ((), "105"),
-        (("workers.spot.enabled=true",), "20"),
-        (("workers.spot.enabled=true", "workers.spot.shutdownTimeoutSeconds=25"), "25"),
+        (SPOT_ON, "20"),
+        ((*SPOT_ON, "workers.spot.shutdownTimeoutSeconds=25"), "25"),
         (("workers.terminationGracePeriodSeconds=60",), "45"),
-        (("workers.terminationGracePeriodSeconds=30", "workers.spot.enabled=true"), "15"),
+        (("workers.terminationGracePeriodSeconds=30", *SPOT_ON), "15"),
         (("workers.shutdownTimeoutSeconds=90",), "90"),
-        (("workers.shutdownTimeoutSeconds=90", "workers.spot.enabled=true"), "90"),
+        # With acks-late a deadline past the notice loses nothing (the broker redelivers).
+        (("workers.shutdownTimeoutSeconds=90", *SPOT_ON), "90"),
         (("workers.shutdownMarginSeconds=30",), "90"),
+        ((*SPOT_ON, "workers.spot.acksLate=false"), "20"),
     ],
 )
 def test_shutdown_timeout(helm, sets, expected):
@@ -597,6 +626,75 @@ def test_shutdown_timeout(helm, sets, expected):
 )
 def test_shutdown_timeout_must_fit_the_grace_period(helm, sets):
     assert "shutdown" in render_fails(helm, sets=sets).lower()
+
+
+# --------------------------------------------------------------------------------------------
+# spot without loss: about 30 s between Azure's eviction notice and the VM's end
+
+
+SPOT_NOTICE_SECONDS = 30
+
+
+@pytest.mark.parametrize("files", [("spot-values.yaml",), ("spot-preferred-values.yaml",), ("all-features-values.yaml",)])
+def test_spot_defaults_lose_nothing_when_the_vm_is_reclaimed(helm, files):
+    """The defaults under spot: --acks-late (a running task's message stays unacknowledged, so the
+    broker redelivers it whenever the VM dies, drain finished or not), and a drain deadline that
+    leaves room inside the notice for the hand-back, so the drain normally completes first."""
+    docs = render(helm, *files)
+    spec, args = pod_spec(docs), container(docs)["args"]
+    assert args.count("--acks-late") == 1
+    deadline = int(arg_after(args, "--shutdown-timeout"))
+    assert deadline == 20
+    assert deadline + 10 <= SPOT_NOTICE_SECONDS, "at least 10 s of the notice left for the hand-back and exit"
+    # The grace period is not shortened: the VM's end bounds an eviction anyway, and every other
+    # termination (rollout, scale-down, node upgrade) keeps the full time to hand back and exit.
+    assert spec["terminationGracePeriodSeconds"] == 120
+    assert deadline < spec["terminationGracePeriodSeconds"]
+    assert spec["tolerations"][-1] == SPOT_TOLERATION
+
+
+def test_acks_late_only_under_spot(helm):
+    assert "--acks-late" not in container(render(helm))["args"]
+    assert "--acks-late" not in container(render(helm, sets=("workers.spot.acksLate=true",)))["args"]
+    assert "--acks-late" not in container(render(helm, sets=(*SPOT_ON, "workers.spot.acksLate=false")))["args"]
+    # Placed before extraArgs, and a repeat there is harmless (the worker accepts a flag twice).
+    args = container(render(helm, sets=(*SPOT_ON, 'json:workers.extraArgs=["--acks-late","-l","INFO"]')))["args"]
+    assert args[-4:] == ["--acks-late", "--acks-late", "-l", "INFO"]
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        (*SPOT_ON, "workers.spot.acksLate=false", "workers.shutdownTimeoutSeconds=30"),
+        (*SPOT_ON, "workers.spot.acksLate=false", "workers.shutdownTimeoutSeconds=90"),
+    ],
+)
+def test_early_ack_on_spot_refuses_a_deadline_past_the_notice(helm, sets):
+    err = render_fails(helm, sets=sets)
+    assert "past the spot eviction notice" in err and "workers.spot.acksLate" in err, err
+
+
+def test_early_ack_on_spot_accepts_acks_late_given_in_extra_args(helm):
+    args = container(
+        render(
+            helm,
+            sets=(*SPOT_ON, "workers.spot.acksLate=false", "workers.shutdownTimeoutSeconds=90", 'json:workers.extraArgs=["--acks-late"]'),
+        )
+    )["args"]
+    assert arg_after(args, "--shutdown-timeout") == "90"
+    assert args.count("--acks-late") == 1
+
+
+def test_spot_notes_name_the_pool_and_the_ack_mode(helm):
+    proc = subprocess.run(
+        [helm, "install", "celeriac", str(CHART), "--dry-run=client", "-n", "workers-blue", *sum((["--set", s] for s in SPOT_ON), [])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    notes = proc.stdout.split("NOTES:", 1)[1]
+    assert "spot pool workersspot" in notes and "--acks-late" in notes, notes
 
 
 def test_concurrency_and_extra_args(helm):
@@ -762,6 +860,149 @@ def test_no_pod_monitor_by_default(helm):
 
 
 # --------------------------------------------------------------------------------------------
+# extension points (global, extraVolumes, extraVolumeMounts, extraEnvFrom, initContainers,
+# extraContainers) and the private broker CA
+
+
+def named(items: list[dict] | None) -> list[str]:
+    return [i["name"] for i in items or []]
+
+
+def worker(docs: list[dict]) -> dict:
+    """The worker container, whatever sidecars sit beside it."""
+    [c] = [c for c in pod_spec(docs)["containers"] if c["name"] == "worker"]
+    return c
+
+
+def test_defaults_render_no_extension(helm):
+    spec = pod_spec(render(helm))
+    c = worker(render(helm))
+    assert "initContainers" not in spec
+    assert named(spec["containers"]) == ["worker"]
+    assert named(spec["volumes"]) == ["state", "tmp"]
+    assert named(c["volumeMounts"]) == ["state", "tmp"]
+    assert c["envFrom"] == [
+        {"configMapRef": {"name": "configmap-api-workers", "optional": False}},
+        {"secretRef": {"name": "secret-api-workers", "optional": False}},
+    ]
+    assert named(c["env"]) == ["CELERIAC_STATE_DIR"]
+    # Empty lists and an empty CA name render exactly the same pod as leaving the keys out.
+    empty = ["json:workers." + k + "=[]" for k in ("extraVolumes", "extraVolumeMounts", "extraEnvFrom", "initContainers", "extraContainers")]
+    assert pod_spec(render(helm, sets=(*empty, 'workers.brokerCA.secretName=', 'json:global={}'))) == spec
+
+
+def test_extension_points_rendered_where_they_belong(helm):
+    values = yaml.safe_load((CI_VALUES / "extensions-values.yaml").read_text())["workers"]
+    docs = render(helm, "extensions-values.yaml")
+    spec, c = pod_spec(docs), worker(docs)
+    # Passed through unchanged, after the chart's own entries.
+    assert spec["initContainers"] == values["initContainers"]
+    assert spec["containers"][0]["name"] == "worker"
+    assert spec["containers"][1:] == values["extraContainers"]
+    assert spec["volumes"][:3] == [
+        {"name": "state", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}},
+        {"name": "broker-ca", "configMap": {"name": "rabbitmq-ca-bundle", "items": [{"key": "ca-bundle.pem", "path": "ca-bundle.pem"}]}},
+    ]
+    assert spec["volumes"][3:] == values["extraVolumes"]
+    assert named(c["volumeMounts"]) == ["state", "tmp", "broker-ca", "spool"]
+    assert c["volumeMounts"][3:] == values["extraVolumeMounts"]
+    # extraEnvFrom after the chart's sources: a later source wins for the same key.
+    assert c["envFrom"][:2] == [
+        {"configMapRef": {"name": "configmap-api-workers", "optional": False}},
+        {"secretRef": {"name": "secret-api-workers", "optional": False}},
+    ]
+    assert c["envFrom"][2:] == values["extraEnvFrom"]
+
+
+def test_extensions_keep_the_default_container_annotation(helm):
+    pod = one(render(helm, "extensions-values.yaml"), "Deployment")["spec"]["template"]
+    assert pod["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] == "worker"
+
+
+@pytest.mark.parametrize(
+    ("source", "volume"),
+    [
+        (("workers.brokerCA.secretName=rabbitmq-ca",), {"secret": {"secretName": "rabbitmq-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}}),
+        (("workers.brokerCA.configMapName=kube-root-ca.crt",), {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}}),
+    ],
+)
+def test_broker_ca_mounted_and_named_by_ssl_cert_file(helm, source, volume):
+    docs = render(helm, sets=source)
+    spec, c = pod_spec(docs), worker(docs)
+    [ca] = [v for v in spec["volumes"] if v["name"] == "broker-ca"]
+    assert ca == {"name": "broker-ca", **volume}
+    # A directory mount, not subPath: a rotated bundle reaches the running pod.
+    [mount] = [m for m in c["volumeMounts"] if m["name"] == "broker-ca"]
+    assert mount == {"name": "broker-ca", "mountPath": "/etc/celeriac/broker-ca", "readOnly": True}
+    assert {"name": "SSL_CERT_FILE", "value": "/etc/celeriac/broker-ca/ca.crt"} in c["env"]
+
+
+def test_broker_ca_key_and_mount_path(helm):
+    c = worker(render(helm, sets=("workers.brokerCA.secretName=ca", "workers.brokerCA.key=bundle.pem", "workers.brokerCA.mountPath=/etc/pki/rabbit/")))
+    assert {"name": "SSL_CERT_FILE", "value": "/etc/pki/rabbit/bundle.pem"} in c["env"]
+
+
+@pytest.mark.parametrize(
+    ("sets", "needle"),
+    [
+        (("workers.brokerCA.secretName=a", "workers.brokerCA.configMapName=b"), "not both"),
+        (("workers.brokerCA.secretName=a", 'json:workers.extraEnv=[{"name":"SSL_CERT_FILE","value":"/x"}]'), "SSL_CERT_FILE"),
+        (("workers.brokerCA.secretName=a", "workers.brokerCA.mountPath=/tmp"), '"/tmp"'),
+        (('json:workers.extraVolumes=[{"name":"state","emptyDir":{}}]',), '"state"'),
+        (("workers.brokerCA.secretName=a", 'json:workers.extraVolumes=[{"name":"broker-ca","emptyDir":{}}]'), '"broker-ca"'),
+        (('json:workers.extraVolumes=[{"name":"x","emptyDir":{}},{"name":"x","emptyDir":{}}]',), '"x"'),
+        (('json:workers.extraVolumeMounts=[{"name":"x","mountPath":"/var/run/celeriac"}]',), "/var/run/celeriac"),
+        (('json:workers.extraContainers=[{"name":"worker","image":"busybox"}]',), '"worker"'),
+        (
+            (
+                'json:workers.initContainers=[{"name":"proxy","image":"a"}]',
+                'json:workers.extraContainers=[{"name":"proxy","image":"b"}]',
+            ),
+            '"proxy"',
+        ),
+    ],
+)
+def test_extension_conflicts_fail_with_a_clear_message(helm, sets, needle):
+    err = render_fails(helm, sets=sets)
+    assert needle in err, err
+
+
+def test_as_a_subchart_with_globals(helm, tmp_path):
+    """An umbrella chart passes `global` to every subchart: the schema must accept it, whatever
+    it holds, and the chart renders as it does on its own."""
+    parent = tmp_path / "umbrella"
+    (parent / "charts").mkdir(parents=True)
+    (parent / "Chart.yaml").write_text(
+        "apiVersion: v2\nname: umbrella\nversion: 0.1.0\ndependencies:\n  - name: celeriac\n    version: 0.1.0\n"
+    )
+    (parent / "values.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "global": {"imageRegistry": "example.azurecr.io", "labels": {"team": "payments"}, "nested": [1, {"a": None}]},
+                "celeriac": {"workers": {"name": "payments-worker", "replicas": 2}},
+            }
+        )
+    )
+    shutil.copytree(CHART, parent / "charts" / "celeriac")
+    proc = subprocess.run(
+        [helm, "template", "umbrella", str(parent), "--namespace", "workers-blue", "--kube-version", RENDER_KUBE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    deployment = one(docs, "Deployment")
+    assert deployment["metadata"]["name"] == "payments-worker"
+    assert deployment["spec"]["replicas"] == 2
+    # A subchart's own values are still checked against its schema.
+    (parent / "values.yaml").write_text(yaml.safe_dump({"global": {"x": 1}, "celeriac": {"workers": {"bogus": 1}}}))
+    proc = subprocess.run([helm, "template", "umbrella", str(parent)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "bogus" in proc.stderr, proc.stderr
+
+
+# --------------------------------------------------------------------------------------------
 # values.schema.json refuses bad values
 
 
@@ -786,6 +1027,22 @@ def test_no_pod_monitor_by_default(helm):
         (("workers.keda.protocol=amqps",), "protocol"),
         (("workers.podMonitor.apiVersion=v1",), "apiVersion"),
         (("workers.namespace=Workers_Blue",), "namespace"),
+        (("workers.spot.acksLate=maybe",), "acksLate"),
+        (("json:global=[]",), "global"),
+        (("workers.extraVolumes=data",), "extraVolumes"),
+        (('json:workers.extraVolumes=[{"emptyDir":{}}]',), "name"),
+        (('json:workers.extraVolumeMounts=[{"name":"data"}]',), "mountPath"),
+        (('json:workers.extraVolumeMounts=[{"name":"data","mountPath":"relative"}]',), "mountPath"),
+        (("workers.extraEnvFrom=tuning",), "extraEnvFrom"),
+        (('json:workers.extraEnvFrom=[{"configMap":{"name":"tuning"}}]',), "configMap"),
+        (('json:workers.extraEnvFrom=[{"prefix":"X_"}]',), "extraEnvFrom"),
+        (('json:workers.initContainers={"name":"init","image":"busybox"}',), "initContainers"),
+        (('json:workers.initContainers=[{"name":"init"}]',), "image"),
+        (('json:workers.extraContainers=[{"name":"Side_Car","image":"busybox"}]',), "name"),
+        (("workers.extraContainers=sidecar",), "extraContainers"),
+        (("workers.brokerCA.key=certs/ca.crt",), "key"),
+        (("workers.brokerCA.mountPath=etc/ca",), "mountPath"),
+        (("workers.brokerCA.secretName=Not_A_Name",), "secretName"),
         (
             (
                 "appConfiguration.enabled=true",

@@ -101,7 +101,9 @@ def start_worker(tmp_path, queue_name):
     workers = []
 
     def start(*args, env=None, queue=None, ready=True, broker=BROKER, binary=None):
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY", "BROKER", "CELERIAC"))}
+        # SSL_CERT_FILE/SSL_CERT_DIR would replace the trusted roots (rustls-native-certs): a test sets them.
+        full_env = {k: v for k, v in os.environ.items()
+                    if not k.startswith(("CELERY", "BROKER", "CELERIAC", "SSL_CERT_"))}
         full_env["CELERY_BROKER_URL"] = broker
         full_env["CELERIAC_STATE_DIR"] = str(tmp_path / f"state-{len(workers)}")
         full_env.update(env or {})
@@ -333,7 +335,7 @@ def wait_for_consuming(w, count, timeout=20.0):
 def private_rabbit(tmp_path_factory):
     """private_rabbit(name, **options) -> that node, running. One node per
     name for the session, created on first use with `options` as
-    PrivateRabbit takes them (plugins, config, server, ctl) and started again
+    PrivateRabbit takes them (plugins, config, server, ctl, tls) and started again
     if a test left it stopped. All are stopped, by pid, when the session ends."""
     nodes = {}
 

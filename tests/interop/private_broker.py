@@ -69,6 +69,16 @@ def _answers(port):
         return False
 
 
+def _tls_config(port, files):
+    """rabbitmq.conf lines for a TLS listener on `port` with the PEM files
+    in `files` (cacertfile, certfile, keyfile). Clients present no
+    certificate: the server's is what the tests check."""
+    lines = [f"listeners.ssl.default = {LOOPBACK}:{port}"]
+    lines += [f"ssl_options.{key} = {files[key]}" for key in ("cacertfile", "certfile", "keyfile")]
+    lines += ["ssl_options.verify = verify_none", "ssl_options.fail_if_no_peer_cert = false"]
+    return "\n".join(lines) + "\n"
+
+
 def _exited(proc):
     """Whether `proc` has exited, without reaping it: while it is an
     unreaped zombie its pid (= its process group's id) cannot be reused."""
@@ -107,10 +117,15 @@ def _sessions():
 
 class PrivateRabbit:
     """One RabbitMQ node under `base_dir`. start() it, stop() and start()
-    it again for a fault, and close() it at the end."""
+    it again for a fault, and close() it at the end.
+
+    `config` adds rabbitmq.conf lines. `tls={"cacertfile": ..., "certfile":
+    ..., "keyfile": ...}` adds a TLS listener on a free loopback port of its
+    own (`tls_port`, `tls_url`) beside the plain one, which the node's login
+    check and plain clients keep using."""
 
     def __init__(self, base_dir, name="private", *, plugins=(), config="", server=None, ctl=None,
-                 epmd=None, user="guest", password="guest"):
+                 epmd=None, user="guest", password="guest", tls=None):
         self.base = pathlib.Path(base_dir)
         self.base.mkdir(parents=True, exist_ok=True)
         self.server = str(server or RABBITMQ_BIN / "rabbitmq-server")
@@ -118,9 +133,12 @@ class PrivateRabbit:
         self.epmd = str(epmd or "epmd")  # the installation's own, for another Erlang
         self.user, self.password = user, password
         ports = set()
-        while len(ports) < 3:
+        while len(ports) < (4 if tls else 3):
             ports.add(free_port())
-        self.port, self.dist_port, self.epmd_port = sorted(ports)
+        self.port, self.dist_port, self.epmd_port, *rest = sorted(ports)
+        self.tls_port = rest[0] if tls else None
+        if tls:
+            config = _tls_config(self.tls_port, tls) + config
         self.nodename = f"celeriac-{name}-{self.port}@localhost"
         self.log_path = self.base / "node.log"
         self.boot_seconds = []  # how long each start() took
@@ -132,6 +150,13 @@ class PrivateRabbit:
     @property
     def url(self):
         return f"amqp://{self.user}:{self.password}@{LOOPBACK}:{self.port}//"
+
+    @property
+    def tls_url(self):
+        """amqps:// URL of the TLS listener, by host name: the server
+        certificate is checked against the name in the URL."""
+        assert self.tls_port, "this node has no TLS listener"
+        return f"amqps://{self.user}:{self.password}@localhost:{self.tls_port}//"
 
     @property
     def host(self):
