@@ -7,7 +7,8 @@
 //!   the message already shows) follow as ` key=value`.
 //! - `json`: one object per line with `timestamp` (UTC), `level`,
 //!   `process`, `hostname`, `pid`, `message` and every field; task lines
-//!   carry `task_name`, `task_id`, `state`, `runtime` and `exception`.
+//!   carry `task_name`, `task_id`, `queue`, `state`, `runtime` and
+//!   `exception`.
 //!
 //! No background thread is started, so logging is safe in the
 //! single-threaded supervisor. Each forked process names itself with
@@ -30,7 +31,14 @@ static HOSTNAME: OnceLock<String> = OnceLock::new();
 
 /// Fields a task line carries in JSON; the text line's message already
 /// shows them, so they are not repeated there.
-const TASK_FIELDS: [&str; 5] = ["task_id", "task_name", "state", "runtime", "exception"];
+const TASK_FIELDS: [&str; 6] = [
+    "task_id",
+    "task_name",
+    "state",
+    "runtime",
+    "exception",
+    "queue",
+];
 
 /// Names this process in log lines (`ForkPoolWorker-1`), once, right after
 /// the fork. The supervisor is `MainProcess`.

@@ -97,7 +97,7 @@ impl TaskHappening<'_> {
     /// Logs, counts and sends the events of this happening, about a
     /// message consumed from `queue`.
     pub(crate) fn emit(self, shared: &Shared, queue: &str) {
-        self.log();
+        self.log(queue);
         let key = |task, exception| CountKey {
             task,
             queue,
@@ -118,10 +118,10 @@ impl TaskHappening<'_> {
         }
     }
 
-    fn log(&self) {
+    fn log(&self, queue: &str) {
         match *self {
             Self::Received { msg } => {
-                info!(task_id = %msg.id, task_name = %msg.task, state = "RECEIVED", "Task {}[{}] received", msg.display_name(), msg.id)
+                info!(task_id = %msg.id, queue, task_name = %msg.task, state = "RECEIVED", "Task {}[{}] received", msg.display_name(), msg.id)
             }
             Self::Started { .. } => {}
             Self::Succeeded {
@@ -129,13 +129,13 @@ impl TaskHappening<'_> {
                 value,
                 runtime,
             } => {
-                info!(task_id = %msg.id, task_name = %msg.task, state = "SUCCESS", runtime, "Task {}[{}] succeeded in {:.6}s: {}", msg.display_name(), msg.id, runtime, short_repr(value, MAX_REPR))
+                info!(task_id = %msg.id, queue, task_name = %msg.task, state = "SUCCESS", runtime, "Task {}[{}] succeeded in {:.6}s: {}", msg.display_name(), msg.id, runtime, short_repr(value, MAX_REPR))
             }
             Self::Failed { msg, exc, runtime } => {
-                error!(task_id = %msg.id, task_name = %msg.task, state = "FAILURE", runtime, exception = %exc.exc_type, "Task {}[{}] raised unexpected: {}", msg.display_name(), msg.id, exc.repr())
+                error!(task_id = %msg.id, queue, task_name = %msg.task, state = "FAILURE", runtime, exception = %exc.exc_type, "Task {}[{}] raised unexpected: {}", msg.display_name(), msg.id, exc.repr())
             }
             Self::Lost { msg, exc } => {
-                error!(task_id = %msg.id, task_name = %msg.task, state = "FAILURE", exception = %exc.exc_type, "Task {}[{}] failed: {}", msg.display_name(), msg.id, exc.repr())
+                error!(task_id = %msg.id, queue, task_name = %msg.task, state = "FAILURE", exception = %exc.exc_type, "Task {}[{}] failed: {}", msg.display_name(), msg.id, exc.repr())
             }
             Self::Retried {
                 msg,
@@ -146,7 +146,7 @@ impl TaskHappening<'_> {
                 // Celery's Retry reads "Retry in 5s", or "Retry in 5s: ValueError('x')".
                 let why = exc.map_or_else(String::new, |e| format!(": {}", e.repr()));
                 let exception = exc.map_or("Retry", |e| e.exc_type.as_str());
-                info!(task_id = %msg.id, task_name = %msg.task, state = "RETRY", runtime, exception, "Task {}[{}] retry: Retry in {countdown}s{why}", msg.display_name(), msg.id)
+                info!(task_id = %msg.id, queue, task_name = %msg.task, state = "RETRY", runtime, exception, "Task {}[{}] retry: Retry in {countdown}s{why}", msg.display_name(), msg.id)
             }
             Self::Rejected {
                 msg,
@@ -154,25 +154,25 @@ impl TaskHappening<'_> {
                 reason,
                 runtime,
             } => {
-                warn!(task_id = %msg.id, task_name = %msg.task, state = "REJECTED", runtime, exception = "Reject", "Task {}[{}] reject requeue={}: {reason}", msg.display_name(), msg.id, if requeue { "True" } else { "False" })
+                warn!(task_id = %msg.id, queue, task_name = %msg.task, state = "REJECTED", runtime, exception = "Reject", "Task {}[{}] reject requeue={}: {reason}", msg.display_name(), msg.id, if requeue { "True" } else { "False" })
             }
             Self::Quarantined { msg, exc, deaths } => {
-                error!(task_id = %msg.id, task_name = %msg.task, state = "REJECTED", exception = %exc.exc_type, "Task {}[{}] killed its task process {} times; rejecting it without requeue (dead-lettered if the queue has a dead-letter exchange)", msg.display_name(), msg.id, deaths)
+                error!(task_id = %msg.id, queue, task_name = %msg.task, state = "REJECTED", exception = %exc.exc_type, "Task {}[{}] killed its task process {} times; rejecting it without requeue (dead-lettered if the queue has a dead-letter exchange)", msg.display_name(), msg.id, deaths)
             }
             Self::Ignored { msg, runtime } => {
-                info!(task_id = %msg.id, task_name = %msg.task, state = "IGNORED", runtime, "Task {}[{}] ignored", msg.display_name(), msg.id)
+                info!(task_id = %msg.id, queue, task_name = %msg.task, state = "IGNORED", runtime, "Task {}[{}] ignored", msg.display_name(), msg.id)
             }
             Self::Revoked { msg, reason, .. } => {
-                info!(task_id = %msg.id, task_name = %msg.task, state = "REVOKED", "Discarding revoked task: {}[{}] ({})", msg.display_name(), msg.id, reason.as_str())
+                info!(task_id = %msg.id, queue, task_name = %msg.task, state = "REVOKED", "Discarding revoked task: {}[{}] ({})", msg.display_name(), msg.id, reason.as_str())
             }
             Self::Terminated { msg, .. } => {
-                info!(task_id = %msg.id, task_name = %msg.task, state = "REVOKED", "Task {}[{}] terminated by revoke", msg.display_name(), msg.id)
+                info!(task_id = %msg.id, queue, task_name = %msg.task, state = "REVOKED", "Task {}[{}] terminated by revoke", msg.display_name(), msg.id)
             }
             Self::Unregistered { msg } => {
-                error!(task_id = %msg.id, task_name = %msg.task, state = "REJECTED", exception = "NotRegistered", "Received unregistered task of type '{}' (id {}); rejecting it", msg.task, msg.id)
+                error!(task_id = %msg.id, queue, task_name = %msg.task, state = "REJECTED", exception = "NotRegistered", "Received unregistered task of type '{}' (id {}); rejecting it", msg.task, msg.id)
             }
             Self::Invalid { id, error } => {
-                error!(task_id = %id, state = "REJECTED", exception = "InvalidTaskError", "Received invalid task message {id}, rejecting it (requeue=false): {error}")
+                error!(task_id = %id, queue, state = "REJECTED", exception = "InvalidTaskError", "Received invalid task message {id}, rejecting it (requeue=false): {error}")
             }
         }
     }

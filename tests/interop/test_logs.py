@@ -123,7 +123,7 @@ def test_json_lines_carry_task_fields(start_worker, queue_name):
     banner = next(o for o in objects if o.get("message") == "ready to start")
     assert "celeriac.add" in banner["tasks"] and banner["queues"] == [queue_name]
     ok = next(o for o in objects if o.get("task_id") == ids["ok"] and o.get("state") == "SUCCESS")
-    assert ok["task_name"] == "celeriac.add" and ok["runtime"] >= 0
+    assert ok["task_name"] == "celeriac.add" and ok["runtime"] >= 0 and ok["queue"] == queue_name
     assert ok["level"] == "INFO" and ok["process"].startswith("ForkPoolWorker-")
     assert ok["hostname"].startswith("w0-") and isinstance(ok["pid"], int)
     bad = next(o for o in objects if o.get("task_id") == ids["bad"] and o.get("state") == "FAILURE")
