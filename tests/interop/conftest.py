@@ -352,6 +352,16 @@ def private_rabbit(tmp_path_factory):
         node.close()
 
 
+def delete_test_queue(node, queue_name):
+    """Deletes the test's queue and exchange from a private node."""
+    for delete in ("queue_delete", "exchange_delete"):
+        with amqp_channel(node.url) as ch:
+            try:
+                getattr(ch, delete)(queue_name)
+            except amqp.exceptions.AMQPError:
+                pass
+
+
 @pytest.fixture
 def private_broker(private_rabbit, queue_name):
     """The default private node, running when the test starts; the test may
@@ -359,12 +369,7 @@ def private_broker(private_rabbit, queue_name):
     node = private_rabbit("private")
     yield node
     if node.running:  # else the next test that asks for it starts it again
-        for delete in ("queue_delete", "exchange_delete"):
-            with amqp_channel(node.url) as ch:
-                try:
-                    getattr(ch, delete)(queue_name)
-                except amqp.exceptions.AMQPError:
-                    pass
+        delete_test_queue(node, queue_name)
 
 
 # RabbitMQ 4.3 denies these deprecated features by default; spelled out, a
@@ -413,9 +418,4 @@ def rabbit4(rabbitmq4_node, queue_name, request):
     request.node.user_properties.append(("rabbitmq_version", node.server_properties().get("version")))
     yield node
     if node.running:
-        for delete in ("queue_delete", "exchange_delete"):
-            with amqp_channel(node.url) as ch:
-                try:
-                    getattr(ch, delete)(queue_name)
-                except amqp.exceptions.AMQPError:
-                    pass
+        delete_test_queue(node, queue_name)
