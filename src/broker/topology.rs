@@ -16,6 +16,8 @@ pub struct QueueSpec {
     pub name: String,
     /// Exchange name (the queue name by default; `celery` for `celery`).
     pub exchange: String,
+    /// Exchange type (kombu's default is direct).
+    pub exchange_kind: ExchangeType,
     /// Routing key.
     pub routing_key: String,
     /// `x-queue-type` (`quorum`), when set.
@@ -24,12 +26,25 @@ pub struct QueueSpec {
     pub max_priority: Option<u8>,
 }
 
+/// The type of a consumed queue's exchange. AMQP cannot read an existing
+/// exchange's type, so it is configured (`--exchange-type`): native delayed
+/// delivery works only through a non-direct exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExchangeType {
+    /// kombu's default.
+    #[default]
+    Direct,
+    /// Needed for RabbitMQ's native delayed delivery with quorum queues.
+    Topic,
+}
+
 impl QueueSpec {
     /// The spec Celery uses for `-Q name`.
     pub fn celery_default(name: &str) -> Self {
         Self {
             name: name.to_owned(),
             exchange: name.to_owned(),
+            exchange_kind: ExchangeType::Direct,
             routing_key: name.to_owned(),
             queue_type: None,
             max_priority: None,
@@ -89,7 +104,10 @@ pub async fn declare_queue(conn: &Connection, spec: &QueueSpec) -> Result<(), Br
     let exchange_ok = channel
         .exchange_declare(
             ShortString::from(spec.exchange.as_str()),
-            ExchangeKind::Direct,
+            match spec.exchange_kind {
+                ExchangeType::Direct => ExchangeKind::Direct,
+                ExchangeType::Topic => ExchangeKind::Topic,
+            },
             ExchangeDeclareOptions {
                 durable: true,
                 ..Default::default()

@@ -30,9 +30,26 @@ impl Settle<'_> {
         &self.job.msg
     }
 
+    /// Where follow-ups and retries go: where the message came from, but
+    /// not back into RabbitMQ's delayed-delivery levels (a message that
+    /// waited there arrives from `celery_delayed_delivery` with a delay
+    /// prefix on its routing key, which would grow with every retry).
     fn route(&self) -> (&str, &str) {
         let d = &self.job.delivery;
-        (d.exchange.as_str(), d.routing_key.as_str())
+        let key = crate::broker::delayed::strip_delay(&d.routing_key);
+        if !d.exchange.starts_with("celery_delayed") {
+            return (d.exchange.as_str(), key);
+        }
+        let spec = self
+            .shared
+            .config
+            .queues
+            .iter()
+            .find(|q| *q.name == *self.job.queue);
+        match spec {
+            Some(q) => (q.exchange.as_str(), key),
+            None => ("", self.job.queue.as_ref()),
+        }
     }
 
     /// Settles what the task's code returned.

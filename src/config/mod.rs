@@ -71,6 +71,15 @@ pub enum LogFormat {
     Json,
 }
 
+/// Exchange type for the queues the worker declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExchangeTypeArg {
+    /// kombu's default.
+    Direct,
+    /// For native delayed delivery.
+    Topic,
+}
+
 /// `x-queue-type` for queues the worker declares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum QueueType {
@@ -154,6 +163,15 @@ struct WorkerArgs {
         env = "CELERIAC_QUEUE_TYPE"
     )]
     queue_type: QueueType,
+    /// Type of the exchanges this worker declares for its queues (`topic`
+    /// for RabbitMQ's native delayed delivery with quorum queues)
+    #[arg(
+        long,
+        value_enum,
+        default_value = "direct",
+        env = "CELERIAC_EXCHANGE_TYPE"
+    )]
+    exchange_type: ExchangeTypeArg,
     /// Most ETA/countdown tasks one process holds in memory
     #[arg(long, default_value_t = 1000)]
     eta_limit: usize,
@@ -407,6 +425,10 @@ fn validate(a: WorkerArgs, g: GlobalArgs, env: &dyn Env) -> Result<WorkerConfig,
         .iter()
         .map(|n| QueueSpec {
             queue_type: queue_type.clone(),
+            exchange_kind: match a.exchange_type {
+                ExchangeTypeArg::Direct => crate::broker::ExchangeType::Direct,
+                ExchangeTypeArg::Topic => crate::broker::ExchangeType::Topic,
+            },
             ..QueueSpec::celery_default(n)
         })
         .collect();

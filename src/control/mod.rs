@@ -58,6 +58,40 @@ struct Session {
     requests: Consumer,
 }
 
+/// With quorum queues, declares RabbitMQ's native delayed delivery as
+/// Celery's worker does (see [`crate::broker::delayed`]), on a channel of its
+/// own. A broker that refuses it (permissions) is reported once: ETA tasks
+/// are then held in memory, as on classic queues.
+async fn delayed_delivery(conn: &Connection, config: &WorkerConfig, reported: &mut bool) {
+    let Some(queue_type) = config.queues.iter().find_map(|q| q.queue_type.clone()) else {
+        return;
+    };
+    let declared = match conn.create_channel().await {
+        Ok(channel) => {
+            let result =
+                crate::broker::delayed::declare(&channel, &queue_type, &config.queues).await;
+            let _ = channel.close(200, ShortString::from("done")).await;
+            result
+        }
+        Err(e) => Err(BrokerError::amqp("open channel")(e)),
+    };
+    match declared {
+        Ok(direct) => {
+            info!("native delayed delivery declared for {queue_type} queues");
+            if !direct.is_empty() && !*reported {
+                warn!(
+                    "queues {direct:?} use a direct exchange: Python producers send their countdown/ETA tasks straight to them (held in memory here); use --exchange-type topic for native delayed delivery"
+                );
+            }
+        }
+        Err(e) if !*reported => warn!(
+            "native delayed delivery is not available ({e}); countdown/ETA tasks are held in memory by the task processes"
+        ),
+        Err(e) => debug!("native delayed delivery still not available: {e}"),
+    }
+    *reported = true;
+}
+
 /// Connects and declares the event exchange, the pidbox exchanges and this
 /// node's pidbox queue (non-durable, exclusive, auto-delete, with kombu's
 /// TTL and expiry), then consumes it without acknowledgements.
@@ -195,11 +229,13 @@ async fn run(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry
         .unwrap_or(Duration::from_secs_f64(HEARTBEAT_FREQ));
     let freq = period.as_secs_f64();
     let mut heartbeat = tokio::time::interval(period);
+    let mut delayed_reported = false;
     loop {
         if session.is_none() && tokio::time::Instant::now() >= next_connect {
             match open_session(&config).await {
                 Ok(s) => {
                     events.use_channel(s.events.clone());
+                    delayed_delivery(&s.conn, &config, &mut delayed_reported).await;
                     if lost {
                         slot.count_reconnect();
                     }

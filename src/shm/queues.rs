@@ -83,9 +83,12 @@ impl SharedState {
             let (name, exchange, routing_key) = (next(), next(), next());
             queues.retain(|q| q.name != name);
             if state == QueueState::ADDED {
+                // add_consumer declares as Celery's control command does:
+                // a direct exchange.
                 queues.push(QueueSpec {
                     name,
                     exchange,
+                    exchange_kind: crate::broker::ExchangeType::Direct,
                     routing_key,
                     queue_type: None,
                     max_priority: None,
@@ -104,6 +107,7 @@ mod tests {
         QueueSpec {
             name: name.into(),
             exchange: name.into(),
+            exchange_kind: crate::broker::ExchangeType::Direct,
             routing_key: name.into(),
             queue_type: None,
             max_priority: None,
