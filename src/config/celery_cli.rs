@@ -184,3 +184,120 @@ pub(super) fn check_pool(pool: &str) -> Result<(), ConfigError> {
         )),
     }
 }
+
+/// How an option is given.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// Takes a value.
+    Value,
+    /// A flag: the variable holds a Click boolean (`1`, `true`, `yes`, `on`).
+    Flag,
+}
+
+/// `celery worker` reads every option from `CELERY_WORKER_<OPTION>` too
+/// (Click's `auto_envvar_prefix`): the variable, the long option, its short
+/// spelling and how it is given.
+const WORKER_VARIABLES: [(&str, &str, Option<&str>, Kind); 30] = [
+    ("HOSTNAME", "--hostname", Some("-n"), Kind::Value),
+    ("DETACH", "--detach", Some("-D"), Kind::Flag),
+    ("STATEDB", "--statedb", Some("-S"), Kind::Value),
+    ("LOGLEVEL", "--loglevel", Some("-l"), Kind::Value),
+    ("OPTIMIZATION", "--optimization", Some("-O"), Kind::Value),
+    (
+        "PREFETCH_MULTIPLIER",
+        "--prefetch-multiplier",
+        None,
+        Kind::Value,
+    ),
+    ("DISABLE_PREFETCH", "--disable-prefetch", None, Kind::Flag),
+    ("CONCURRENCY", "--concurrency", Some("-c"), Kind::Value),
+    ("POOL", "--pool", Some("-P"), Kind::Value),
+    ("TASK_EVENTS", "--task-events", Some("-E"), Kind::Flag),
+    ("TIME_LIMIT", "--time-limit", None, Kind::Value),
+    ("SOFT_TIME_LIMIT", "--soft-time-limit", None, Kind::Value),
+    (
+        "MAX_TASKS_PER_CHILD",
+        "--max-tasks-per-child",
+        None,
+        Kind::Value,
+    ),
+    (
+        "POOL_START_METHOD",
+        "--pool-start-method",
+        None,
+        Kind::Value,
+    ),
+    (
+        "MAX_MEMORY_PER_CHILD",
+        "--max-memory-per-child",
+        None,
+        Kind::Value,
+    ),
+    ("PURGE", "--purge", None, Kind::Flag),
+    ("QUEUES", "--queues", Some("-Q"), Kind::Value),
+    (
+        "EXCLUDE_QUEUES",
+        "--exclude-queues",
+        Some("-X"),
+        Kind::Value,
+    ),
+    ("INCLUDE", "--include", Some("-I"), Kind::Value),
+    ("WITHOUT_GOSSIP", "--without-gossip", None, Kind::Flag),
+    ("WITHOUT_MINGLE", "--without-mingle", None, Kind::Flag),
+    ("WITHOUT_HEARTBEAT", "--without-heartbeat", None, Kind::Flag),
+    (
+        "HEARTBEAT_INTERVAL",
+        "--heartbeat-interval",
+        None,
+        Kind::Value,
+    ),
+    ("AUTOSCALE", "--autoscale", None, Kind::Value),
+    ("BEAT", "--beat", Some("-B"), Kind::Flag),
+    ("SCHEDULER", "--scheduler", None, Kind::Value),
+    ("LOGFILE", "--logfile", Some("-f"), Kind::Value),
+    ("PIDFILE", "--pidfile", None, Kind::Value),
+    ("UID", "--uid", None, Kind::Value),
+    ("UMASK", "--umask", None, Kind::Value),
+];
+
+/// Click's reading of a boolean variable.
+fn click_true(value: &str) -> bool {
+    matches!(
+        value.trim().to_ascii_lowercase().as_str(),
+        "1" | "true" | "t" | "yes" | "y" | "on"
+    )
+}
+
+/// The options `CELERY_WORKER_<OPTION>` variables give, for those the
+/// command line does not: the command line wins, then these, then
+/// celeriac's own `CELERIAC_*` variables.
+pub(super) fn options_from_environment(
+    command_line: &[std::ffi::OsString],
+    env: &dyn super::Env,
+) -> Vec<std::ffi::OsString> {
+    let given = |long: &str, short: Option<&str>| {
+        command_line.iter().any(|a| {
+            let a = a.to_string_lossy();
+            a == long
+                || a.starts_with(&format!("{long}="))
+                || short.is_some_and(|s| {
+                    a == s || (a.starts_with(s) && a.len() > 2 && !a.starts_with("--"))
+                })
+        })
+    };
+    let mut out = Vec::new();
+    for (suffix, long, short, kind) in WORKER_VARIABLES {
+        let Some(value) = env.var(&format!("CELERY_WORKER_{suffix}")) else {
+            continue;
+        };
+        if given(long, short) {
+            continue;
+        }
+        match kind {
+            Kind::Value => out.push(format!("{long}={value}").into()),
+            Kind::Flag if click_true(&value) => out.push(long.into()),
+            Kind::Flag => {}
+        }
+    }
+    out
+}

@@ -95,14 +95,14 @@ struct WorkerArgs {
     /// Queues to consume, comma-separated (repeatable)
     #[arg(short = 'Q', long = "queues", default_value = "celery")]
     queues: Vec<String>,
-    /// Number of task processes [default: the machine's CPU count, as Celery]
+    /// Number of task processes, or `auto` (the CPUs this process may use, capped by the container's CPU limit) [default: the machine's CPU count, as Celery]
     #[arg(
         short = 'c',
         long,
         env = "CELERIAC_CONCURRENCY",
-        allow_negative_numbers = true
+        allow_hyphen_values = true
     )]
-    concurrency: Option<i64>,
+    concurrency: Option<String>,
     /// Pool implementation: `prefork` (or its Celery alias `processes`)
     #[arg(short = 'P', long, default_value = "prefork")]
     pool: String,
@@ -319,6 +319,13 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
+    // CELERY_WORKER_<OPTION> variables go in right after `worker`, as if
+    // typed there, unless the command line gives the option itself.
+    let mut args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    if let Some(at) = args.iter().position(|a| a == "worker") {
+        let from_env = celery_cli::options_from_environment(&args[at + 1..], env);
+        args.splice(at + 1..at + 1, from_env);
+    }
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {
@@ -433,9 +440,20 @@ fn validate(a: WorkerArgs, g: GlobalArgs, env: &dyn Env) -> Result<WorkerConfig,
         })
         .collect();
 
-    let concurrency = match a.concurrency {
-        None => default_concurrency(),
-        Some(n) => concurrency(n)?,
+    let concurrency = match a.concurrency.as_deref().map(str::trim) {
+        None | Some("") => default_concurrency(),
+        Some(text) if text.eq_ignore_ascii_case("auto") => auto_concurrency(),
+        Some(text) => match text.parse::<i64>() {
+            // As Celery: 0 means the default.
+            Ok(0) => default_concurrency(),
+            Ok(n) => concurrency(n)?,
+            Err(_) => {
+                return Err(ConfigError::new(
+                    "--concurrency",
+                    format!("{text:?} is not a number of processes or `auto`"),
+                ))
+            }
+        },
     };
     let log_level = match a.loglevel.to_ascii_uppercase().as_str() {
         "DEBUG" => tracing::Level::DEBUG,
@@ -598,6 +616,33 @@ pub fn default_concurrency() -> usize {
         .and_then(|n| usize::try_from(n).ok())
         .filter(|n| *n > 0)
         .unwrap_or(2)
+}
+
+/// Celery 5.7's `-c auto`: the CPUs this process may run on, capped by the
+/// cgroup's CPU quota (`cpu.max`) rounded up, at least 1.
+pub fn auto_concurrency() -> usize {
+    let available = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
+        .map(|set| {
+            (0..nix::sched::CpuSet::count())
+                .filter(|&i| set.is_set(i).unwrap_or(false))
+                .count()
+        })
+        .ok()
+        .filter(|n| *n > 0)
+        .unwrap_or_else(default_concurrency);
+    let quota = std::fs::read_to_string("/sys/fs/cgroup/cpu.max")
+        .ok()
+        .and_then(|text| cpu_quota(&text));
+    quota.map_or(available, |q| q.clamp(1, available))
+}
+
+/// cgroup v2 `cpu.max` as whole CPUs, rounded up (`"150000 100000"` → 2;
+/// `"max 100000"` → no quota).
+pub fn cpu_quota(text: &str) -> Option<usize> {
+    let mut parts = text.split_whitespace();
+    let quota: u64 = parts.next()?.parse().ok()?;
+    let period: u64 = parts.next()?.parse().ok().filter(|p| *p > 0)?;
+    Some(quota.div_ceil(period).max(1) as usize)
 }
 
 fn local_hostname() -> String {

@@ -176,7 +176,7 @@ fn queues_split_and_dedupe() {
 fn bad_values_name_themselves_in_one_line() {
     let cases: &[(&[&str], &str)] = &[
         (&["-P", "threads"], "--pool"),
-        (&["-c", "0"], "--concurrency"),
+        (&["-c", "-2"], "--concurrency"),
         (&["--loglevel", "LOUD"], "--loglevel"),
         (&["--result-backend", "mongodb://x"], "--result-backend"),
         (&["-n", "w%q"], "--hostname"),
@@ -190,7 +190,8 @@ fn bad_values_name_themselves_in_one_line() {
         assert!(!err.to_string().contains('\n'));
         assert!(!err.to_string().contains("hunter2"));
     }
-    for n in ["-1", "0", "-99999999999"] {
+    // 0 is not among them: as in Celery it means the default.
+    for n in ["-1", "-99999999999"] {
         let err = worker(&["-c", n], &[]).unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -202,7 +203,7 @@ fn bad_values_name_themselves_in_one_line() {
     let err = worker(&["-c", "1025"], &[]).unwrap_err();
     assert_eq!(err.to_string(), "--concurrency: 1025 is more than 1024");
     let err = worker(&["-c", "many"], &[]).unwrap_err();
-    assert!(err.reason.contains("--concurrency"), "{err}");
+    assert!(err.to_string().starts_with("--concurrency:"), "{err}");
     assert!(!err.to_string().contains('\n'));
 }
 
@@ -259,4 +260,50 @@ fn default_concurrency_is_the_machines_cpu_count_as_celerys() {
     sched_setaffinity(Pid::from_raw(0), &before).unwrap();
     assert_eq!(c.unwrap().concurrency, online_cpus());
     assert_eq!(worker(&["-c", "3"], &[]).unwrap().concurrency, 3);
+}
+
+#[test]
+fn celery_worker_variables_give_options_the_command_line_does_not() {
+    let env = [
+        ("CELERY_WORKER_CONCURRENCY", "3"),
+        ("CELERY_WORKER_QUEUES", "a,b"),
+        ("CELERY_WORKER_TASK_EVENTS", "true"),
+        ("CELERY_WORKER_WITHOUT_MINGLE", "0"),
+        ("CELERY_WORKER_HOSTNAME", "env@host"),
+    ];
+    let c = worker(&[], &env).unwrap();
+    assert_eq!(c.concurrency, 3);
+    let names: Vec<_> = c.queues.iter().map(|q| q.name.as_str()).collect();
+    assert_eq!(names, ["a", "b"]);
+    assert!(c.task_events);
+    assert_eq!(c.hostname, "env@host");
+    // The command line wins, in either spelling.
+    let c = worker(&["-c", "5", "--queues=z", "-nflag@host"], &env).unwrap();
+    assert_eq!(c.concurrency, 5);
+    assert_eq!(c.queues.len(), 1);
+    assert_eq!(c.hostname, "flag@host");
+    // A refused option is refused from its variable too, naming the option.
+    let e = worker(&[], &[("CELERY_WORKER_BEAT", "yes")]).unwrap_err();
+    assert_eq!(e.name, "--beat");
+    // Flags read as Click reads booleans.
+    assert!(
+        !worker(&[], &[("CELERY_WORKER_TASK_EVENTS", "off")])
+            .unwrap()
+            .task_events
+    );
+}
+
+#[test]
+fn concurrency_zero_is_the_default_and_auto_follows_the_cpu_quota() {
+    assert_eq!(
+        worker(&["-c", "0"], &[]).unwrap().concurrency,
+        default_concurrency()
+    );
+    let auto = worker(&["-c", "auto"], &[]).unwrap().concurrency;
+    assert!(auto >= 1 && auto <= default_concurrency(), "{auto}");
+    assert_eq!(cpu_quota("150000 100000"), Some(2));
+    assert_eq!(cpu_quota("20000 100000"), Some(1));
+    assert_eq!(cpu_quota("max 100000"), None);
+    let e = worker(&["-c", "lots"], &[]).unwrap_err();
+    assert_eq!(e.name, "--concurrency");
 }
