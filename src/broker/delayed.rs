@@ -68,6 +68,18 @@ pub fn strip_delay(routing_key: &str) -> &str {
     }
 }
 
+/// The routing key that sends a message with `routing_key` through the
+/// levels for `seconds` (whole seconds, as Celery's producers compute it).
+pub fn routing_key(seconds: u64, routing_key: &str) -> String {
+    let mut key = String::with_capacity(2 * LEVELS as usize + routing_key.len());
+    for bit in (0..LEVELS).rev() {
+        key.push(if seconds >> bit & 1 == 1 { '1' } else { '0' });
+        key.push('.');
+    }
+    key.push_str(strip_delay(routing_key));
+    key
+}
+
 fn level_arguments(level: u32, queue_type: &str) -> FieldTable {
     let mut args = FieldTable::default();
     let text = |s: &str| AMQPValue::LongString(LongString::from(s));
@@ -236,6 +248,18 @@ mod tests {
             .inner()
             .get(&ShortString::from("x-dead-letter-strategy"))
             .is_none());
+    }
+
+    #[test]
+    fn delays_are_28_binary_digits_in_front_of_the_key() {
+        let key = routing_key(10, "requests");
+        assert_eq!(key, format!("{}1.0.1.0.requests", "0.".repeat(24)));
+        assert_eq!(
+            routing_key(10, &key),
+            key,
+            "an old prefix is replaced, not stacked"
+        );
+        assert_eq!(strip_delay(&routing_key(3, "q")), "q");
     }
 
     #[test]

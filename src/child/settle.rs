@@ -131,10 +131,9 @@ impl Settle<'_> {
         }
         .emit(shared, &self.job.queue);
         shared.events.send_pending().await;
-        if let Err(e) = shared
-            .publish_task(&msg.retry_message(eta), self.route())
-            .await
-        {
+        let mut message = msg.retry_message(eta);
+        message.route = self.delayed_route(countdown);
+        if let Err(e) = shared.publish_task(&message, self.route()).await {
             error!(task_id = %msg.id, "Task {}[{}] could not be re-published for retry, rejecting it: {e}", msg.display_name(), msg.id);
             if !self.acked {
                 reject(&self.job.acker, &msg.id, false).await;
@@ -151,6 +150,33 @@ impl Settle<'_> {
         if self.acks_late {
             ack(&self.job.acker, &msg.id).await;
         }
+    }
+
+    /// For a retry `countdown` seconds away on a quorum queue behind a
+    /// topic exchange, with the broker's delay levels declared: wait there,
+    /// as a Celery producer would send it (the whole seconds; the rest is
+    /// held in memory until the `eta`), instead of in a task process, whose
+    /// prefetch a quorum queue cannot raise.
+    fn delayed_route(&self, countdown: f64) -> Option<(String, String)> {
+        let seconds = countdown as u64;
+        if seconds == 0 || !self.shared.link.shm.delayed_delivery() {
+            return None;
+        }
+        let spec = self
+            .shared
+            .config
+            .queues
+            .iter()
+            .find(|q| *q.name == *self.job.queue)?;
+        let eligible =
+            spec.queue_type.is_some() && spec.exchange_kind == crate::broker::ExchangeType::Topic;
+        eligible.then(|| {
+            let (_, key) = self.route();
+            (
+                crate::broker::delayed::level_name(crate::broker::delayed::LEVELS - 1),
+                crate::broker::delayed::routing_key(seconds, key),
+            )
+        })
     }
 
     async fn failure(&self, exc: ExceptionInfo) {

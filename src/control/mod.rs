@@ -62,7 +62,12 @@ struct Session {
 /// Celery's worker does (see [`crate::broker::delayed`]), on a channel of its
 /// own. A broker that refuses it (permissions) is reported once: ETA tasks
 /// are then held in memory, as on classic queues.
-async fn delayed_delivery(conn: &Connection, config: &WorkerConfig, reported: &mut bool) {
+async fn delayed_delivery(
+    conn: &Connection,
+    config: &WorkerConfig,
+    shm: SharedState,
+    reported: &mut bool,
+) {
     let Some(queue_type) = config.queues.iter().find_map(|q| q.queue_type.clone()) else {
         return;
     };
@@ -75,6 +80,7 @@ async fn delayed_delivery(conn: &Connection, config: &WorkerConfig, reported: &m
         }
         Err(e) => Err(BrokerError::amqp("open channel")(e)),
     };
+    shm.set_delayed_delivery(declared.is_ok());
     match declared {
         Ok(direct) => {
             info!("native delayed delivery declared for {queue_type} queues");
@@ -235,7 +241,7 @@ async fn run(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry
             match open_session(&config).await {
                 Ok(s) => {
                     events.use_channel(s.events.clone());
-                    delayed_delivery(&s.conn, &config, &mut delayed_reported).await;
+                    delayed_delivery(&s.conn, &config, shm, &mut delayed_reported).await;
                     if lost {
                         slot.count_reconnect();
                     }

@@ -20,6 +20,7 @@ shm_record! {
         deaths: [AtomicU64; DeathCause::ALL.len()],
         clock: AtomicU64,
         task_events: AtomicU32,
+        delayed_delivery: AtomicU32,
         events_published: AtomicU64,
         started_ms: AtomicU64,
         pub(super) queues_gen: AtomicU64,
@@ -156,6 +157,20 @@ impl SharedState {
             .task_events
             .swap(u32::from(on), Ordering::AcqRel)
             != 0
+    }
+
+    /// Whether the broker's native delayed delivery is declared (task
+    /// processes then send countdown retries through it).
+    pub fn delayed_delivery(&self) -> bool {
+        self.header.delayed_delivery.load(Ordering::Acquire) != 0
+    }
+
+    /// Control process: records whether the delayed-delivery topology is
+    /// declared on the broker.
+    pub fn set_delayed_delivery(&self, ready: bool) {
+        self.header
+            .delayed_delivery
+            .store(u32::from(ready), Ordering::Release);
     }
 
     /// Any process sending events: counts published event messages.

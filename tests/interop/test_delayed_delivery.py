@@ -73,3 +73,24 @@ def test_retries_of_a_task_that_came_through_the_delay_levels_arrive(start_worke
     assert w.log().count(f"[{r.id}] retry: Retry in 0s") == 3, w.log()[-2000:]
     assert "could not be re-published" not in w.log()
     app.close()
+
+
+def test_countdown_retries_wait_in_the_broker_not_in_the_worker(start_worker, queue_name):
+    """On a quorum queue behind a topic exchange a retry with a countdown is
+    sent through the delay levels, as a Celery producer would send it: the
+    retried message reaches the worker only when it is due (so it does not
+    sit in a task process's prefetch, which a quorum queue cannot raise)."""
+    w = start_worker("-c", "1", "--queue-type", "quorum", "--exchange-type", "topic", "--result-backend", REDIS_URL,
+                     "-l", "DEBUG")
+    w.wait_for_log("native delayed delivery declared for quorum queues")
+    app = quorum_topic_app(queue_name, BROKER)
+    r = app.send_task("celeriac.retry", (2,), {"countdown": 2})
+    assert r.get(timeout=60) == 2
+    lines = [l for l in w.log().splitlines() if f"[{r.id}]" in l and ("received" in l or "retry: Retry" in l)]
+    stamps = [datetime.strptime(l[1:24], "%Y-%m-%d %H:%M:%S,%f") for l in lines]
+    kinds = ["received" if "received" in l else "retry" for l in lines]
+    assert kinds == ["received", "retry", "received", "retry", "received"], lines
+    for retry_at, received_at in ((stamps[1], stamps[2]), (stamps[3], stamps[4])):
+        # Received only when due (whole seconds through the levels), not at once.
+        assert received_at - retry_at >= timedelta(seconds=1.5), lines
+    app.close()
