@@ -260,6 +260,37 @@ const WORKER_VARIABLES: [(&str, &str, Option<&str>, Kind); 30] = [
     ("UMASK", "--umask", None, Kind::Value),
 ];
 
+/// Where the `worker` subcommand is: the first argument after the program
+/// name that is not a global option or a global option's value.
+pub(super) fn subcommand_position(args: &[std::ffi::OsString]) -> Option<usize> {
+    const TAKES_VALUE: [&str; 8] = [
+        "-A",
+        "--app",
+        "-b",
+        "--broker",
+        "--result-backend",
+        "--loader",
+        "--config",
+        "--workdir",
+    ];
+    let mut i = 1;
+    while i < args.len() {
+        let a = args[i].to_string_lossy();
+        if a == "worker" {
+            return Some(i);
+        }
+        if !a.starts_with('-') {
+            return None;
+        }
+        i += if TAKES_VALUE.contains(&a.as_ref()) {
+            2
+        } else {
+            1
+        };
+    }
+    None
+}
+
 /// Click's reading of a boolean variable.
 fn click_true(value: &str) -> bool {
     matches!(

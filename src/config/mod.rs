@@ -322,7 +322,7 @@ where
     // CELERY_WORKER_<OPTION> variables go in right after `worker`, as if
     // typed there, unless the command line gives the option itself.
     let mut args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
-    if let Some(at) = args.iter().position(|a| a == "worker") {
+    if let Some(at) = celery_cli::subcommand_position(&args) {
         let from_env = celery_cli::options_from_environment(&args[at + 1..], env);
         args.splice(at + 1..at + 1, from_env);
     }

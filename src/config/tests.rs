@@ -307,3 +307,23 @@ fn concurrency_zero_is_the_default_and_auto_follows_the_cpu_quota() {
     let e = worker(&["-c", "lots"], &[]).unwrap_err();
     assert_eq!(e.name, "--concurrency");
 }
+
+#[test]
+fn variables_go_in_after_the_subcommand_not_after_a_value_named_worker() {
+    let argv = |v: &[&str]| v.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+    let at = super::celery_cli::subcommand_position;
+    assert_eq!(at(&argv(&["celeriac", "worker", "-c", "1"])), Some(1));
+    assert_eq!(at(&argv(&["celeriac", "-b", "worker", "worker"])), Some(3));
+    assert_eq!(
+        at(&argv(&["celeriac", "--workdir", "/w", "-q", "worker"])),
+        Some(4)
+    );
+    assert_eq!(at(&argv(&["celeriac", "--version"])), None);
+    let Ok(Invocation::Worker(c)) = parse(
+        ["celeriac", "-b", "amqp://u:p@worker//", "worker"],
+        &[("CELERY_WORKER_CONCURRENCY", "3")],
+    ) else {
+        panic!("did not parse");
+    };
+    assert_eq!(c.concurrency, 3);
+}
