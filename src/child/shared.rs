@@ -35,9 +35,9 @@ pub struct Shared {
     pub link: super::Link,
     /// Task events.
     pub events: crate::events::Events,
-    /// Stats key (task name, or name + queue + exception) -> index in the
-    /// shared stats table, cached per process.
-    pub stat_indexes: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    /// Task name -> its indexes in the shared stats table, cached per
+    /// process so that counting a task allocates nothing once it is known.
+    pub stat_indexes: std::sync::Mutex<std::collections::HashMap<String, StatIndexes>>,
     /// The result backend refused the last store (reported once).
     pub backend_down: AtomicBool,
 }
@@ -54,30 +54,61 @@ pub struct CountKey<'a> {
     pub exception: &'a str,
 }
 
+/// One task's entries in the shared stats table.
+#[derive(Default)]
+pub struct StatIndexes {
+    /// Its run-time limits entry.
+    limits: Option<usize>,
+    /// Its counter entries: (queue, exception class, index).
+    counters: Vec<(String, String, usize)>,
+}
+
 impl Shared {
-    fn cached(&self, key: String, find: impl FnOnce() -> usize) -> usize {
+    /// Looks `task` up in the per-process cache (no allocation when it is
+    /// there); `pick` reads an index from its entry, `find` fills a miss.
+    fn cached(
+        &self,
+        task: &str,
+        pick: impl Fn(&StatIndexes) -> Option<usize>,
+        find: impl FnOnce(&mut StatIndexes) -> usize,
+    ) -> usize {
         let mut cache = self.stat_indexes.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = cache.get(&key) {
-            return *i;
+        if let Some(i) = cache.get(task).and_then(&pick) {
+            return i;
         }
-        let i = find();
-        if cache.len() < 2 * crate::shm::TASK_STATS {
-            cache.insert(key, i);
+        if cache.len() >= crate::shm::TASK_STATS && !cache.contains_key(task) {
+            return find(&mut StatIndexes::default());
         }
-        i
+        find(cache.entry(task.to_owned()).or_default())
     }
 
-    fn stat_index(&self, link: super::Link, task: &str) -> usize {
-        self.cached(task.to_owned(), || link.shm.task_stat_index(task))
+    fn stat_index(&self, task: &str) -> usize {
+        self.cached(
+            task,
+            |e| e.limits,
+            |e| *e.limits.insert(self.link.shm.task_stat_index(task)),
+        )
     }
 
     fn counter_index(&self, key: CountKey<'_>) -> usize {
-        let cache_key = format!("{}\u{1f}{}\u{1f}{}", key.task, key.queue, key.exception);
-        self.cached(cache_key, || {
-            self.link
-                .shm
-                .task_counter_index(key.task, key.queue, key.exception)
-        })
+        self.cached(
+            key.task,
+            |e| {
+                e.counters
+                    .iter()
+                    .find(|(q, x, _)| q == key.queue && x == key.exception)
+                    .map(|(_, _, i)| *i)
+            },
+            |e| {
+                let i = self
+                    .link
+                    .shm
+                    .task_counter_index(key.task, key.queue, key.exception);
+                e.counters
+                    .push((key.queue.to_owned(), key.exception.to_owned(), i));
+                i
+            },
+        )
     }
 
     /// Counts a task outcome (and its runtime) in the shared metrics.
@@ -98,9 +129,7 @@ impl Shared {
 
     /// Limits set at run time by `time_limit` / `rate_limit` for `task`.
     pub fn runtime_limits(&self, task: &str) -> crate::shm::RuntimeLimits {
-        self.link
-            .shm
-            .runtime_limits(self.stat_index(self.link, task))
+        self.link.shm.runtime_limits(self.stat_index(task))
     }
 
     /// Points publishing at a new connection's channels after a reconnect.
