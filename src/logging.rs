@@ -81,9 +81,11 @@ fn shown(max: Level, event: &Level, target: &str) -> bool {
     if *event > max {
         return false;
     }
-    let library = QUIET_LIBRARIES
-        .iter()
-        .any(|l| target == *l || target.starts_with(&format!("{l}::")));
+    let library = QUIET_LIBRARIES.iter().any(|l| {
+        target
+            .strip_prefix(l)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+    });
     !library || max >= Level::DEBUG
 }
 
@@ -167,8 +169,11 @@ where
         let fields = Fields::of(event);
         let level = *event.metadata().level();
         if self.json {
-            let stamp = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-            writeln!(w, "{}", json_line(&stamp, level, process_name(), fields))
+            writeln!(
+                w,
+                "{}",
+                json_line(&utc_stamp(), level, process_name(), fields)
+            )
         } else {
             let stamp = chrono::Local::now().format("%Y-%m-%d %H:%M:%S,%3f");
             write!(
@@ -199,7 +204,8 @@ fn text_line(stamp: &str, level: Level, process: &str, fields: &Fields) -> Strin
     line
 }
 
-fn json_line(stamp: &str, level: Level, process: &str, fields: Fields) -> Value {
+/// The fields every JSON line starts with.
+fn json_head(stamp: &str, level: Level, process: &str) -> Map<String, Value> {
     let mut object = Map::new();
     object.insert("timestamp".into(), stamp.into());
     object.insert("level".into(), level_name(level).into());
@@ -209,6 +215,15 @@ fn json_line(stamp: &str, level: Level, process: &str, fields: Fields) -> Value 
         HOSTNAME.get().map_or(Value::Null, |h| h.as_str().into()),
     );
     object.insert("pid".into(), std::process::id().into());
+    object
+}
+
+fn utc_stamp() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+fn json_line(stamp: &str, level: Level, process: &str, fields: Fields) -> Value {
+    let mut object = json_head(stamp, level, process);
     object.insert("message".into(), fields.message.into());
     for (key, value) in fields.pairs {
         object.insert(key.into(), value);
@@ -218,16 +233,7 @@ fn json_line(stamp: &str, level: Level, process: &str, fields: Fields) -> Value 
 
 /// The banner line in JSON, for `--log-format json` (stdout, like the text banner).
 pub fn json_banner(fields: Map<String, Value>) -> String {
-    let mut object = Map::new();
-    object.insert(
-        "timestamp".into(),
-        chrono::Utc::now()
-            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-            .into(),
-    );
-    object.insert("level".into(), "INFO".into());
-    object.insert("process".into(), process_name().into());
-    object.insert("pid".into(), std::process::id().into());
+    let mut object = json_head(&utc_stamp(), Level::INFO, process_name());
     object.extend(fields);
     Value::Object(object).to_string()
 }
