@@ -29,20 +29,18 @@ pub(crate) fn exporter_hostname(node: &str) -> &str {
     node.split_once('@').map_or(node, |(_, host)| host)
 }
 
-fn outcome_total(
+/// One counter sample per (task, queue): `count` of its entries added up.
+/// A task's limits-only entry (no queue) has no sample.
+fn per_queue(
     stats: &[TaskStatSnapshot],
     host: &str,
-    outcome: Outcome,
+    count: impl Fn(&TaskStatSnapshot) -> u64,
 ) -> Vec<prometheus::proto::Metric> {
-    let at = Outcome::ALL
-        .iter()
-        .position(|o| *o == outcome)
-        .expect("listed");
     grouped(stats, |s| (s.name.clone(), s.queue.clone()))
         .into_iter()
         .filter_map(|((name, queue), entries)| {
             let queue = queue?;
-            let n: u64 = entries.iter().map(|s| s.outcomes[at]).sum();
+            let n: u64 = entries.iter().map(|s| count(s)).sum();
             Some(counter(
                 &[("name", &name), ("hostname", host), ("queue_name", &queue)],
                 n as f64,
@@ -54,24 +52,7 @@ fn outcome_total(
 /// The exporter-compatible families for these stats.
 pub(crate) fn families(stats: &[TaskStatSnapshot], active: usize, node: &str) -> Vec<MetricFamily> {
     let host = exporter_hostname(node);
-    let per_queue = grouped(stats, |s| (s.name.clone(), s.queue.clone()));
-    let summed = |f: fn(&TaskStatSnapshot) -> u64| {
-        per_queue
-            .iter()
-            .filter_map(|((name, queue), entries)| {
-                let queue = queue.as_ref()?;
-                let n: u64 = entries.iter().map(|s| f(s)).sum();
-                Some(counter(
-                    &[("name", name), ("hostname", host), ("queue_name", queue)],
-                    n as f64,
-                ))
-            })
-            .collect()
-    };
-    let failed_at = Outcome::ALL
-        .iter()
-        .position(|o| *o == Outcome::Failed)
-        .expect("listed");
+    let failed_at = Outcome::Failed.index();
     let failed = stats
         .iter()
         .filter_map(|s| {
@@ -89,7 +70,7 @@ pub(crate) fn families(stats: &[TaskStatSnapshot], active: usize, node: &str) ->
             })
         })
         .collect();
-    let runtimes = per_queue
+    let runtimes = grouped(stats, |s| (s.name.clone(), s.queue.clone()))
         .iter()
         .filter_map(|((name, queue), entries)| {
             let queue = queue.as_ref()?;
@@ -99,26 +80,23 @@ pub(crate) fn families(stats: &[TaskStatSnapshot], active: usize, node: &str) ->
             ))
         })
         .collect();
-    let outcome_family = |name: &str, help: &str, outcome| {
-        family(
-            name,
-            help,
-            MetricType::COUNTER,
-            outcome_total(stats, host, outcome),
-        )
+    let outcome_family = |name: &str, help: &str, outcome: Outcome| {
+        let at = outcome.index();
+        let samples = per_queue(stats, host, |s| s.outcomes[at]);
+        family(name, help, MetricType::COUNTER, samples)
     };
     vec![
         family(
             "celery_task_received_total",
             "Tasks received by the worker.",
             MetricType::COUNTER,
-            summed(|s| s.received),
+            per_queue(stats, host, |s| s.received),
         ),
         family(
             "celery_task_started_total",
             "Tasks started by the worker.",
             MetricType::COUNTER,
-            summed(|s| s.started),
+            per_queue(stats, host, |s| s.started),
         ),
         outcome_family(
             "celery_task_succeeded_total",

@@ -80,7 +80,7 @@ impl Outcome {
         }
     }
 
-    fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         Self::ALL.iter().position(|o| *o == self).expect("listed")
     }
 }
