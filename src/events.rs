@@ -217,10 +217,7 @@ impl Events {
                 if let Some(previous) = sending.take() {
                     previous.await;
                 }
-                let batches = self.lock().take();
-                for body in batches {
-                    self.send(TASK_BATCH_KEY, body).await;
-                }
+                self.send_buffered().await;
                 self.flusher.store(false, Ordering::Release);
                 self.stopped.notify_one();
                 return;
@@ -293,10 +290,7 @@ impl Events {
             self.wake.notify_one();
             let _ = tokio::time::timeout(PUBLISH_TIMEOUT, self.stopped.notified()).await;
         }
-        let batches = self.lock().take();
-        for body in batches {
-            self.send(TASK_BATCH_KEY, body).await;
-        }
+        self.send_buffered().await;
     }
 
     /// Publishes every task event buffered so far and waits until the
@@ -309,6 +303,11 @@ impl Events {
         if !self.enabled() {
             return;
         }
+        self.send_buffered().await;
+    }
+
+    /// Sends what the buffer holds, in order, waiting for each message.
+    async fn send_buffered(&self) {
         let batches = self.lock().take();
         for body in batches {
             self.send(TASK_BATCH_KEY, body).await;

@@ -30,6 +30,12 @@ impl Settle<'_> {
         &self.job.msg
     }
 
+    /// The configured queue the message was consumed from.
+    fn queue_spec(&self) -> Option<&crate::broker::QueueSpec> {
+        let name = &*self.job.queue;
+        self.shared.config.queues.iter().find(|q| q.name == name)
+    }
+
     /// Where follow-ups and retries go: where the message came from, but
     /// not back into RabbitMQ's delayed-delivery levels (a message that
     /// waited there arrives from `celery_delayed_delivery` with a delay
@@ -40,13 +46,7 @@ impl Settle<'_> {
         if !d.exchange.starts_with("celery_delayed") {
             return (d.exchange.as_str(), key);
         }
-        let spec = self
-            .shared
-            .config
-            .queues
-            .iter()
-            .find(|q| *q.name == *self.job.queue);
-        match spec {
+        match self.queue_spec() {
             Some(q) => (q.exchange.as_str(), key),
             None => ("", self.job.queue.as_ref()),
         }
@@ -162,12 +162,7 @@ impl Settle<'_> {
         if seconds == 0 || !self.shared.link.shm.delayed_delivery() {
             return None;
         }
-        let spec = self
-            .shared
-            .config
-            .queues
-            .iter()
-            .find(|q| *q.name == *self.job.queue)?;
+        let spec = self.queue_spec()?;
         let eligible =
             spec.queue_type.is_some() && spec.exchange_kind == crate::broker::ExchangeType::Topic;
         eligible.then(|| {
