@@ -103,7 +103,8 @@ pub(super) async fn execute(shared: Arc<Shared>, job: Job, state: Arc<RunState>)
         ack(&job.acker, &id).await;
         state.acked.store(true, Ordering::Release);
     }
-    if opts.track_started.unwrap_or(cfg.track_started) && !ignore_result {
+    // A task that settles itself stores its own STARTED.
+    if opts.track_started.unwrap_or(cfg.track_started) && !ignore_result && !task.settles_itself {
         let started = json!({"pid": shared.pid, "hostname": cfg.hostname});
         shared
             .store(msg, shared.document(msg, TaskState::Started, started))
@@ -159,6 +160,7 @@ pub(super) async fn execute(shared: Arc<Shared>, job: Job, state: Arc<RunState>)
         acks_late,
         acked: state.acked.load(Ordering::Acquire),
         runtime: started.elapsed().as_secs_f64(),
+        settled_by_task: task.settles_itself,
     }
     .outcome(outcome)
     .await;

@@ -48,6 +48,7 @@ use crate::backend::{Backend, BackendError};
 use crate::broker::{mask_url, BrokerError};
 use crate::config::WorkerConfig;
 use crate::exit;
+use crate::host::TaskHost;
 use crate::shm::{ChildState, SharedState, Slot};
 use crate::signals::ProcessSignals;
 use crate::task::Registry;
@@ -125,11 +126,16 @@ impl Link {
 
 /// The body of task process number `index` (in a freshly forked process):
 /// runs it on its own single-threaded runtime and returns the exit code.
+///
+/// With a `host` (tasks of a hosted app), the host starts its side of the
+/// process first, the runtime runs on a thread of its own and the main
+/// thread runs the hosted tasks ([`crate::task::main_thread`]).
 pub fn main(
     index: usize,
     shm: SharedState,
     config: Arc<WorkerConfig>,
     registry: Arc<Registry>,
+    host: Option<Arc<dyn TaskHost>>,
 ) -> i32 {
     let link = Link {
         index,
@@ -138,6 +144,21 @@ pub fn main(
     };
     crate::logging::set_process_name(format!("ForkPoolWorker-{}", index + 1));
     link.slot().set_state(ChildState::Booting);
+    let Some(host) = host else {
+        return run_process(link, config, registry);
+    };
+    if let Err(message) = host.task_process_started(index, &config) {
+        error!("cannot start: {message}");
+        link.slot().set_error(&message);
+        return exit::BOOT_REFUSED;
+    }
+    let code = crate::task::main_thread::serve(move || run_process(link, config, registry));
+    host.task_process_ending(code);
+    code
+}
+
+/// Runs the process's loop on a current-thread runtime; the exit code.
+fn run_process(link: Link, config: Arc<WorkerConfig>, registry: Arc<Registry>) -> i32 {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(SLOTS + 2)

@@ -40,10 +40,11 @@ pub(crate) enum TaskHappening<'a> {
     Received { msg: &'a TaskMessage },
     /// Its code starts.
     Started { msg: &'a TaskMessage },
-    /// Returned `value`.
+    /// Returned `value` (shown as `repr` when its own code made one).
     Succeeded {
         msg: &'a TaskMessage,
         value: &'a Value,
+        repr: Option<&'a str>,
         runtime: f64,
     },
     /// Raised `exc` (time limits included).
@@ -127,12 +128,20 @@ impl TaskHappening<'_> {
             Self::Succeeded {
                 msg,
                 value,
+                repr,
                 runtime,
             } => {
-                info!(task_id = %msg.id, queue, task_name = %msg.task, state = "SUCCESS", runtime, "Task {}[{}] succeeded in {:.6}s: {}", msg.display_name(), msg.id, runtime, short_repr(value, MAX_REPR))
+                let shown = repr.map_or_else(|| short_repr(value, MAX_REPR), str::to_owned);
+                info!(task_id = %msg.id, queue, task_name = %msg.task, state = "SUCCESS", runtime, "Task {}[{}] succeeded in {:.6}s: {}", msg.display_name(), msg.id, runtime, shown)
             }
             Self::Failed { msg, exc, runtime } => {
-                error!(task_id = %msg.id, queue, task_name = %msg.task, state = "FAILURE", runtime, exception = %exc.exc_type, "Task {}[{}] raised unexpected: {}", msg.display_name(), msg.id, exc.repr())
+                // A hosted task's failure comes with its real traceback, logged as Celery does.
+                let traceback = exc
+                    .shown
+                    .as_ref()
+                    .filter(|s| !s.traceback.is_empty())
+                    .map_or_else(String::new, |s| format!("\n{}", s.traceback.trim_end()));
+                error!(task_id = %msg.id, queue, task_name = %msg.task, state = "FAILURE", runtime, exception = %exc.exc_type, "Task {}[{}] raised unexpected: {}{traceback}", msg.display_name(), msg.id, exc.repr())
             }
             Self::Lost { msg, exc } => {
                 error!(task_id = %msg.id, queue, task_name = %msg.task, state = "FAILURE", exception = %exc.exc_type, "Task {}[{}] failed: {}", msg.display_name(), msg.id, exc.repr())
@@ -231,10 +240,14 @@ impl TaskHappening<'_> {
                 Self::Succeeded {
                     msg,
                     value,
+                    repr,
                     runtime,
                 },
                 _,
-            ) => events::task_succeeded(&msg.id, value, *runtime),
+            ) => match repr {
+                Some(repr) => events::task_succeeded_shown(&msg.id, repr, *runtime),
+                None => events::task_succeeded(&msg.id, value, *runtime),
+            },
             (Self::Failed { msg, exc, .. }, _)
             | (Self::Lost { msg, exc }, _)
             | (Self::Quarantined { msg, exc, .. }, K::Failed) => {
@@ -428,6 +441,7 @@ mod tests {
             TaskHappening::Succeeded {
                 msg: &m,
                 value: &v,
+                repr: None,
                 runtime: 0.0,
             },
             TaskHappening::Failed {

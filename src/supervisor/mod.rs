@@ -113,6 +113,16 @@ impl Supervisor {
         })
     }
 
+    /// Starts with these tasks limited to so many per second, as the
+    /// `rate_limit` remote command would set them (a Python app's
+    /// `rate_limit` options).
+    pub fn set_rate_limits(&self, limits: &[(String, f64)]) {
+        for (task, per_second) in limits {
+            let index = self.shm.task_stat_index(task);
+            self.shm.set_rate_limit(index, Some(*per_second));
+        }
+    }
+
     /// Runs until the worker has drained or failed; returns the exit code.
     pub fn run(mut self) -> i32 {
         // Orphans of our children (for example probe processes left behind
@@ -329,6 +339,7 @@ impl Supervisor {
             self.ever_consumed = true;
             self.boot_failures = 0;
             self.unreachable_since = None;
+            self.bodies.worker_ready();
         }
         Ok(())
     }

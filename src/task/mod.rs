@@ -15,6 +15,7 @@
 pub mod builtins;
 mod context;
 mod error;
+pub mod main_thread;
 mod registry;
 pub mod testing;
 

@@ -19,6 +19,13 @@ pub type TaskFuture = Pin<Box<dyn Future<Output = Result<Value, TaskError>> + Se
 pub trait TaskHandler: Send + Sync {
     /// Runs the task with positional and keyword arguments.
     fn call(&self, ctx: Context, args: Vec<Value>, kwargs: Map<String, Value>) -> TaskFuture;
+
+    /// Tells the running task `ctx` it is past its soft time limit, for a
+    /// task that keeps running (a blocking or hosted one). The default
+    /// does nothing: the task may check [`Context::soft_time_limit_exceeded`].
+    fn interrupt(&self, ctx: &Context) {
+        let _ = ctx;
+    }
 }
 
 impl<F> TaskHandler for F
@@ -116,6 +123,10 @@ pub struct Registered {
     pub handler: Arc<dyn TaskHandler>,
     /// Whether the code blocks a thread (registered with [`Registry::register`]).
     pub blocking: bool,
+    /// Whether the code stores its own result, sends its own follow-ups and
+    /// retries (a hosted app's task, run by its own framework): the worker
+    /// then only settles the message and reports the outcome.
+    pub settles_itself: bool,
 }
 
 /// Maps Celery task names to Rust functions.
@@ -198,9 +209,28 @@ impl Registry {
             options: TaskOptions::default(),
             handler,
             blocking: false,
+            settles_itself: false,
         };
         self.tasks.insert(name.to_owned(), entry);
         &mut self.tasks.get_mut(name).expect("just inserted").options
+    }
+
+    /// Registers a hosted task (see [`crate::host`]): it blocks the thread
+    /// it runs on, and settles itself (see [`Registered::settles_itself`]).
+    pub fn insert_hosted(
+        &mut self,
+        name: &str,
+        handler: Arc<dyn TaskHandler>,
+        options: TaskOptions,
+    ) {
+        let entry = Registered {
+            name: name.to_owned(),
+            options,
+            handler,
+            blocking: true,
+            settles_itself: true,
+        };
+        self.tasks.insert(name.to_owned(), entry);
     }
 
     /// Removes every task whose name starts with `prefix`.
