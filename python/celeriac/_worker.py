@@ -76,7 +76,7 @@ def _find_app(name):
     try:
         return find_app(name)
     except ModuleNotFoundError as exc:
-        if exc.name and (module == exc.name or module.startswith(exc.name + ".")):
+        if exc.name and (exc.name in (name, module) or module.startswith(exc.name + ".")):
             raise LoadError(f"cannot import {module}: the module {exc.name} was not found") from None
         raise LoadError(f"cannot import {module}: {_one_line(exc)}") from None
     except AttributeError as exc:

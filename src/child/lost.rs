@@ -137,7 +137,7 @@ fn lost_exception(lost: &Lost) -> ExceptionInfo {
         LostReason::WorkerLost => {
             let how = match nix::sys::signal::Signal::try_from(lost.signal as i32) {
                 Ok(sig) if lost.signal != 0 => format!("signal {} ({sig:?})", lost.signal),
-                _ => "exitcode 1".to_owned(),
+                _ => format!("exitcode {}", lost.exit_code.max(1)),
             };
             ExceptionInfo::worker_lost(format!(
                 "Worker exited prematurely: {how} Job: {}.",
