@@ -110,6 +110,13 @@ impl App {
                     return exit::BOOT_REFUSED;
                 }
             };
+            // The fork discipline: the supervisor forks at any time, so the
+            // app's import must not leave threads behind in it.
+            let threads = crate::supervisor::thread_count();
+            if threads > 1 {
+                eprintln!("celeriac: error: -A {}: importing the app started {} thread(s) in the worker's main process, which forks its task processes at any time; start them in a worker_process_init handler instead (for numpy/OpenBLAS set OPENBLAS_NUM_THREADS=1 or OMP_NUM_THREADS=1)", app.name, threads - 1);
+                return exit::BOOT_REFUSED;
+            }
             config = match config::parse_with_app(args, &ProcessEnv, &loaded.options) {
                 Ok(Invocation::Worker(c)) => c,
                 Ok(Invocation::Print(_)) => return USAGE,

@@ -135,7 +135,7 @@ pub(super) fn refuse_unsupported(g: &GlobalArgs, w: &CeleryWorkerArgs) -> Result
         Some("spawn") => {
             return Err(refusal(
                 "--pool-start-method",
-                "celeriac forks its task processes from a supervisor that never runs task code, so `fork` is safe; drop the option",
+                "celeriac forks its task processes (the app, if any, is imported once before, as Celery's prefork does); drop the option",
             ))
         }
         Some(other) => {

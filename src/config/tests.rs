@@ -147,7 +147,16 @@ fn every_celery_worker_option_is_accepted_or_refused_with_one_line() {
 #[test]
 fn an_app_takes_the_options_celery_hands_it() {
     let c = worker(
-        &["-A", "proj", "-I", "proj.a,proj.b", "--loader", "default", "-b", "amqp://h1//"],
+        &[
+            "-A",
+            "proj",
+            "-I",
+            "proj.a,proj.b",
+            "--loader",
+            "default",
+            "-b",
+            "amqp://h1//",
+        ],
         &[("CELERY_BROKER_URL", "amqp://h2//")],
     )
     .unwrap();
@@ -158,7 +167,11 @@ fn an_app_takes_the_options_celery_hands_it() {
     // -b is exported to the app; CELERY_BROKER_URL is already in its environment.
     assert_eq!(app.broker.as_deref(), Some("amqp://h1//"));
     assert!(!app.queues_given);
-    let c = worker(&["-A", "proj", "-Q", "a"], &[("CELERY_BROKER_URL", "amqp://h2//")]).unwrap();
+    let c = worker(
+        &["-A", "proj", "-Q", "a"],
+        &[("CELERY_BROKER_URL", "amqp://h2//")],
+    )
+    .unwrap();
     let app = c.app.unwrap();
     assert_eq!(app.broker, None);
     assert!(app.queues_given);
@@ -187,7 +200,10 @@ fn an_apps_settings_yield_to_the_command_line_and_environment() {
     assert_eq!(c.prefetch_multiplier, 2);
     let names: Vec<_> = c.queues.iter().map(|q| q.name.as_str()).collect();
     assert_eq!(names, ["a", "b"]);
-    let c = parse(&["-c", "3", "-Q", "z", "--prefetch-multiplier", "1"], &[("UNRELATED", "x")]);
+    let c = parse(
+        &["-c", "3", "-Q", "z", "--prefetch-multiplier", "1"],
+        &[("UNRELATED", "x")],
+    );
     assert_eq!(c.concurrency, 3);
     assert_eq!(c.prefetch_multiplier, 1);
     assert_eq!(c.queues.len(), 1);

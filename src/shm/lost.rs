@@ -223,7 +223,10 @@ mod tests {
     #[test]
     fn an_early_acked_task_is_reported_exactly_once() {
         let shm = SharedState::map(2).unwrap();
-        assert_eq!(shm.record_lost(&task("t1", 0), LostReason::TimeLimit, (9, 0)), 1);
+        assert_eq!(
+            shm.record_lost(&task("t1", 0), LostReason::TimeLimit, (9, 0)),
+            1
+        );
         let lost = shm.claim_report().expect("claimable");
         assert_eq!(lost.task, task("t1", 0));
         assert_eq!(lost.reason, LostReason::TimeLimit);

@@ -376,16 +376,11 @@ impl Supervisor {
             } else {
                 LostReason::WorkerLost
             };
-            let deaths = self
-                .shm
-                .record_lost(
-                    &task,
-                    reason,
-                    (
-                        signal.map_or(0, |s| s as u32),
-                        code.map_or(0, |c| c as u32),
-                    ),
-                );
+            let deaths = self.shm.record_lost(
+                &task,
+                reason,
+                (signal.map_or(0, |s| s as u32), code.map_or(0, |c| c as u32)),
+            );
             error!(
                 task_id = %task.id,
                 "Task {}[{}] lost: task process {} exited with {how} while running it ({} time(s))",

@@ -134,3 +134,12 @@ def test_an_app_configured_for_pickle_is_refused_before_connecting():
     assert p.returncode != 0 and len(lines) == 1, p
     assert "pickle" in lines[0] and "accept_content" in lines[0], lines[0]
     assert "Connected" not in p.stderr and "consuming" not in p.stderr
+
+
+def test_an_app_whose_import_starts_a_thread_is_refused_before_forking():
+    p = subprocess.run([str(CELERIAC), "-A", "threadapp", "worker", "--workdir", str(APPS), "--metrics-bind", "none",
+                        "--state-dir", "/tmp/celeriac-thread-state"],
+                       capture_output=True, text=True, timeout=60)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 3 and len(lines) == 1, p
+    assert "started 1 thread(s)" in lines[0] and "worker_process_init" in lines[0], lines[0]
