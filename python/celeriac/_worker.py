@@ -244,6 +244,21 @@ def load(options_json):
         app.log.setup(logging.getLevelName(level.upper()) if isinstance(level, str) else level, None, hostname=hostname)
         # celeriac reports each outcome itself; Celery's tracer lines would be duplicates.
         logging.getLogger("celery.app.trace").setLevel(logging.CRITICAL + 1)
+        # Warm up what every task process would otherwise build for itself
+        # after the fork (private pages): the tracers, the backend object
+        # and the modules the first task imports.
+        from celery.app.trace import build_tracer
+        from celery.worker import state as _state  # noqa: F401
+        from kombu.utils import json as _json  # noqa: F401
+        import billiard.exceptions  # noqa: F401
+
+        app.amqp.router  # noqa: B018
+        try:
+            app.backend  # noqa: B018 (imports the backend's client library, opens nothing)
+        except Exception as exc:
+            raise LoadError(f"the result backend {app.conf.result_backend!r}: {_one_line(exc)}") from None
+        for task_name, task in app.tasks.items():
+            task.__trace__ = build_tracer(task_name, task, app.loader, hostname, app=app)
         tasks = []
         for task_name, task in sorted(app.tasks.items()):
             tasks.append({"name": task_name, **_task_options(task)})
@@ -296,8 +311,11 @@ def process_started(index):
     set_default_app(app)
     app.finalize()
     trace._tasks = app._tasks
+    # The tracers were built before the fork (load); build only those of
+    # tasks registered since (by worker_process_init handlers, say).
     for name, task in app.tasks.items():
-        task.__trace__ = build_tracer(name, task, app.loader, _hostname, app=app)
+        if getattr(task, "__trace__", None) is None:
+            task.__trace__ = build_tracer(name, task, app.loader, _hostname, app=app)
     worker_state.reset_state()
     signals.worker_process_init.send(sender=_hostname)
 

@@ -130,6 +130,12 @@ impl Supervisor {
         if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
             debug!("cannot become a child subreaper: {e}");
         }
+        // Start the processes now rather than a tick from now.
+        if let Err(e) = self.spawn_missing() {
+            error!("cannot start task processes: {e}");
+            self.begin_drain(false);
+            self.cold = true;
+        }
         loop {
             self.write_state(false);
             let pending = self.signals.wait(TICK);
