@@ -242,6 +242,8 @@ def load(options_json):
                 queues.deselect(q)
         level = options.get("loglevel") or "WARNING"
         app.log.setup(logging.getLevelName(level.upper()) if isinstance(level, str) else level, None, hostname=hostname)
+        if options.get("log_format") == "json":
+            _json_logs(hostname)
         # celeriac reports each outcome itself; Celery's tracer lines would be duplicates.
         logging.getLogger("celery.app.trace").setLevel(logging.CRITICAL + 1)
         # Warm up what every task process would otherwise build for itself
@@ -283,6 +285,49 @@ def load(options_json):
     gc.collect()
     gc.freeze()
     return json.dumps(result)
+
+
+class _JsonFormatter(logging.Formatter):
+    """The app's log records as celeriac's JSON lines (``--log-format json``)."""
+
+    def __init__(self, hostname):
+        super().__init__()
+        self.hostname = hostname
+
+    def format(self, record):
+        stamp = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        line = {
+            "timestamp": stamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "level": record.levelname,
+            "process": record.processName,
+            "hostname": self.hostname,
+            "pid": record.process,
+            "message": record.getMessage(),
+            "logger": record.name,
+        }
+        for key in ("task_id", "task_name"):
+            value = getattr(record, key, None)
+            if value and value != "???":
+                line[key] = value
+        if record.exc_info:
+            line["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def _json_logs(hostname):
+    from celery._state import get_current_task
+
+    class TaskFields(logging.Filter):
+        def filter(self, record):
+            task = get_current_task()
+            if task is not None and task.request and task.request.id:
+                record.task_id, record.task_name = task.request.id, task.name
+            return True
+
+    for logger in (logging.getLogger(), logging.getLogger("celery.task")):
+        for handler in logger.handlers:
+            handler.setFormatter(_JsonFormatter(hostname))
+            handler.addFilter(TaskFields())
 
 
 def _soft_time_limit(signum, frame):

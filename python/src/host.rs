@@ -97,6 +97,10 @@ impl TaskHost for PythonHost {
             "exclude_queues": app.exclude_queues,
             "hostname": config.hostname,
             "concurrency": config.concurrency,
+            "log_format": match config.log_format {
+                celeriac::config::LogFormat::Json => "json",
+                celeriac::config::LogFormat::Text => "text",
+            },
         });
         let text = Python::attach(|py| -> Result<String, String> {
             bridge(py)

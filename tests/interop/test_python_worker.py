@@ -143,3 +143,16 @@ def test_an_app_whose_import_starts_a_thread_is_refused_before_forking():
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 3 and len(lines) == 1, p
     assert "started 1 thread(s)" in lines[0] and "worker_process_init" in lines[0], lines[0]
+
+
+def test_the_apps_log_records_follow_the_log_format(app_worker, client):
+    import json
+    w = app_worker("-c", "1", "--log-format", "json")
+    r = client.send_task("fixtureapp.tasks.chatty", ("hello",))
+    assert r.get(timeout=20) == "hello"
+    wait_until(lambda: "said hello" in w.log(), 10, "the task's log line")
+    line = next(l for l in w.log().splitlines() if "said hello" in l)
+    record = json.loads(line)
+    assert record["message"] == "said hello" and record["level"] == "WARNING", record
+    assert record["task_id"] == r.id and record["task_name"] == "fixtureapp.tasks.chatty", record
+    assert record["process"] == "ForkPoolWorker-1", record

@@ -40,3 +40,12 @@ def exit_with(code):
 @shared_task(time_limit=1)
 def overrun():
     time.sleep(30)
+
+
+@shared_task
+def chatty(word):
+    """Logs through the task logger, as apps do."""
+    from celery.utils.log import get_task_logger
+
+    get_task_logger(__name__).warning("said %s", word)
+    return word
