@@ -332,9 +332,9 @@ def _json_logs(hostname):
 
 def _soft_time_limit(signum, frame):
     if _running:
-        from billiard.exceptions import SoftTimeLimitExceeded
+        from billiard.pool import soft_timeout_sighandler
 
-        raise SoftTimeLimitExceeded()
+        soft_timeout_sighandler(signum, frame)
 
 
 def process_started(index):
@@ -421,13 +421,8 @@ def _countdown(when):
     return None
 
 
-def run(name, task_id, payload):
-    """Runs one task through Celery's tracer; returns the outcome as JSON."""
-    global _running
-    from celery import states
-    from kombu.utils.json import loads
-
-    req = loads(payload)
+def _request(req):
+    """Celery's request dict from the worker's JSON (see run())."""
     args, kwargs, embed = req.pop("args"), req.pop("kwargs"), req.pop("embed")
     request = req["headers"]
     request.update(
@@ -438,6 +433,65 @@ def run(name, task_id, payload):
         delivery_info=req["delivery_info"],
     )
     request.update({"args": args, "kwargs": kwargs, "hostname": _hostname, "is_eager": False}, **(embed or {}))
+    return request, args, kwargs
+
+
+def _rebuilt(end):
+    """The exception the worker reported, as its class (ints kept ints)."""
+    import importlib
+
+    args = [int(a) if isinstance(a, float) and a.is_integer() else a for a in end.get("exc_message") or []]
+    try:
+        cls = getattr(importlib.import_module(end["exc_module"]), end["exc_type"])
+        return cls(*args)
+    except Exception:
+        from celery.utils.serialization import create_exception_cls
+
+        return create_exception_cls(end["exc_type"], end["exc_module"])(*args)
+
+
+def settle_elsewhere(name, task_id, payload):
+    """What Celery's main process does for a task that ended outside its
+    run: its process died or hit the hard limit (FAILURE, errbacks and the
+    chord error path, ``task_failure``), or it was revoked (REVOKED,
+    ``task_revoked``)."""
+    from celery import signals
+    from celery.app.task import Context
+    from kombu.utils.json import loads
+
+    task = _app.tasks.get(name)
+    if task is None:
+        return False
+    req = loads(payload)
+    end, store = req.pop("end"), req.pop("store_result")
+    request, args, kwargs = _request(req)
+    context = Context(request)
+    store = store or bool(task.store_errors_even_if_ignored)
+    if end["kind"] == "failed":
+        exc = _rebuilt(end)
+        task.backend.mark_as_failure(task_id, exc, request=context, store_result=store)
+        task.request_stack.push(context)
+        try:
+            signals.task_failure.send(
+                sender=task, task_id=task_id, exception=exc, args=args, kwargs=kwargs, traceback=None, einfo=None
+            )
+        finally:
+            task.request_stack.pop()
+    else:
+        task.backend.mark_as_revoked(task_id, end["reason"], request=context, store_result=store)
+        signals.task_revoked.send(
+            sender=task, request=context, terminated=end["terminated"], signum=end["signum"], expired=end["expired"]
+        )
+    return True
+
+
+def run(name, task_id, payload):
+    """Runs one task through Celery's tracer; returns the outcome as JSON."""
+    global _running
+    from celery import states
+    from kombu.utils.json import loads
+
+    request, args, kwargs = _request(loads(payload))
     task = _app._tasks[name]
     _running = True
     try:
@@ -459,10 +513,9 @@ def run(name, task_id, payload):
     if state == states.RETRY:
         inner = getattr(exc, "exc", None)
         out = {"state": "RETRY", "countdown": _countdown(getattr(exc, "when", None))}
-        if inner is not None:
-            out["exc"] = _exception(inner, tb)
-        else:
-            out["exc"] = None
+        out["exc"] = _exception(inner, tb)
+        if inner is None:
+            out["exc"]["repr"] = "None"
         return json.dumps(out)
     if state == states.REJECTED:
         requeue = bool(getattr(exc, "requeue", False))

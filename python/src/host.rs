@@ -2,14 +2,17 @@
 //! this extension module lives in. The Python half is
 //! `celeriac/_worker.py`; this file moves calls and data across.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use celeriac::broker::{ExchangeType, QueueSpec};
 use celeriac::config::WorkerConfig;
 use celeriac::host::{HostedTask, LoadedApp, TaskHost};
-use celeriac::protocol::{ExceptionInfo, Shown};
+use celeriac::protocol::{ExceptionInfo, Shown, TaskMessage};
 use celeriac::task::{
-    main_thread, Context, Registry, TaskError, TaskFuture, TaskHandler, TaskOptions,
+    main_thread, Context, DeliveryInfo, Elsewhere, End, Registry, TaskError, TaskFuture,
+    TaskHandler, TaskOptions,
 };
 use pyo3::prelude::*;
 use serde::Deserialize;
@@ -220,7 +223,7 @@ struct PythonTask;
 impl TaskHandler for PythonTask {
     fn call(&self, ctx: Context, args: Vec<Value>, kwargs: Map<String, Value>) -> TaskFuture {
         Box::pin(async move {
-            let payload = request(&ctx, args, kwargs).to_string();
+            let payload = request(ctx.message(), ctx.delivery_info(), args, kwargs).to_string();
             let (name, id) = (ctx.message().task.clone(), ctx.id().to_owned());
             let outcome = main_thread::run(move || {
                 Python::attach(|py| {
@@ -247,11 +250,62 @@ impl TaskHandler for PythonTask {
     fn interrupt(&self, _ctx: &Context) {
         main_thread::interrupt();
     }
+
+    fn settle_elsewhere(&self, ended: Elsewhere) -> Pin<Box<dyn Future<Output = bool> + Send>> {
+        Box::pin(async move {
+            let msg = &ended.msg;
+            let mut payload = request(msg, &ended.delivery, msg.args.clone(), msg.kwargs.clone());
+            payload["store_result"] = ended.store_result.into();
+            payload["hostname"] = ended.hostname.clone().into();
+            payload["end"] = match &ended.end {
+                End::Failed(exc) => json!({
+                    "kind": "failed",
+                    "exc_type": exc.exc_type,
+                    "exc_module": exc.exc_module,
+                    "exc_message": exc.exc_message,
+                }),
+                End::Revoked {
+                    reason,
+                    terminated,
+                    signal,
+                    expired,
+                } => json!({
+                    "kind": "revoked",
+                    "reason": reason,
+                    "terminated": terminated,
+                    "signum": signal,
+                    "expired": expired,
+                }),
+            };
+            let (name, id, payload) = (msg.task.clone(), msg.id.clone(), payload.to_string());
+            let done = main_thread::run(move || {
+                Python::attach(|py| {
+                    bridge(py)
+                        .and_then(|m| m.call_method1("settle_elsewhere", (name, id, payload)))
+                        .and_then(|r| r.extract::<bool>())
+                        .map_err(|e| line(py, &e))
+                })
+            })
+            .await;
+            match done {
+                Some(Ok(settled)) => settled,
+                Some(Err(e)) => {
+                    tracing::warn!(task_id = %msg.id, "the app could not record how task {}[{}] ended ({e}); storing it without the app", msg.task, msg.id);
+                    false
+                }
+                None => false,
+            }
+        })
+    }
 }
 
 /// What Celery's `Request` hands the tracer, as JSON for the bridge.
-fn request(ctx: &Context, args: Vec<Value>, kwargs: Map<String, Value>) -> Value {
-    let msg = ctx.message();
+fn request(
+    msg: &TaskMessage,
+    d: &DeliveryInfo,
+    args: Vec<Value>,
+    kwargs: Map<String, Value>,
+) -> Value {
     let mut headers = msg.headers.clone();
     if headers.is_empty() {
         // Protocol 1: the fields the headers would carry.
@@ -268,7 +322,6 @@ fn request(ctx: &Context, args: Vec<Value>, kwargs: Map<String, Value>) -> Value
             json!([msg.time_limit, msg.soft_time_limit]),
         );
     }
-    let d = ctx.delivery_info();
     let mut properties = Map::new();
     properties.insert("correlation_id".into(), msg.correlation_id.clone().into());
     properties.insert("reply_to".into(), msg.reply_to.clone().into());

@@ -16,7 +16,7 @@ use super::settle::Settle;
 use super::shared::Shared;
 use crate::protocol::{ExceptionInfo, TaskMessage, TaskState};
 use crate::shm::{now_ms, RunningTask, TaskFlags};
-use crate::task::Context;
+use crate::task::{Context, End};
 
 /// How a task run ended, for the loop's bookkeeping.
 #[derive(Debug)]
@@ -56,6 +56,16 @@ pub(super) async fn discard_revoked(
         signal,
     }
     .emit(shared, &job.queue);
+    let end = End::Revoked {
+        reason: reason.as_str(),
+        terminated: reason == RevokeReason::Terminated,
+        signal,
+        expired: reason == RevokeReason::Expired,
+    };
+    if super::lost::by_task(shared, &job.msg, Some(job), !ignore_result, end).await {
+        ack(&job.acker, &job.msg.id).await;
+        return;
+    }
     if !ignore_result {
         let exc = ExceptionInfo::revoked(reason.as_str());
         let mut doc = shared.document(

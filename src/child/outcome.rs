@@ -65,10 +65,12 @@ pub(crate) enum TaskHappening<'a> {
         countdown: f64,
         runtime: f64,
     },
-    /// Raised `Reject`.
+    /// Raised `Reject`; `acked`: its message was acknowledged before it
+    /// ran, so there is nothing left to reject (and no `task-rejected`).
     Rejected {
         msg: &'a TaskMessage,
         requeue: bool,
+        acked: bool,
         reason: &'a str,
         runtime: f64,
     },
@@ -153,7 +155,10 @@ impl TaskHappening<'_> {
                 runtime,
             } => {
                 // Celery's Retry reads "Retry in 5s", or "Retry in 5s: ValueError('x')".
-                let why = exc.map_or_else(String::new, |e| format!(": {}", e.repr()));
+                let why = exc
+                    .map(ExceptionInfo::repr)
+                    .filter(|r| r != "None")
+                    .map_or_else(String::new, |r| format!(": {r}"));
                 let exception = exc.map_or("Retry", |e| e.exc_type.as_str());
                 info!(task_id = %msg.id, queue, task_name = %msg.task, state = "RETRY", runtime, exception, "Task {}[{}] retry: Retry in {countdown}s{why}", msg.display_name(), msg.id)
             }
@@ -162,6 +167,7 @@ impl TaskHappening<'_> {
                 requeue,
                 reason,
                 runtime,
+                ..
             } => {
                 warn!(task_id = %msg.id, queue, task_name = %msg.task, state = "REJECTED", runtime, exception = "Reject", "Task {}[{}] reject requeue={}: {reason}", msg.display_name(), msg.id, if requeue { "True" } else { "False" })
             }
@@ -224,7 +230,15 @@ impl TaskHappening<'_> {
             Self::Failed { .. } | Self::Lost { .. } | Self::Unregistered { .. } => &[K::Failed],
             Self::Retried { .. } => &[K::Retried],
             // Celery sends task-failed only when the message is not requeued.
+            // As Celery: task-failed unless requeued, task-rejected only for
+            // a message not acknowledged yet.
+            Self::Rejected {
+                requeue: true,
+                acked: true,
+                ..
+            } => &[],
             Self::Rejected { requeue: true, .. } => &[K::Rejected],
+            Self::Rejected { acked: true, .. } => &[K::Failed],
             Self::Rejected { .. } | Self::Quarantined { .. } => &[K::Failed, K::Rejected],
             Self::Revoked { .. } | Self::Terminated { .. } => &[K::Revoked],
             Self::Ignored { .. } | Self::Invalid { .. } => &[],
@@ -335,6 +349,7 @@ mod tests {
         let gone = TaskHappening::Rejected {
             msg: &m,
             requeue: false,
+            acked: false,
             reason: "bad",
             runtime: 0.0,
         };
@@ -346,6 +361,7 @@ mod tests {
         let back = TaskHappening::Rejected {
             msg: &m,
             requeue: true,
+            acked: false,
             reason: "later",
             runtime: 0.0,
         };
@@ -354,6 +370,16 @@ mod tests {
             back.event_fields(K::Rejected)[1],
             ("requeue", Value::from(true))
         );
+        // Acknowledged early: nothing to reject, so no task-rejected.
+        let early = |requeue| TaskHappening::Rejected {
+            msg: &m,
+            requeue,
+            acked: true,
+            reason: "x",
+            runtime: 0.0,
+        };
+        assert_eq!(types(&early(false)), ["task-failed"]);
+        assert!(types(&early(true)).is_empty());
     }
 
     #[test]

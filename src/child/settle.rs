@@ -239,6 +239,7 @@ impl Settle<'_> {
         TaskHappening::Rejected {
             msg,
             requeue,
+            acked: self.acked,
             reason,
             runtime: self.runtime,
         }

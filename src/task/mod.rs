@@ -21,5 +21,7 @@ pub mod testing;
 
 pub use context::{Context, DeliveryInfo};
 pub use error::{Retry, TaskError};
-pub use registry::{bind_arguments, Registered, Registry, TaskFuture, TaskHandler, TaskOptions};
+pub use registry::{
+    bind_arguments, Elsewhere, End, Registered, Registry, TaskFuture, TaskHandler, TaskOptions,
+};
 pub(crate) use registry::{panic_exception, panic_payload_exception};

@@ -26,6 +26,49 @@ pub trait TaskHandler: Send + Sync {
     fn interrupt(&self, ctx: &Context) {
         let _ = ctx;
     }
+
+    /// For a task that settles itself: records an end decided outside its
+    /// run (its process died or hit the hard limit, or it was revoked) the
+    /// way its own framework does (result, errbacks, signals). `false`, the
+    /// default, leaves it to the worker, which stores its own document.
+    fn settle_elsewhere(&self, ended: Elsewhere) -> Pin<Box<dyn Future<Output = bool> + Send>> {
+        let _ = ended;
+        Box::pin(async { false })
+    }
+}
+
+/// How a task ended outside its run, for [`TaskHandler::settle_elsewhere`].
+#[derive(Debug, Clone)]
+pub struct Elsewhere {
+    /// The task's message (only id, name and reply fields when its process
+    /// died after an early ack).
+    pub msg: Arc<crate::protocol::TaskMessage>,
+    /// Where it was delivered from.
+    pub delivery: super::DeliveryInfo,
+    /// The worker's node name.
+    pub hostname: String,
+    /// Whether the result is stored (not `ignore_result`).
+    pub store_result: bool,
+    /// What happened.
+    pub end: End,
+}
+
+/// What ended a task outside its run.
+#[derive(Debug, Clone)]
+pub enum End {
+    /// FAILURE with this exception (`WorkerLostError`, `TimeLimitExceeded`).
+    Failed(ExceptionInfo),
+    /// REVOKED.
+    Revoked {
+        /// `revoked`, `expired` or `terminated`.
+        reason: &'static str,
+        /// Its process was killed.
+        terminated: bool,
+        /// The signal asked for.
+        signal: Option<i32>,
+        /// It expired.
+        expired: bool,
+    },
 }
 
 impl<F> TaskHandler for F
