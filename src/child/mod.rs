@@ -16,7 +16,8 @@
 //!   (log line, metric and Celery event together).
 //!
 //! Around it: `session.rs` (connect, lose, reconnect), `lost.rs` (tasks whose
-//! process died), `drain.rs` (shutdown and recycling), `queued.rs` (what
+//! process died), `overdue.rs` (tasks longer than the broker's consumer
+//! timeout), `drain.rs` (shutdown and recycling), `queued.rs` (what
 //! `inspect reserved/scheduled` shows), `job.rs` (decode and settle one
 //! delivery), `shared.rs` (what running tasks share).
 
@@ -27,6 +28,7 @@ mod held;
 mod job;
 mod lost;
 mod outcome;
+mod overdue;
 mod queued;
 mod receive;
 mod runner;
@@ -213,6 +215,9 @@ struct Child {
     signals: ProcessSignals,
     received: u64,
     queued: QueuedLines,
+    /// The broker closed the consumer channel for a consumer timeout: no
+    /// consuming until the running task is done (see `overdue.rs`).
+    timed_out: bool,
 }
 
 /// Connects, declares, consumes and runs tasks until a shutdown signal
@@ -286,6 +291,7 @@ async fn run(
         signals: ProcessSignals::install().map_err(ChildError::Runtime)?,
         received: 0,
         queued: QueuedLines::default(),
+        timed_out: false,
     };
     child.start_consuming().await.map_err(boot)?;
     let result = loop {

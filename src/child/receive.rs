@@ -42,6 +42,9 @@ impl Child {
             reject(&job.acker, &job.msg.id, false).await;
             return;
         };
+        if job.delivery.redelivered && self.settle_overdue_copy(&job).await {
+            return;
+        }
         self.received += 1;
         TaskHappening::Received { msg: &job.msg }.emit(&shared, &job.queue);
         if job.delivery.redelivered {

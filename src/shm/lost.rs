@@ -119,12 +119,14 @@ impl SharedState {
         r.at_ms.store(now_ms(), Ordering::Relaxed);
         // An early-acked task's message is gone: a child must store its
         // failure. An acks-late message comes back from the broker, and the
-        // child that receives it decides.
-        let state = if task.flags & TaskFlags::ACKS_LATE != 0 {
-            LostState::WAIT_REDELIVERY
-        } else {
-            LostState::REPORT
-        };
+        // child that receives it decides, unless its delivery timed out and
+        // its copy was acknowledged already (see `overdue.rs`).
+        let state =
+            if task.flags & TaskFlags::ACKS_LATE != 0 && !self.overdue_copy_settled(&task.id) {
+                LostState::WAIT_REDELIVERY
+            } else {
+                LostState::REPORT
+            };
         r.state.store(state, Ordering::Release);
         previous + 1
     }
@@ -259,6 +261,17 @@ mod tests {
         assert_eq!((lost.deaths, lost.signal), (2, 9));
         shm.settle_lost(lost.index);
         assert_eq!(shm.find_lost("t2"), None);
+    }
+
+    #[test]
+    fn an_acks_late_task_whose_copy_was_settled_is_reported() {
+        let shm = SharedState::map(1).unwrap();
+        let t = task("t5", TaskFlags::ACKS_LATE);
+        shm.record_overdue("t5", 0, 42);
+        let copy = shm.find_overdue("t5").unwrap();
+        assert!(shm.claim_overdue_copy(&copy));
+        shm.record_lost(&t, LostReason::WorkerLost, (9, 0));
+        assert_eq!(shm.claim_report().map(|l| l.task.id), Some("t5".into()));
     }
 
     #[test]
