@@ -29,8 +29,6 @@ import traceback
 _app = None
 _hostname = None
 _worker = None
-# Whether a task body is running in this process (guards the soft limit).
-_running = False
 
 _JSON_NAMES = {"json", "application/json"}
 
@@ -330,13 +328,6 @@ def _json_logs(hostname):
             handler.addFilter(TaskFields())
 
 
-def _soft_time_limit(signum, frame):
-    if _running:
-        from billiard.pool import soft_timeout_sighandler
-
-        soft_timeout_sighandler(signum, frame)
-
-
 def process_started(index):
     """What Celery's ``process_initializer`` does in a pool process."""
     from celery import signals
@@ -348,7 +339,11 @@ def process_started(index):
     app = _app
     multiprocessing.util._run_after_forkers()
     multiprocessing.current_process().name = f"ForkPoolWorker-{index + 1}"
-    signal.signal(signal.SIGUSR1, _soft_time_limit)
+    from billiard.pool import soft_timeout_sighandler
+
+    # As billiard does in a pool process: SIGUSR1 raises SoftTimeLimitExceeded
+    # (celeriac sends it to this, the main, thread only while a task runs).
+    signal.signal(signal.SIGUSR1, soft_timeout_sighandler)
     _set_task_join_will_block(True)
     app.loader.init_worker()
     app.loader.init_worker_process()
@@ -487,25 +482,21 @@ def settle_elsewhere(name, task_id, payload):
 
 def run(name, task_id, payload):
     """Runs one task through Celery's tracer; returns the outcome as JSON."""
-    global _running
     from celery import states
     from kombu.utils.json import loads
 
     request, args, kwargs = _request(loads(payload))
     task = _app._tasks[name]
-    _running = True
     try:
         R, I, T, Rstr = task.__trace__(task_id, args, kwargs, request)
     except SystemExit as exc:
-        _running = False
+        # A task that exits its process ends it, as in a pool process; the
+        # worker reports WorkerLostError with the exit code.
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         _exit(code)
     except BaseException:
-        _running = False
         traceback.print_exc()
         _exit(1)
-    finally:
-        _running = False
     if I is None:
         return json.dumps({"state": "SUCCESS", "repr": Rstr})
     state, exc = I.state, I.retval
@@ -521,7 +512,9 @@ def run(name, task_id, payload):
         requeue = bool(getattr(exc, "requeue", False))
         if not requeue:
             _rejected_for_good(task, task_id, request, exc, R)
-        return json.dumps({"state": "REJECTED", "requeue": requeue, "reason": str(getattr(exc, "reason", exc))})
+        return json.dumps(
+            {"state": "REJECTED", "requeue": requeue, "reason": str(getattr(exc, "reason", exc)), "traceback": tb}
+        )
     if state == states.IGNORED:
         return json.dumps({"state": "IGNORED"})
     return json.dumps({"state": "FAILURE", "exc": _exception(exc, tb)})

@@ -399,7 +399,11 @@ enum Outcome {
         exc: Option<ExcJson>,
     },
     #[serde(rename = "REJECTED")]
-    Rejected { requeue: bool, reason: String },
+    Rejected {
+        requeue: bool,
+        reason: String,
+        traceback: Option<String>,
+    },
     #[serde(rename = "IGNORED")]
     Ignored,
 }
@@ -417,7 +421,15 @@ fn outcome_of(text: &str) -> Result<Value, TaskError> {
             exc: exc.map(Into::into),
             max_retries: None,
         })),
-        Outcome::Rejected { requeue, reason } => Err(TaskError::Reject { requeue, reason }),
+        Outcome::Rejected {
+            requeue,
+            reason,
+            traceback,
+        } => Err(TaskError::Reject {
+            requeue,
+            reason,
+            traceback,
+        }),
         Outcome::Ignored => Err(TaskError::Ignore),
     }
 }

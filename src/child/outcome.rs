@@ -72,6 +72,7 @@ pub(crate) enum TaskHappening<'a> {
         requeue: bool,
         acked: bool,
         reason: &'a str,
+        traceback: Option<&'a str>,
         runtime: f64,
     },
     /// Killed its process `deaths` times: rejected for good.
@@ -278,6 +279,7 @@ impl TaskHappening<'_> {
                     msg,
                     requeue,
                     reason,
+                    traceback,
                     ..
                 },
                 K::Failed,
@@ -286,7 +288,7 @@ impl TaskHappening<'_> {
                     "reject requeue={}: {reason}",
                     if *requeue { "True" } else { "False" }
                 );
-                events::task_failed(&msg.id, &why, "")
+                events::task_failed(&msg.id, &why, traceback.unwrap_or_default())
             }
             (Self::Rejected { msg, requeue, .. }, _) => events::task_rejected(&msg.id, *requeue),
             (
@@ -351,6 +353,7 @@ mod tests {
             requeue: false,
             acked: false,
             reason: "bad",
+            traceback: None,
             runtime: 0.0,
         };
         assert_eq!(types(&gone), ["task-failed", "task-rejected"]);
@@ -363,6 +366,7 @@ mod tests {
             requeue: true,
             acked: false,
             reason: "later",
+            traceback: None,
             runtime: 0.0,
         };
         assert_eq!(types(&back), ["task-rejected"]);
@@ -376,6 +380,7 @@ mod tests {
             requeue,
             acked: true,
             reason: "x",
+            traceback: None,
             runtime: 0.0,
         };
         assert_eq!(types(&early(false)), ["task-failed"]);

@@ -61,7 +61,11 @@ impl Settle<'_> {
             Ok(value) => self.success(value).await,
             Err(TaskError::Retry(retry)) => self.retry(retry).await,
             Err(TaskError::Exception(exc)) => self.failure(exc).await,
-            Err(TaskError::Reject { requeue, reason }) => self.rejected(requeue, &reason).await,
+            Err(TaskError::Reject {
+                requeue,
+                reason,
+                traceback,
+            }) => self.rejected(requeue, &reason, traceback.as_deref()).await,
             Err(TaskError::Ignore) => {
                 TaskHappening::Ignored {
                     msg: self.msg(),
@@ -234,13 +238,14 @@ impl Settle<'_> {
         }
     }
 
-    async fn rejected(&self, requeue: bool, reason: &str) {
+    async fn rejected(&self, requeue: bool, reason: &str, traceback: Option<&str>) {
         let (shared, msg) = (self.shared, self.msg());
         TaskHappening::Rejected {
             msg,
             requeue,
             acked: self.acked,
             reason,
+            traceback,
             runtime: self.runtime,
         }
         .emit(shared, &self.job.queue);

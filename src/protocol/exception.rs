@@ -68,12 +68,14 @@ impl ExceptionInfo {
     }
 
     /// `billiard.exceptions.TimeLimitExceeded(seconds)`.
+    /// A whole number of seconds is an integer, as `time_limit=1` gives in Python.
     pub fn time_limit_exceeded(seconds: f64) -> Self {
-        Self::new(
-            "TimeLimitExceeded",
-            "billiard.exceptions",
-            vec![seconds.into()],
-        )
+        let limit = if seconds.fract() == 0.0 && seconds.abs() < 1e15 {
+            Value::from(seconds as i64)
+        } else {
+            Value::from(seconds)
+        };
+        Self::new("TimeLimitExceeded", "billiard.exceptions", vec![limit])
     }
 
     /// `billiard.exceptions.SoftTimeLimitExceeded()`.
@@ -164,7 +166,11 @@ mod tests {
         );
         assert_eq!(
             serde_json::to_value(ExceptionInfo::time_limit_exceeded(30.0)).unwrap(),
-            json!({"exc_type": "TimeLimitExceeded", "exc_message": [30.0], "exc_module": "billiard.exceptions"})
+            json!({"exc_type": "TimeLimitExceeded", "exc_message": [30], "exc_module": "billiard.exceptions"})
+        );
+        assert_eq!(
+            ExceptionInfo::time_limit_exceeded(2.5).exc_message,
+            [json!(2.5)]
         );
         assert_eq!(
             ExceptionInfo::soft_time_limit_exceeded().repr(),

@@ -19,6 +19,9 @@ pub enum TaskError {
         requeue: bool,
         /// Why.
         reason: String,
+        /// The traceback the raising code formatted (a hosted task's), for
+        /// the `task-failed` event.
+        traceback: Option<String>,
     },
     /// `Ignore()`: acknowledged, no state stored.
     Ignore,
@@ -55,6 +58,7 @@ impl TaskError {
         Self::Reject {
             requeue,
             reason: reason.into(),
+            traceback: None,
         }
     }
 }
@@ -79,7 +83,9 @@ impl fmt::Display for TaskError {
                 Some(e) => write!(f, "Retry({})", e.repr()),
                 None => f.write_str("Retry()"),
             },
-            Self::Reject { requeue, reason } => write!(
+            Self::Reject {
+                requeue, reason, ..
+            } => write!(
                 f,
                 "reject requeue={}: {reason}",
                 if *requeue { "True" } else { "False" }

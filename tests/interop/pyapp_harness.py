@@ -127,7 +127,9 @@ class Side:
         self.events = events
         self.backend = backend
         self.queue = f"pyapp-{uuid.uuid4().hex[:10]}"
-        self.prefix = f"{kind}-{self.queue}"
+        # Node names of equal length on both sides: a result's saferepr is cut at
+        # a fixed length, so a longer name would move the cut in a request dump.
+        self.prefix = f"{ {'celery': 'py', 'celeriac': 'rs'}.get(kind, kind)}-{self.queue}"
         self.node = None
         self.tmp = pathlib.Path(tmp)
         self.signal_log = self.tmp / f"{kind}-signals.jsonl"

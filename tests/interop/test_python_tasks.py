@@ -122,9 +122,43 @@ def _lost_process_traceback(case, kind, obs):
             if kind == "celeriac" and "billiard/pool.py" in tb:
                 problems.append(f"celeriac's traceback names billiard's pool: {tb!r}")
             lines = tb.strip().splitlines()
-            e["traceback"] = f"<traceback ending {lines[-1] if lines else ''!r}>"
+            # The exception's class; how billiard and celeriac print its arguments differs.
+            last = lines[-1].split(":")[0] if lines else ""
+            e["traceback"] = f"<traceback ending {last!r}>"
+            exc = e.get("exception") or ""
+            if kind == "celery" and exc != "ExceptionWithTraceback()":
+                problems.append(f"Celery's event exception is {exc!r}, not its pickled wrapper")
+            if kind == "celeriac" and not exc.startswith(("WorkerLostError(", "TimeLimitExceeded(")):
+                problems.append(f"celeriac's event exception is {exc!r}")
+            e["exception"] = "<the lost task's exception>"
+    # Celery reports a hard time limit twice (billiard's on_hard_timeout and
+    # the Request's on_timeout): one task-failed event and one task_failure
+    # signal per report; celeriac reports it once.
+    for t in obs["tasks"]:
+        for key, same in (("events", lambda x: x.get("type") == "task-failed"),
+                          ("signals", lambda x: x.get("signal") == "task_failure")):
+            items, kept = t[key], []
+            for item in items:
+                if same(item) and kept and kept[-1] == item:
+                    if kind == "celeriac":
+                        problems.append(f"celeriac repeated {item}")
+                    continue
+                kept.append(item)
+            t[key] = kept
     if not found:
         problems.append("no task-failed event")
+    return problems
+
+
+def _terminate_postrun(case, kind, obs):
+    problems = []
+    for t in obs["tasks"]:
+        postruns = [s for s in t["signals"] if s["signal"] == "task_postrun"]
+        if kind == "celeriac" and postruns:
+            problems.append(f"celeriac ran task_postrun after a terminate: {postruns}")
+        if kind == "celery" and [p.get("state") for p in postruns] != [None]:
+            problems.append(f"Celery's child did not run task_postrun(state=None) once: {postruns}")
+        t["signals"] = [s for s in t["signals"] if s["signal"] != "task_postrun"]
     return problems
 
 
@@ -153,11 +187,23 @@ INTENTIONAL_DIFFERENCES = {
     "lost-process-traceback": {
         "why": "The task-failed event of a process that died or hit the hard limit carries, in Celery, a "
                "traceback of billiard's pool (mark_as_worker_lost, on_hard_timeout) or of the worker's "
-               "Request.on_timeout: frames celeriac has no equivalent for. Compared by last line.",
+               "Request.on_timeout: frames celeriac has no equivalent for (compared by the exception class "
+               "of the last line), and `exception: 'ExceptionWithTraceback()'`, billiard's pickling wrapper, "
+               "where celeriac sends the exception's repr. Celery reports a hard time limit twice (two "
+               "task-failed events, two task_failure signals); celeriac once.",
         "cases": ("process_exit", "hard_time_limit"),
         "celery": "billiard/celery worker frames",
         "celeriac": "no billiard frames",
         "apply": _lost_process_traceback,
+    },
+    "terminate-kills-the-process": {
+        "why": "revoke(terminate=True) makes Celery's parent send SIGTERM, which billiard turns into SystemExit "
+               "in the child, so the child still runs task_postrun(state=None). SIGTERM means 'drain' to a "
+               "celeriac task process, so celeriac kills it with SIGKILL: no task_postrun.",
+        "cases": ("revoke_terminate",),
+        "celery": "task_postrun(state=None) in the child",
+        "celeriac": "no task_postrun",
+        "apply": _terminate_postrun,
     },
 }
 
