@@ -251,6 +251,7 @@ def load(options_json):
         from celery.worker import state as _state  # noqa: F401
         from kombu.utils import json as _json  # noqa: F401
         import billiard.exceptions  # noqa: F401
+        import billiard.pool  # noqa: F401 (the soft limit's handler)
 
         app.amqp.router  # noqa: B018
         try:

@@ -130,12 +130,7 @@ pub(super) async fn execute(shared: Arc<Shared>, job: Job, state: Arc<RunState>)
         limits.soft,
     );
     TaskHappening::Started { msg }.emit(&shared, &job.queue);
-    if task.settles_itself {
-        // Celery's main process has sent task-started before the pool runs
-        // the task: a hosted task may end this process (os._exit, a crash
-        // in a C extension, the hard limit), so what it held is sent first.
-        shared.events.send_pending().await;
-    }
+
     let started = Instant::now();
     let now = now_ms();
     let hard_ms = limits.hard.map_or(0, |h| (h * 1000.0) as u64);
