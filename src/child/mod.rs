@@ -192,6 +192,8 @@ struct Child {
     signals: ProcessSignals,
     received: u64,
     queued: QueuedLines,
+    /// This process's broker token, with OAuth 2 (`--broker-auth`).
+    tokens: Option<crate::token::TokenKeeper>,
 }
 
 /// Connects, declares, consumes and runs tasks until a shutdown signal
@@ -206,6 +208,9 @@ async fn run(
         return Ok(Exit::Shutdown);
     }
     let boot = |e: ChildError| {
+        if let ChildError::Boot { .. } = e {
+            return e;
+        }
         let transient = matches!(
             &e,
             ChildError::Broker(BrokerError::Connect { source, .. }) if matches!(source.kind(), lapin::ErrorKind::IOError(_))
@@ -216,7 +221,19 @@ async fn run(
         }
     };
     let prefetch = u16::try_from(SLOTS * usize::from(config.prefetch_multiplier)).unwrap_or(0);
-    let session = session::open(&config, prefetch).await.map_err(boot)?;
+    let tokens = crate::token::TokenKeeper::new(&config.broker_auth, link.slot()).map_err(|e| {
+        ChildError::Boot {
+            message: e.to_string(),
+            transient: false,
+        }
+    })?;
+    let session = session::open(&config, prefetch, tokens.as_ref())
+        .await
+        .map_err(boot)?;
+    if let Some(tokens) = &tokens {
+        info!("broker tokens from {}", tokens.describe());
+        tokio::spawn(tokens.clone().run());
+    }
     info!("Connected to {}", mask_url(&config.broker_url));
     let backend = match &config.result_backend {
         Some(url) => Some(
@@ -265,6 +282,7 @@ async fn run(
         signals: ProcessSignals::install().map_err(ChildError::Runtime)?,
         received: 0,
         queued: QueuedLines::default(),
+        tokens,
     };
     child.start_consuming().await.map_err(boot)?;
     let result = loop {
