@@ -121,12 +121,12 @@ fn form(pairs: &[(&str, &str)]) -> String {
 }
 
 /// The TLS setup: rustls on *ring* (lapin's provider) with the system's
-/// trust store.
-fn tls_config() -> Result<rustls::ClientConfig, TokenError> {
+/// trust store (needed only for `https`: reqwest wants a TLS setup anyway).
+fn tls_config(https: bool) -> Result<rustls::ClientConfig, TokenError> {
     let mut roots = rustls::RootCertStore::empty();
     let found = rustls_native_certs::load_native_certs();
     let (added, _) = roots.add_parsable_certificates(found.certs);
-    if added == 0 {
+    if added == 0 && https {
         let why = found
             .errors
             .first()
@@ -151,18 +151,17 @@ pub(super) struct Exchange {
 impl Exchange {
     /// Makes the HTTP client (in the process that will use it: after the fork).
     pub(super) fn new(identity: WorkloadIdentity) -> Result<Self, TokenError> {
-        let mut builder = reqwest::Client::builder()
+        let https = identity.authority_host.starts_with("https://");
+        // Always given a rustls setup: reqwest has no crypto provider of its own here.
+        let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT)
-            .user_agent(concat!("celeriac/", env!("CARGO_PKG_VERSION")));
-        let https = identity.authority_host.starts_with("https://");
-        if https {
-            builder = builder
-                .tls_backend_preconfigured(tls_config()?)
-                .https_only(true);
-        }
-        let client = builder.build().map_err(|e| TokenError::Client(chain(&e)))?;
+            .user_agent(concat!("celeriac/", env!("CARGO_PKG_VERSION")))
+            .tls_backend_preconfigured(tls_config(https)?)
+            .https_only(https)
+            .build()
+            .map_err(|e| TokenError::Client(chain(&e)))?;
         Ok(Self {
             url: identity.token_url(),
             identity,
