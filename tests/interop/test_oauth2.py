@@ -466,3 +466,45 @@ def test_an_expired_token_in_the_file_stops_the_worker(oauth_broker, keys, tmp_p
     assert p.returncode != 0 and took < 15, (took, p.stderr)
     line = boot_failure(p)
     assert f"the token file {path} holds no usable token: its token expired" in line, line
+
+
+def test_an_expired_token_is_replaced_and_refused_channels_reopened(start_worker, oauth_broker, entra, federated,
+                                                                     queue_name):
+    """The token endpoint is down until the tokens have expired and the
+    broker refuses publishes (403 ACCESS_REFUSED closes the channel; the
+    broker caches permissions for up to 60 s). Meanwhile the worker goes on
+    consuming and stays ready; once the endpoint answers, each process gets
+    a fresh token, pushes it and reopens its refused channels, without
+    reconnecting, and results flow again."""
+    w = start_oauth_worker(start_worker, oauth_broker, wi_env(entra, federated), "-c", "1")
+    url = metrics_url(w)
+    entra.fail = (503, {"error": "temporarily_unavailable", "error_description": "AADSTS50196: down"})
+    checker = Checker(w.state_dir)
+    app = celery_app(queue_name, "rpc://", broker=oauth_broker.url)
+    try:
+        # The control process's worker-heartbeats (every 2 s) are refused once the token expired.
+        w.wait_for_log("the broker closed a publishing channel", timeout=LIFETIME + 60 + 20)
+        # The task process still consumes on the expired token (results are refused).
+        for i in range(5):
+            app.send_task("celeriac.noop", ignore_result=True)
+        wait_until(lambda: oauth_broker_queue_depth(oauth_broker, queue_name) == 0, 20, "tasks consumed")
+        app.send_task("celeriac.add", (0, 0))  # its result is refused: the task process's channel closes
+        w.wait_for_log("the broker closed a publishing channel", count=2, timeout=30)
+        entra.fail = None
+        w.wait_for_log("reopened the control channels the broker had closed", timeout=60)
+        w.wait_for_log("publishing channel(s) the broker had closed", timeout=60)
+        assert [app.send_task("celeriac.add", (i, 1)).get(timeout=30) for i in range(5)] == [1, 2, 3, 4, 5]
+        text = scrape(url)
+    finally:
+        readiness = checker.finish()
+        app.close()
+    assert sample(text, "celeriac_broker_reconnects_total") == 0
+    assert "Reconnected" not in w.log() and "connection re-established" not in w.log()
+    assert readiness and all(code == 0 for code, _ in readiness)
+    assert sample(text, "celeriac_broker_token_expiry_seconds") > 0
+    assert sample(text, "celeriac_broker_token_refresh_failures_total") >= 2
+
+
+def oauth_broker_queue_depth(node, queue):
+    from conftest import queue_depth
+    return queue_depth(queue, node.url)
