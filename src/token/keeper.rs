@@ -104,7 +104,8 @@ impl TokenKeeper {
 
     /// The password for a new connection: the current token while it is
     /// fresh (before its refresh time; for a token file, while the file is
-    /// unchanged), else a new one obtained now.
+    /// unchanged), else a new one obtained now — or, if none can be had,
+    /// the current one while it has not expired.
     pub async fn password(&self) -> Result<Secret, TokenError> {
         let _one = self.inner.fetching.lock().await;
         let fingerprint = match &self.inner.source {
@@ -120,8 +121,18 @@ impl TokenKeeper {
                 return Ok(c.issued.token.clone());
             }
         }
-        let issued = self.obtain().await?;
-        Ok(self.store(issued, fingerprint))
+        match self.obtain().await {
+            Ok(issued) => Ok(self.store(issued, fingerprint)),
+            // A reconnect during an outage of the token endpoint: the
+            // current token is still good for the broker.
+            Err(e) => match self.current().as_ref() {
+                Some(c) if !c.issued.expires_at.is_some_and(|t| t <= SystemTime::now()) => {
+                    debug!("using the current broker token: a new one cannot be had ({e})");
+                    Ok(c.issued.token.clone())
+                }
+                _ => Err(e),
+            },
+        }
     }
 
     /// Forgets the current token, so that the next connection gets a new
@@ -151,14 +162,6 @@ impl TokenKeeper {
     /// How many tokens have been stored so far.
     pub fn generation(&self) -> u64 {
         self.inner.generation.load(Ordering::Acquire)
-    }
-
-    /// Whether the current token has expired.
-    pub fn expired(&self) -> bool {
-        self.current()
-            .as_ref()
-            .and_then(|c| c.issued.expires_at)
-            .is_some_and(|e| e <= SystemTime::now())
     }
 
     async fn obtain(&self) -> Result<Issued, TokenError> {
@@ -332,5 +335,69 @@ impl TokenKeeper {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::jwt::tests::token;
+    use super::*;
+    use crate::shm::SharedState;
+
+    fn in_a_minute() -> String {
+        let exp = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 60;
+        token(
+            "RS256",
+            &format!(r#"{{"exp":{exp},"n":"{}"}}"#, uuid::Uuid::new_v4()),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_token_file_is_read_again_only_when_it_changed_and_a_bad_one_keeps_the_current() {
+        let dir = std::env::temp_dir().join(format!("celeriac-keeper-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("token");
+        let shm = SharedState::map(1).unwrap();
+        let slot = &shm.task_slots()[0];
+        let none = TokenKeeper::new(&BrokerAuth::Password, slot).unwrap();
+        assert!(none.is_none());
+        let keeper = TokenKeeper::new(&BrokerAuth::TokenFile(path.clone()), slot)
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            keeper.password().await,
+            Err(TokenError::ReadFile { .. })
+        ));
+
+        let first = in_a_minute();
+        std::fs::write(&path, &first).unwrap();
+        assert_eq!(keeper.password().await.unwrap().expose(), first);
+        assert_eq!(keeper.generation(), 1);
+        assert!(slot.token_expiry_ms() > crate::shm::now_ms());
+        assert_eq!(keeper.password().await.unwrap().expose(), first);
+        assert_eq!(
+            keeper.generation(),
+            1,
+            "an unchanged file is not read again"
+        );
+
+        let second = in_a_minute();
+        std::fs::write(dir.join("new"), &second).unwrap();
+        std::fs::rename(dir.join("new"), &path).unwrap();
+        assert_eq!(keeper.password().await.unwrap().expose(), second);
+
+        // A half-written file: the current token, still valid, is used.
+        std::fs::write(&path, "eyJhbGc").unwrap();
+        assert_eq!(keeper.password().await.unwrap().expose(), second);
+        keeper.forget();
+        assert!(matches!(
+            keeper.password().await,
+            Err(TokenError::BadFile { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
