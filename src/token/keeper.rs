@@ -126,7 +126,7 @@ impl TokenKeeper {
             // A reconnect during an outage of the token endpoint: the
             // current token is still good for the broker.
             Err(e) => match self.current().as_ref() {
-                Some(c) if !c.issued.expires_at.is_some_and(|t| t <= SystemTime::now()) => {
+                Some(c) if c.issued.expires_at.is_none_or(|t| t > SystemTime::now()) => {
                     debug!("using the current broker token: a new one cannot be had ({e})");
                     Ok(c.issued.token.clone())
                 }
