@@ -9,8 +9,9 @@ use tracing::{error, info, warn};
 use crate::broker::mask_url;
 use crate::config::{self, Invocation, ProcessEnv, WorkerConfig};
 use crate::exit::{self, USAGE};
+use crate::host::TaskHost;
 use crate::shm::SharedState;
-use crate::supervisor::{Role, Supervisor};
+use crate::supervisor::{Role, RoleBodies, Supervisor};
 use crate::task::{builtins, Registry};
 
 /// A celeriac application: the tasks it can run.
@@ -22,6 +23,7 @@ use crate::task::{builtins, Registry};
 /// ```
 pub struct App {
     registry: Registry,
+    host: Option<Arc<dyn TaskHost>>,
 }
 
 impl Default for App {
@@ -35,7 +37,17 @@ impl App {
     pub fn new() -> Self {
         let mut registry = Registry::new();
         builtins::register(&mut registry);
-        Self { registry }
+        Self {
+            registry,
+            host: None,
+        }
+    }
+
+    /// Runs the tasks of the app `-A` names through `host` (the Python
+    /// package's embedding; see [`crate::host`]).
+    pub fn with_host(mut self, host: Arc<dyn TaskHost>) -> Self {
+        self.host = Some(host);
+        self
     }
 
     /// The task registry, to add tasks.
@@ -55,7 +67,8 @@ impl App {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let config = match config::parse(args, &ProcessEnv) {
+        let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+        let mut config = match config::parse(args.clone(), &ProcessEnv) {
             Ok(Invocation::Print(text)) => {
                 print!("{text}");
                 return 0;
@@ -83,27 +96,76 @@ impl App {
             eprintln!("celeriac: error: --state-dir: {e}");
             return USAGE;
         }
+        let mut app_description = None;
+        let mut rate_limits = Vec::new();
+        if let Some(app) = &config.app {
+            let Some(host) = self.host.clone() else {
+                eprintln!("celeriac: error: --app {}: not available in this binary, which runs tasks written in Rust; for a Python app, `pip install celeriac` into its virtualenv and run that `celeriac` command", app.name);
+                return USAGE;
+            };
+            let loaded = match host.load(&config) {
+                Ok(loaded) => loaded,
+                Err(e) => {
+                    eprintln!("celeriac: error: -A {}: {e}", app.name);
+                    return exit::BOOT_REFUSED;
+                }
+            };
+            // The fork discipline: the supervisor forks at any time, so the
+            // app's import must not leave threads behind in it.
+            let threads = crate::supervisor::thread_count();
+            if threads > 1 {
+                eprintln!("celeriac: error: -A {}: importing the app started {} thread(s) in the worker's main process, which forks its task processes at any time; start them in a worker_process_init handler instead (for numpy/OpenBLAS set OPENBLAS_NUM_THREADS=1 or OMP_NUM_THREADS=1)", app.name, threads - 1);
+                return exit::BOOT_REFUSED;
+            }
+            config = match config::parse_with_app(args, &ProcessEnv, &loaded.options) {
+                Ok(Invocation::Worker(c)) => c,
+                Ok(Invocation::Print(_)) => return USAGE,
+                Err(e) => {
+                    eprintln!(
+                        "celeriac: error: with the settings of app {}: {e}",
+                        app.name
+                    );
+                    return USAGE;
+                }
+            };
+            for queue in &mut config.queues {
+                if let Some(declared) = loaded.queues.iter().find(|q| q.name == queue.name) {
+                    *queue = declared.clone();
+                }
+            }
+            host.register(&loaded, &mut self.registry);
+            rate_limits = loaded
+                .tasks
+                .iter()
+                .filter_map(|t| t.rate_limit.map(|r| (t.name.clone(), r)))
+                .collect();
+            app_description = Some(loaded.description);
+        }
         crate::logging::init(config.log_level, config.log_format, &config.hostname);
-        if !config.builtin_tasks {
+        // A Python app's worker lists the app's tasks only, as `celery worker` does.
+        if !config.builtin_tasks || config.app.is_some() {
             self.registry.remove_prefix(builtins::PREFIX);
         }
         if config.test_tasks {
             crate::task::testing::register(&mut self.registry);
         }
         if !config.quiet {
-            banner(&config, &self.registry);
+            banner(&config, &self.registry, app_description.as_deref());
         }
         let config = Arc::new(*config);
-        let registry = Arc::new(self.registry);
-        let supervisor_config = Arc::clone(&config);
-        // The composition root: what each forked role runs.
-        let bodies = move |role: Role, shm: SharedState| match role {
-            Role::Task(n) => crate::child::main(n, shm, Arc::clone(&config), Arc::clone(&registry)),
-            Role::Control => crate::control::main(shm, Arc::clone(&config), Arc::clone(&registry)),
+        let bodies = Bodies {
+            config: Arc::clone(&config),
+            registry: Arc::new(self.registry),
+            host: self.host.filter(|_| config.app.is_some()),
         };
-        match Supervisor::new(supervisor_config, Box::new(bodies)) {
+        let host = bodies.host.clone();
+        match Supervisor::new(config, Box::new(bodies)) {
             Ok(supervisor) => {
+                supervisor.set_rate_limits(&rate_limits);
                 let code = supervisor.run();
+                if let Some(host) = host {
+                    host.worker_stopped();
+                }
                 info!("worker stopped (exit code {code})");
                 code
             }
@@ -111,6 +173,48 @@ impl App {
                 error!("cannot start the supervisor: {e}");
                 exit::FAILED
             }
+        }
+    }
+}
+
+/// The composition root: what each forked role runs, and the host's hooks
+/// around forks.
+struct Bodies {
+    config: Arc<WorkerConfig>,
+    registry: Arc<Registry>,
+    host: Option<Arc<dyn TaskHost>>,
+}
+
+impl RoleBodies for Bodies {
+    fn run(&self, role: Role, shm: SharedState) -> i32 {
+        let (config, registry) = (Arc::clone(&self.config), Arc::clone(&self.registry));
+        match role {
+            Role::Task(n) => crate::child::main(n, shm, config, registry, self.host.clone()),
+            Role::Control => crate::control::main(shm, config, registry),
+        }
+    }
+
+    fn before_fork(&self) {
+        if let Some(host) = &self.host {
+            host.before_fork();
+        }
+    }
+
+    fn after_fork_in_parent(&self) {
+        if let Some(host) = &self.host {
+            host.after_fork_in_parent();
+        }
+    }
+
+    fn after_fork_in_child(&self) {
+        if let Some(host) = &self.host {
+            host.after_fork_in_child();
+        }
+    }
+
+    fn worker_ready(&self) {
+        if let Some(host) = &self.host {
+            host.worker_ready();
         }
     }
 }
@@ -144,7 +248,7 @@ fn check_state_dir(dir: &Path) -> Result<(), StateDirError> {
         })
 }
 
-fn banner(config: &WorkerConfig, registry: &Registry) {
+fn banner(config: &WorkerConfig, registry: &Registry, app: Option<&str>) {
     let queues: Vec<&str> = config.queues.iter().map(|q| q.name.as_str()).collect();
     let backend = match &config.result_backend {
         None => "disabled".to_owned(),
@@ -165,6 +269,9 @@ fn banner(config: &WorkerConfig, registry: &Registry) {
                 if config.task_events { "ON" } else { "OFF" },
                 queues.join(", ")
             );
+            if let Some(app) = app {
+                println!("[app] {app}");
+            }
             println!("[tasks] {}", tasks.join(", "));
         }
         config::LogFormat::Json => {
@@ -179,6 +286,7 @@ fn banner(config: &WorkerConfig, registry: &Registry) {
                 "task_events": config.task_events,
                 "queues": queues,
                 "tasks": tasks,
+                "app": app,
             });
             if let serde_json::Value::Object(map) = fields {
                 println!("{}", crate::logging::json_banner(map));

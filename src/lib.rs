@@ -27,6 +27,7 @@
 //! | [`supervisor`] | role: the single-threaded prefork parent |
 //! | [`child`] | role: a task process (consume, run, settle) |
 //! | [`control`] | role: the control process (worker events, remote control, `/metrics`) |
+//! | [`host`] | hooks for an embedding that runs a Python app's tasks |
 //! | [`app`] | the composition root: command line → config → roles → supervisor |
 
 #![deny(unsafe_code)]
@@ -41,6 +42,7 @@ pub mod config;
 pub mod control;
 pub mod events;
 pub mod exit;
+pub mod host;
 pub mod inspect;
 pub mod logging;
 pub mod metrics;

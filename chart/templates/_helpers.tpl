@@ -1,9 +1,10 @@
 {{/*
 Paths baked into the image by the Dockerfile. They are a contract with the image, not values.
 */}}
-{{- define "celeriac.binary" -}}/usr/local/bin/celeriac{{- end -}}
-{{- define "celeriac.readinessBinary" -}}/usr/local/bin/worker-readiness{{- end -}}
-{{- define "celeriac.livenessBinary" -}}/usr/local/bin/worker-liveness{{- end -}}
+{{- define "celeriac.binDir" -}}{{ trimSuffix "/" (default "/usr/local/bin" .Values.workers.binDir) }}{{- end -}}
+{{- define "celeriac.binary" -}}{{ include "celeriac.binDir" . }}/celeriac{{- end -}}
+{{- define "celeriac.readinessBinary" -}}{{ include "celeriac.binDir" . }}/worker-readiness{{- end -}}
+{{- define "celeriac.livenessBinary" -}}{{ include "celeriac.binDir" . }}/worker-liveness{{- end -}}
 {{- define "celeriac.stateDir" -}}/var/run/celeriac{{- end -}}
 
 {{- define "celeriac.namespace" -}}

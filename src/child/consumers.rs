@@ -91,7 +91,7 @@ impl Child {
     /// Applies `add_consumer` / `cancel_consumer` changes.
     pub(super) async fn sync_queues(&mut self) -> Result<(), ChildError> {
         let generation = self.link.shm.queues_generation();
-        if generation == self.consumers.generation || self.session.is_none() {
+        if generation == self.consumers.generation || self.session.is_none() || self.timed_out {
             return Ok(());
         }
         self.consumers.generation = generation;

@@ -16,7 +16,7 @@ use super::settle::Settle;
 use super::shared::Shared;
 use crate::protocol::{ExceptionInfo, TaskMessage, TaskState};
 use crate::shm::{now_ms, RunningTask, TaskFlags};
-use crate::task::Context;
+use crate::task::{Context, End};
 
 /// How a task run ended, for the loop's bookkeeping.
 #[derive(Debug)]
@@ -56,6 +56,16 @@ pub(super) async fn discard_revoked(
         signal,
     }
     .emit(shared, &job.queue);
+    let end = End::Revoked {
+        reason: reason.as_str(),
+        terminated: reason == RevokeReason::Terminated,
+        signal,
+        expired: reason == RevokeReason::Expired,
+    };
+    if super::lost::by_task(shared, &job.msg, Some(job), !ignore_result, end).await {
+        ack(&job.acker, &job.msg.id).await;
+        return;
+    }
     if !ignore_result {
         let exc = ExceptionInfo::revoked(reason.as_str());
         let mut doc = shared.document(
@@ -103,7 +113,8 @@ pub(super) async fn execute(shared: Arc<Shared>, job: Job, state: Arc<RunState>)
         ack(&job.acker, &id).await;
         state.acked.store(true, Ordering::Release);
     }
-    if opts.track_started.unwrap_or(cfg.track_started) && !ignore_result {
+    // A task that settles itself stores its own STARTED.
+    if opts.track_started.unwrap_or(cfg.track_started) && !ignore_result && !task.settles_itself {
         let started = json!({"pid": shared.pid, "hostname": cfg.hostname});
         shared
             .store(msg, shared.document(msg, TaskState::Started, started))
@@ -159,6 +170,7 @@ pub(super) async fn execute(shared: Arc<Shared>, job: Job, state: Arc<RunState>)
         acks_late,
         acked: state.acked.load(Ordering::Acquire),
         runtime: started.elapsed().as_secs_f64(),
+        settled_by_task: task.settles_itself,
     }
     .outcome(outcome)
     .await;

@@ -3,11 +3,9 @@
 //! limit waiting for their turn. Pure bookkeeping with no I/O: the clock is
 //! passed in, so every rule is tested without a broker.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::time::Duration;
+use std::collections::{BTreeMap, VecDeque};
 
 use chrono::{DateTime, Utc};
-use tokio::time::Instant;
 
 /// Held items of type `J` (a received task in the process; anything in tests).
 pub(crate) struct Held<J> {
@@ -15,8 +13,6 @@ pub(crate) struct Held<J> {
     /// Keyed by (due time, arrival order): equal times keep their order.
     scheduled: BTreeMap<(DateTime<Utc>, u64), J>,
     seq: u64,
-    /// Per task name: the earliest time its next run is allowed.
-    next_allowed: HashMap<String, Instant>,
 }
 
 impl<J> Default for Held<J> {
@@ -25,7 +21,6 @@ impl<J> Default for Held<J> {
             ready: VecDeque::new(),
             scheduled: BTreeMap::new(),
             seq: 0,
-            next_allowed: HashMap::new(),
         }
     }
 }
@@ -70,27 +65,6 @@ impl<J> Held<J> {
     /// The next ready job, oldest first.
     pub(crate) fn pop_ready(&mut self) -> Option<J> {
         self.ready.pop_front()
-    }
-
-    /// `rate_limit`: `rate` tasks per second for the whole worker, shared
-    /// equally by its `processes`. Returns how long a run of `task` must
-    /// wait at `now`, or `None` (and books the run) when it may go.
-    pub(crate) fn throttle(
-        &mut self,
-        task: &str,
-        rate: Option<f64>,
-        processes: usize,
-        now: Instant,
-    ) -> Option<Duration> {
-        let rate = rate?;
-        let share = rate / processes.max(1) as f64;
-        let interval = Duration::from_secs_f64((1.0 / share.max(1e-6)).min(86_400.0));
-        let next = self.next_allowed.entry(task.to_owned()).or_insert(now);
-        if *next > now {
-            return Some(*next - now);
-        }
-        *next = now + interval;
-        None
     }
 
     /// Everything held, ready jobs first, then scheduled ones in due order;
@@ -206,51 +180,5 @@ mod tests {
             h.scheduled().map(|(at, j)| (at, *j)).collect::<Vec<_>>(),
             [(t(7), "s")]
         );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn throttle_spaces_runs_by_the_process_share_of_the_rate() {
-        let mut h: Held<()> = Held::default();
-        // 10/s over 2 processes: 5/s here, one run every 200 ms.
-        let start = Instant::now();
-        assert_eq!(h.throttle("t", Some(10.0), 2, start), None);
-        assert_eq!(
-            h.throttle("t", Some(10.0), 2, start),
-            Some(Duration::from_millis(200))
-        );
-        tokio::time::advance(Duration::from_millis(150)).await;
-        assert_eq!(
-            h.throttle("t", Some(10.0), 2, Instant::now()),
-            Some(Duration::from_millis(50))
-        );
-        tokio::time::advance(Duration::from_millis(50)).await;
-        assert_eq!(h.throttle("t", Some(10.0), 2, Instant::now()), None);
-        // Another task has its own budget; no rate means no limit.
-        assert_eq!(h.throttle("other", Some(10.0), 2, Instant::now()), None);
-        for _ in 0..5 {
-            assert_eq!(h.throttle("free", None, 2, Instant::now()), None);
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_throttled_job_waits_as_a_scheduled_one() {
-        let mut h = Held::default();
-        let now = t(0);
-        h.hold("a", None, now);
-        h.hold("b", None, now);
-        let mut started = Vec::new();
-        while let Some(job) = h.pop_ready() {
-            match h.throttle("rated", Some(1.0), 1, Instant::now()) {
-                None => started.push(job),
-                Some(wait) => h.schedule(job, now + chrono::Duration::from_std(wait).unwrap()),
-            }
-        }
-        assert_eq!(started, ["a"]);
-        assert_eq!(h.next_due(), Some(t(1)));
-        tokio::time::advance(Duration::from_secs(1)).await;
-        h.release_due(t(1));
-        let job = h.pop_ready().unwrap();
-        assert_eq!(h.throttle("rated", Some(1.0), 1, Instant::now()), None);
-        assert_eq!(job, "b");
     }
 }

@@ -4,15 +4,18 @@
 //! was acknowledged early, the same or a rerun for a redelivered acks-late
 //! message, and a quarantine for a message that keeps killing processes.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::warn;
 
 use super::job::{self, reject, Job};
 use super::outcome::TaskHappening;
+use super::shared::Shared;
 use super::Child;
 use crate::protocol::{ExceptionInfo, TaskMessage, TaskState};
 use crate::shm::{Lost, LostReason, TaskFlags};
+use crate::task::{Elsewhere, End};
 
 impl Child {
     /// Settles the deaths nobody has reported yet (early-acked tasks: the
@@ -28,6 +31,16 @@ impl Child {
                     signal: revoke.signal as i32,
                 }
                 .emit(&self.shared, &lost.task.routing_key);
+                let end = End::Revoked {
+                    reason: "terminated",
+                    terminated: true,
+                    signal: Some(revoke.signal as i32),
+                    expired: false,
+                };
+                let msg = Arc::new(msg);
+                if by_task(&self.shared, &msg, None, store_result, end).await {
+                    continue;
+                }
                 if store_result {
                     let exc = ExceptionInfo::revoked("terminated");
                     let doc = self.shared.document(
@@ -45,7 +58,9 @@ impl Child {
                 exc: &exc,
             }
             .emit(&self.shared, &lost.task.routing_key);
-            if store_result {
+            let msg = Arc::new(msg);
+            let end = End::Failed(exc.clone());
+            if store_result && !by_task(&self.shared, &msg, None, true, end).await {
                 self.store_failure(&msg, &exc).await;
             }
         }
@@ -93,7 +108,8 @@ impl Child {
                 deaths: lost.deaths,
             }
             .emit(&self.shared, &job.queue);
-            if store_result {
+            let end = End::Failed(exc.clone());
+            if store_result && !by_task(&self.shared, msg, Some(job), true, end).await {
                 self.store_failure(msg, &exc).await;
             }
             reject(&job.acker, &msg.id, false).await;
@@ -107,13 +123,38 @@ impl Child {
             return false;
         }
         TaskHappening::Lost { msg, exc: &exc }.emit(&self.shared, &job.queue);
-        if store_result {
+        let end = End::Failed(exc.clone());
+        if store_result && !by_task(&self.shared, msg, Some(job), true, end).await {
             self.store_failure(msg, &exc).await;
         }
         job::ack(&job.acker, &msg.id).await;
         self.link.shm.settle_lost(lost.index);
         true
     }
+}
+
+/// Hands an end decided outside the task's run to a task that settles
+/// itself (a Python task: its backend, errbacks and signals); `false` if
+/// the worker must store the document itself.
+pub(super) async fn by_task(
+    shared: &Shared,
+    msg: &Arc<TaskMessage>,
+    job: Option<&Job>,
+    store_result: bool,
+    end: End,
+) -> bool {
+    let Some(task) = shared.registry.get(&msg.task).filter(|t| t.settles_itself) else {
+        return false;
+    };
+    task.handler
+        .settle_elsewhere(Elsewhere {
+            msg: Arc::clone(msg),
+            delivery: job.map(|j| j.delivery.clone()).unwrap_or_default(),
+            hostname: shared.config.hostname.clone(),
+            store_result,
+            end,
+        })
+        .await
 }
 
 /// A message standing in for a lost task when only its record is left.
@@ -137,7 +178,7 @@ fn lost_exception(lost: &Lost) -> ExceptionInfo {
         LostReason::WorkerLost => {
             let how = match nix::sys::signal::Signal::try_from(lost.signal as i32) {
                 Ok(sig) if lost.signal != 0 => format!("signal {} ({sig:?})", lost.signal),
-                _ => "exitcode 1".to_owned(),
+                _ => format!("exitcode {}", lost.exit_code.max(1)),
             };
             ExceptionInfo::worker_lost(format!(
                 "Worker exited prematurely: {how} Job: {}.",

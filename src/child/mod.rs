@@ -16,7 +16,8 @@
 //!   (log line, metric and Celery event together).
 //!
 //! Around it: `session.rs` (connect, lose, reconnect), `lost.rs` (tasks whose
-//! process died), `drain.rs` (shutdown and recycling), `queued.rs` (what
+//! process died), `overdue.rs` (tasks longer than the broker's consumer
+//! timeout), `drain.rs` (shutdown and recycling), `queued.rs` (what
 //! `inspect reserved/scheduled` shows), `job.rs` (decode and settle one
 //! delivery), `shared.rs` (what running tasks share).
 
@@ -27,6 +28,7 @@ mod held;
 mod job;
 mod lost;
 mod outcome;
+mod overdue;
 mod queued;
 mod receive;
 mod runner;
@@ -48,6 +50,7 @@ use crate::backend::{Backend, BackendError};
 use crate::broker::{mask_url, BrokerError};
 use crate::config::WorkerConfig;
 use crate::exit;
+use crate::host::TaskHost;
 use crate::shm::{ChildState, SharedState, Slot};
 use crate::signals::ProcessSignals;
 use crate::task::Registry;
@@ -125,11 +128,16 @@ impl Link {
 
 /// The body of task process number `index` (in a freshly forked process):
 /// runs it on its own single-threaded runtime and returns the exit code.
+///
+/// With a `host` (tasks of a hosted app), the host starts its side of the
+/// process first, the runtime runs on a thread of its own and the main
+/// thread runs the hosted tasks ([`crate::task::main_thread`]).
 pub fn main(
     index: usize,
     shm: SharedState,
     config: Arc<WorkerConfig>,
     registry: Arc<Registry>,
+    host: Option<Arc<dyn TaskHost>>,
 ) -> i32 {
     let link = Link {
         index,
@@ -138,6 +146,21 @@ pub fn main(
     };
     crate::logging::set_process_name(format!("ForkPoolWorker-{}", index + 1));
     link.slot().set_state(ChildState::Booting);
+    let Some(host) = host else {
+        return run_process(link, config, registry);
+    };
+    if let Err(message) = host.task_process_started(index, &config) {
+        error!("cannot start: {message}");
+        link.slot().set_error(&message);
+        return exit::BOOT_REFUSED;
+    }
+    let code = crate::task::main_thread::serve(move || run_process(link, config, registry));
+    host.task_process_ending(code);
+    code
+}
+
+/// Runs the process's loop on a current-thread runtime; the exit code.
+fn run_process(link: Link, config: Arc<WorkerConfig>, registry: Arc<Registry>) -> i32 {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(SLOTS + 2)
@@ -194,6 +217,9 @@ struct Child {
     queued: QueuedLines,
     /// This process's broker token, with OAuth 2 (`--broker-auth`).
     tokens: Option<crate::token::TokenKeeper>,
+    /// The broker closed the consumer channel for a consumer timeout: no
+    /// consuming until the running task is done (see `overdue.rs`).
+    timed_out: bool,
 }
 
 /// Connects, declares, consumes and runs tasks until a shutdown signal
@@ -283,6 +309,7 @@ async fn run(
         received: 0,
         queued: QueuedLines::default(),
         tokens,
+        timed_out: false,
     };
     child.start_consuming().await.map_err(boot)?;
     let result = loop {

@@ -40,10 +40,11 @@ pub(crate) enum TaskHappening<'a> {
     Received { msg: &'a TaskMessage },
     /// Its code starts.
     Started { msg: &'a TaskMessage },
-    /// Returned `value`.
+    /// Returned `value` (shown as `repr` when its own code made one).
     Succeeded {
         msg: &'a TaskMessage,
         value: &'a Value,
+        repr: Option<&'a str>,
         runtime: f64,
     },
     /// Raised `exc` (time limits included).
@@ -64,10 +65,12 @@ pub(crate) enum TaskHappening<'a> {
         countdown: f64,
         runtime: f64,
     },
-    /// Raised `Reject`.
+    /// Raised `Reject`; `acked`: its message was acknowledged before it
+    /// ran, so there is nothing left to reject (and no `task-rejected`).
     Rejected {
         msg: &'a TaskMessage,
         requeue: bool,
+        acked: bool,
         reason: &'a str,
         runtime: f64,
     },
@@ -127,12 +130,20 @@ impl TaskHappening<'_> {
             Self::Succeeded {
                 msg,
                 value,
+                repr,
                 runtime,
             } => {
-                info!(task_id = %msg.id, queue, task_name = %msg.task, state = "SUCCESS", runtime, "Task {}[{}] succeeded in {:.6}s: {}", msg.display_name(), msg.id, runtime, short_repr(value, MAX_REPR))
+                let shown = repr.map_or_else(|| short_repr(value, MAX_REPR), str::to_owned);
+                info!(task_id = %msg.id, queue, task_name = %msg.task, state = "SUCCESS", runtime, "Task {}[{}] succeeded in {:.6}s: {}", msg.display_name(), msg.id, runtime, shown)
             }
             Self::Failed { msg, exc, runtime } => {
-                error!(task_id = %msg.id, queue, task_name = %msg.task, state = "FAILURE", runtime, exception = %exc.exc_type, "Task {}[{}] raised unexpected: {}", msg.display_name(), msg.id, exc.repr())
+                // A hosted task's failure comes with its real traceback, logged as Celery does.
+                let traceback = exc
+                    .shown
+                    .as_ref()
+                    .filter(|s| !s.traceback.is_empty())
+                    .map_or_else(String::new, |s| format!("\n{}", s.traceback.trim_end()));
+                error!(task_id = %msg.id, queue, task_name = %msg.task, state = "FAILURE", runtime, exception = %exc.exc_type, "Task {}[{}] raised unexpected: {}{traceback}", msg.display_name(), msg.id, exc.repr())
             }
             Self::Lost { msg, exc } => {
                 error!(task_id = %msg.id, queue, task_name = %msg.task, state = "FAILURE", exception = %exc.exc_type, "Task {}[{}] failed: {}", msg.display_name(), msg.id, exc.repr())
@@ -144,7 +155,10 @@ impl TaskHappening<'_> {
                 runtime,
             } => {
                 // Celery's Retry reads "Retry in 5s", or "Retry in 5s: ValueError('x')".
-                let why = exc.map_or_else(String::new, |e| format!(": {}", e.repr()));
+                let why = exc
+                    .map(ExceptionInfo::repr)
+                    .filter(|r| r != "None")
+                    .map_or_else(String::new, |r| format!(": {r}"));
                 let exception = exc.map_or("Retry", |e| e.exc_type.as_str());
                 info!(task_id = %msg.id, queue, task_name = %msg.task, state = "RETRY", runtime, exception, "Task {}[{}] retry: Retry in {countdown}s{why}", msg.display_name(), msg.id)
             }
@@ -153,6 +167,7 @@ impl TaskHappening<'_> {
                 requeue,
                 reason,
                 runtime,
+                ..
             } => {
                 warn!(task_id = %msg.id, queue, task_name = %msg.task, state = "REJECTED", runtime, exception = "Reject", "Task {}[{}] reject requeue={}: {reason}", msg.display_name(), msg.id, if requeue { "True" } else { "False" })
             }
@@ -215,7 +230,15 @@ impl TaskHappening<'_> {
             Self::Failed { .. } | Self::Lost { .. } | Self::Unregistered { .. } => &[K::Failed],
             Self::Retried { .. } => &[K::Retried],
             // Celery sends task-failed only when the message is not requeued.
+            // As Celery: task-failed unless requeued, task-rejected only for
+            // a message not acknowledged yet.
+            Self::Rejected {
+                requeue: true,
+                acked: true,
+                ..
+            } => &[],
             Self::Rejected { requeue: true, .. } => &[K::Rejected],
+            Self::Rejected { acked: true, .. } => &[K::Failed],
             Self::Rejected { .. } | Self::Quarantined { .. } => &[K::Failed, K::Rejected],
             Self::Revoked { .. } | Self::Terminated { .. } => &[K::Revoked],
             Self::Ignored { .. } | Self::Invalid { .. } => &[],
@@ -231,10 +254,14 @@ impl TaskHappening<'_> {
                 Self::Succeeded {
                     msg,
                     value,
+                    repr,
                     runtime,
                 },
                 _,
-            ) => events::task_succeeded(&msg.id, value, *runtime),
+            ) => match repr {
+                Some(repr) => events::task_succeeded_shown(&msg.id, repr, *runtime),
+                None => events::task_succeeded(&msg.id, value, *runtime),
+            },
             (Self::Failed { msg, exc, .. }, _)
             | (Self::Lost { msg, exc }, _)
             | (Self::Quarantined { msg, exc, .. }, K::Failed) => {
@@ -322,6 +349,7 @@ mod tests {
         let gone = TaskHappening::Rejected {
             msg: &m,
             requeue: false,
+            acked: false,
             reason: "bad",
             runtime: 0.0,
         };
@@ -333,6 +361,7 @@ mod tests {
         let back = TaskHappening::Rejected {
             msg: &m,
             requeue: true,
+            acked: false,
             reason: "later",
             runtime: 0.0,
         };
@@ -341,6 +370,16 @@ mod tests {
             back.event_fields(K::Rejected)[1],
             ("requeue", Value::from(true))
         );
+        // Acknowledged early: nothing to reject, so no task-rejected.
+        let early = |requeue| TaskHappening::Rejected {
+            msg: &m,
+            requeue,
+            acked: true,
+            reason: "x",
+            runtime: 0.0,
+        };
+        assert_eq!(types(&early(false)), ["task-failed"]);
+        assert!(types(&early(true)).is_empty());
     }
 
     #[test]
@@ -428,6 +467,7 @@ mod tests {
             TaskHappening::Succeeded {
                 msg: &m,
                 value: &v,
+                repr: None,
                 runtime: 0.0,
             },
             TaskHappening::Failed {

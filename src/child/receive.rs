@@ -42,6 +42,9 @@ impl Child {
             reject(&job.acker, &job.msg.id, false).await;
             return;
         };
+        if job.delivery.redelivered && self.settle_overdue_copy(&job).await {
+            return;
+        }
         self.received += 1;
         TaskHappening::Received { msg: &job.msg }.emit(&shared, &job.queue);
         if job.delivery.redelivered {
@@ -69,10 +72,7 @@ impl Child {
             let Some(job) = self.held.pop_ready() else {
                 break;
             };
-            let rate = self.shared.runtime_limits(&job.msg.task).rate;
-            let processes = self.link.shm.target();
-            let now = tokio::time::Instant::now();
-            if let Some(wait) = self.held.throttle(&job.msg.task, rate, processes, now) {
+            if let Some(wait) = self.shared.rate_turn(&job.msg.task) {
                 let at = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
                 self.held.schedule(job, at);
                 continue;

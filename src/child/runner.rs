@@ -69,13 +69,13 @@ pub(super) async fn run(
     // A blocking task is stopped at its hard limit by the supervisor, which
     // kills its process; only a task that can be aborted is stopped here.
     let in_process_hard = if task.blocking { None } else { limits.hard };
-    run_with_limits(future, &ctx, task.blocking, limits.soft, in_process_hard).await
+    run_with_limits(future, &ctx, task, limits.soft, in_process_hard).await
 }
 
 async fn run_with_limits(
     future: TaskFuture,
     ctx: &Context,
-    blocking: bool,
+    task: &Registered,
     soft: Option<f64>,
     hard: Option<f64>,
 ) -> Result<Value, TaskError> {
@@ -98,10 +98,11 @@ async fn run_with_limits(
                 soft_at = None;
                 ctx.mark_soft_time_limit_exceeded();
                 warn!(task_id = %ctx.id(), "Soft time limit ({}s) exceeded for {}[{}]", soft.unwrap_or_default(), ctx.task(), ctx.id());
-                if !blocking {
+                if !task.blocking {
                     handle.abort();
                     return Err(ExceptionInfo::soft_time_limit_exceeded().into());
                 }
+                task.handler.interrupt(ctx);
             }
             () = sleep_until(hard_at.unwrap_or(far)), if hard_at.is_some() => {
                 let h = hard.unwrap_or_default();

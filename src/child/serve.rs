@@ -34,6 +34,7 @@ impl Child {
                         self.shutdown(rx, Stop::Warm).await?;
                         return Ok(Exit::Recycled);
                     }
+                    self.resume_after_timeout().await?;
                 }
                 _ = heartbeat.tick() => {
                     self.tick().await;
@@ -77,7 +78,13 @@ impl Child {
                 Ok(())
             }
             Some(Incoming::Failed(e, tag)) if self.consumers.current(&tag) => {
-                Err(ChildError::ConnectionLost(e.to_string()))
+                match super::overdue::consumer_timeout(&e) {
+                    Some(timeout_ms) => {
+                        self.channel_timed_out(timeout_ms);
+                        self.resume_after_timeout().await
+                    }
+                    None => Err(ChildError::ConnectionLost(e.to_string())),
+                }
             }
             // A consumer of a connection already given up.
             Some(Incoming::Failed(..)) => Ok(()),
@@ -99,6 +106,7 @@ impl Child {
             Err(e) => e.id(),
         };
         if let Some(info) = self.running_info.remove(&id) {
+            self.overdue_run_ended(&info.job_msg.id);
             match done {
                 Ok((_, finished)) => {
                     debug!(task_id = %finished.id, "slot free");

@@ -108,6 +108,8 @@ impl Child {
     pub(super) fn lose_session(&mut self) {
         self.link.slot().set_state(ChildState::Reconnecting);
         self.consumers.clear();
+        // A new connection consumes at once (its channel is new too).
+        self.timed_out = false;
         let dropped = self.held.clear();
         if dropped > 0 {
             info!("{dropped} received message(s) will be redelivered by the broker");

@@ -23,6 +23,9 @@ pub(super) struct Settle<'a> {
     pub(super) acked: bool,
     /// Seconds the task's code ran.
     pub(super) runtime: f64,
+    /// The task's own code stored its result and sent its follow-ups and
+    /// retries (a hosted task): only the message and the report are left.
+    pub(super) settled_by_task: bool,
 }
 
 impl Settle<'_> {
@@ -74,6 +77,20 @@ impl Settle<'_> {
 
     async fn success(&self, value: Value) {
         let (shared, msg) = (self.shared, self.msg());
+        if self.settled_by_task {
+            // The value is the task's own `repr` of its result.
+            TaskHappening::Succeeded {
+                msg,
+                value: &Value::Null,
+                repr: value.as_str(),
+                runtime: self.runtime,
+            }
+            .emit(shared, &self.job.queue);
+            if self.acks_late {
+                ack(&self.job.acker, &msg.id).await;
+            }
+            return;
+        }
         if let Some((next, rest)) = msg.embed.chain.split_last() {
             self.publish_signature(next, Some(value.clone()), rest.to_vec())
                 .await;
@@ -93,6 +110,7 @@ impl Settle<'_> {
         TaskHappening::Succeeded {
             msg,
             value: &value,
+            repr: None,
             runtime: self.runtime,
         }
         .emit(shared, &self.job.queue);
@@ -103,6 +121,20 @@ impl Settle<'_> {
 
     async fn retry(&self, retry: Retry) {
         let (shared, msg) = (self.shared, self.msg());
+        if self.settled_by_task {
+            // Its own code published the retry and stored RETRY.
+            TaskHappening::Retried {
+                msg,
+                exc: retry.exc.as_ref(),
+                countdown: retry.countdown.unwrap_or_default(),
+                runtime: self.runtime,
+            }
+            .emit(shared, &self.job.queue);
+            if self.acks_late {
+                ack(&self.job.acker, &msg.id).await;
+            }
+            return;
+        }
         let max = retry.max_retries.unwrap_or(self.options.max_retries);
         if max.is_some_and(|m| msg.retries >= m) {
             let exc = retry.exc.unwrap_or_else(|| {
@@ -176,11 +208,13 @@ impl Settle<'_> {
 
     async fn failure(&self, exc: ExceptionInfo) {
         let (shared, msg) = (self.shared, self.msg());
-        for errback in &msg.embed.errbacks {
-            self.publish_signature(errback, Some(Value::String(msg.id.clone())), Vec::new())
-                .await;
+        if !self.settled_by_task {
+            for errback in &msg.embed.errbacks {
+                self.publish_signature(errback, Some(Value::String(msg.id.clone())), Vec::new())
+                    .await;
+            }
         }
-        if !self.ignore_result {
+        if !self.ignore_result && !self.settled_by_task {
             let mut doc = shared.document(
                 msg,
                 TaskState::Failure,
@@ -205,11 +239,12 @@ impl Settle<'_> {
         TaskHappening::Rejected {
             msg,
             requeue,
+            acked: self.acked,
             reason,
             runtime: self.runtime,
         }
         .emit(shared, &self.job.queue);
-        if !requeue && !self.ignore_result {
+        if !requeue && !self.ignore_result && !self.settled_by_task {
             let exc = ExceptionInfo::new(
                 "Reject",
                 "celery.exceptions",

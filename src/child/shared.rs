@@ -82,6 +82,18 @@ impl Shared {
         find(cache.entry(task.to_owned()).or_default())
     }
 
+    /// How long a run of `task` must wait for its turn under its rate
+    /// limit, or `None` (turn taken) when it may start now.
+    pub fn rate_turn(&self, task: &str) -> Option<std::time::Duration> {
+        let rate = self.runtime_limits(task).rate?;
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).ok()?;
+        let now_us = now.tv_sec() as u64 * 1_000_000 + now.tv_nsec() as u64 / 1_000;
+        self.link
+            .shm
+            .take_rate_turn(self.stat_index(task), rate, now_us)
+            .map(std::time::Duration::from_micros)
+    }
+
     fn stat_index(&self, task: &str) -> usize {
         self.cached(
             task,

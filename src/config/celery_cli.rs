@@ -99,20 +99,15 @@ fn refusal(name: &str, instead: &str) -> ConfigError {
 
 /// Refuses the options celeriac does not have, naming what to do instead.
 pub(super) fn refuse_unsupported(g: &GlobalArgs, w: &CeleryWorkerArgs) -> Result<(), ConfigError> {
-    if let Some(app) = &g.app {
-        return Err(ConfigError::new(
-            "--app",
-            format!("{app:?}: running a Python Celery app's tasks is not available in this version; register the tasks in Rust (see the README's \"Your own tasks\")"),
-        ));
-    }
+    let no_app = g.app.is_none();
     let checks: [(bool, &str, &str); 16] = [
-        (g.loader.is_some(), "--loader", "it configures a Python app's loader; celeriac takes its settings from flags and environment variables"),
-        (g.config.is_some(), "--config", "it names a Python configuration module; pass the broker, backend and queues as flags or environment variables"),
+        (no_app && g.loader.is_some(), "--loader", "it configures a Python app's loader: give the app with -A, or pass the settings as flags and environment variables"),
+        (no_app && g.config.is_some(), "--config", "it names a Python configuration module: give the app with -A, or pass the broker, backend and queues as flags or environment variables"),
         (w.detach, "--detach", "celeriac runs in the foreground; let Kubernetes, systemd or another supervisor run it"),
         (w.statedb.is_some(), "--statedb", "revoked ids are kept in memory; give tasks an `expires` for revokes that must outlive a restart"),
         (w.disable_prefetch, "--disable-prefetch", "Celery honours it on Redis brokers only; on RabbitMQ use --prefetch-multiplier 1 with --acks-late"),
         (w.purge, "--purge", "run `celery -A <app> purge -f` (or `rabbitmqctl purge_queue`) before starting the worker"),
-        (!w.include.is_empty(), "--include", "it imports Python task modules; celeriac runs tasks registered in Rust"),
+        (no_app && !w.include.is_empty(), "--include", "it imports Python task modules: give the app with -A"),
         (w.autoscale.is_some(), "--autoscale", "set -c to the most processes and use the pool_grow/pool_shrink remote control, or scale pods (KEDA, HPA)"),
         (w.beat, "--beat", "run `celery -A <app> beat` as a process of its own"),
         (w.schedule_filename.is_some(), "--schedule-filename", "it belongs to the embedded beat; give it to `celery beat`"),
@@ -140,7 +135,7 @@ pub(super) fn refuse_unsupported(g: &GlobalArgs, w: &CeleryWorkerArgs) -> Result
         Some("spawn") => {
             return Err(refusal(
                 "--pool-start-method",
-                "celeriac forks its task processes from a supervisor that never runs task code, so `fork` is safe; drop the option",
+                "celeriac forks its task processes (the app, if any, is imported once before, as Celery's prefork does); drop the option",
             ))
         }
         Some(other) => {
@@ -306,16 +301,7 @@ pub(super) fn options_from_environment(
     command_line: &[std::ffi::OsString],
     env: &dyn super::Env,
 ) -> Vec<std::ffi::OsString> {
-    let given = |long: &str, short: Option<&str>| {
-        command_line.iter().any(|a| {
-            let a = a.to_string_lossy();
-            a == long
-                || a.starts_with(&format!("{long}="))
-                || short.is_some_and(|s| {
-                    a == s || (a.starts_with(s) && a.len() > 2 && !a.starts_with("--"))
-                })
-        })
-    };
+    let given = |long: &str, short: Option<&str>| is_given(command_line, long, short);
     let mut out = Vec::new();
     for (suffix, long, short, kind) in WORKER_VARIABLES {
         let Some(value) = env.var(&format!("CELERY_WORKER_{suffix}")) else {
@@ -331,4 +317,51 @@ pub(super) fn options_from_environment(
         }
     }
     out
+}
+
+/// Whether `command_line` gives the option `long` (or its `short` spelling).
+fn is_given(command_line: &[std::ffi::OsString], long: &str, short: Option<&str>) -> bool {
+    command_line.iter().any(|a| {
+        let a = a.to_string_lossy();
+        a == long
+            || a.starts_with(&format!("{long}="))
+            || short.is_some_and(|s| {
+                a == s || (a.starts_with(s) && a.len() > 2 && !a.starts_with("--"))
+            })
+    })
+}
+
+/// The short spelling and the `CELERIAC_*` variable of the options a
+/// loaded app's configuration can give.
+const APP_OPTIONS: [(&str, Option<&str>, Option<&str>); 6] = [
+    ("--concurrency", Some("-c"), Some("CELERIAC_CONCURRENCY")),
+    ("--queues", Some("-Q"), None),
+    ("--task-events", Some("-E"), None),
+    ("--broker", Some("-b"), None),
+    ("--loglevel", Some("-l"), Some("CELERIAC_LOGLEVEL")),
+    ("--queue-type", None, Some("CELERIAC_QUEUE_TYPE")),
+];
+
+/// The words of `app` (`--long` or `--long=value`, from a loaded app's
+/// configuration) that neither `command_line` nor the option's
+/// `CELERIAC_*` variable sets.
+pub(super) fn options_from_app(
+    command_line: &[std::ffi::OsString],
+    env: &dyn super::Env,
+    app: &[String],
+) -> Vec<std::ffi::OsString> {
+    app.iter()
+        .filter(|word| {
+            let long = word.split('=').next().unwrap_or(word);
+            let (short, var) = APP_OPTIONS
+                .iter()
+                .find(|(l, _, _)| *l == long)
+                .map_or((None, None), |(_, s, v)| (*s, *v));
+            let aliased = long == "--task-events" && is_given(command_line, "--events", None);
+            !is_given(command_line, long, short)
+                && !aliased
+                && var.is_none_or(|v| env.var(v).is_none())
+        })
+        .map(Into::into)
+        .collect()
 }

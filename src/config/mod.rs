@@ -23,6 +23,9 @@ mod celery_cli;
 /// The default broker, as Celery's.
 pub const DEFAULT_BROKER: &str = "amqp://guest:guest@localhost:5672//";
 
+/// The queue consumed when none is given (Celery's `task_default_queue`).
+pub const DEFAULT_QUEUE: &str = "celery";
+
 /// The default state directory, the one the probe binaries read.
 pub use celeriac_probes::DEFAULT_STATE_DIR;
 
@@ -95,8 +98,8 @@ pub enum QueueType {
 #[derive(clap::Args, Debug)]
 #[command(args_override_self = true)]
 struct WorkerArgs {
-    /// Queues to consume, comma-separated (repeatable)
-    #[arg(short = 'Q', long = "queues", default_value = "celery")]
+    /// Queues to consume, comma-separated (repeatable) [default: celery; with -A, every queue the app declares]
+    #[arg(short = 'Q', long = "queues")]
     queues: Vec<String>,
     /// Number of task processes, or `auto` (the CPUs this process may use, capped by the container's CPU limit) [default: the machine's CPU count, as Celery]
     #[arg(
@@ -298,6 +301,33 @@ pub struct WorkerConfig {
     pub umask: Option<u32>,
     /// Period of worker-heartbeat events; `None` sends none (`--without-heartbeat`).
     pub heartbeat_interval: Option<Duration>,
+    /// The Python app to load (`-A`), with what Celery's command line hands it.
+    pub app: Option<AppArgs>,
+}
+
+/// `-A` and the options Celery's command line passes to the app it loads.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AppArgs {
+    /// `-A/--app`: `module`, `module:attr`, or a package with a `celery` module.
+    pub name: String,
+    /// `-I/--include`: more task modules to import.
+    pub include: Vec<String>,
+    /// `--loader`.
+    pub loader: Option<String>,
+    /// `--config`: the configuration module.
+    pub config_module: Option<String>,
+    /// `-b` (or `BROKER_URL`) when given: exported to the app as `CELERY_BROKER_URL`.
+    pub broker: Option<String>,
+    /// `--result-backend` (or `RESULT_BACKEND`) when given: exported as `CELERY_RESULT_BACKEND`.
+    pub result_backend: Option<String>,
+    /// `--skip-checks`.
+    pub skip_checks: bool,
+    /// `-l` as given, for the app's loggers.
+    pub loglevel: String,
+    /// Whether `-Q` was given (else every queue the app declares is consumed).
+    pub queues_given: bool,
+    /// `-X/--exclude-queues`.
+    pub exclude_queues: Vec<String>,
 }
 
 /// What the command line asks for.
@@ -338,12 +368,29 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
+    parse_with_app(args, env, &[])
+}
+
+/// [`parse`], with the worker options a loaded app's configuration gives
+/// (`--concurrency=4`, `--acks-late`): each applies unless the command line,
+/// a `CELERY_WORKER_*` variable or the option's `CELERIAC_*` variable sets it.
+pub fn parse_with_app<I, T>(
+    args: I,
+    env: &dyn Env,
+    app: &[String],
+) -> Result<Invocation, ConfigError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
     // CELERY_WORKER_<OPTION> variables go in right after `worker`, as if
     // typed there, unless the command line gives the option itself.
     let mut args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
     if let Some(at) = celery_cli::subcommand_position(&args) {
         let from_env = celery_cli::options_from_environment(&args[at + 1..], env);
         args.splice(at + 1..at + 1, from_env);
+        let from_app = celery_cli::options_from_app(&args[1..], env, app);
+        args.splice(at + 1..at + 1, from_app);
     }
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
@@ -402,6 +449,34 @@ fn validate(a: WorkerArgs, g: GlobalArgs, env: &dyn Env) -> Result<WorkerConfig,
         &["BROKER_URL", "CELERY_BROKER_URL"],
         env,
     );
+    let app = g.app.clone().map(|name| AppArgs {
+        name,
+        include: a
+            .celery
+            .include
+            .iter()
+            .flat_map(|m| m.split(','))
+            .map(|m| m.trim().to_owned())
+            .filter(|m| !m.is_empty())
+            .collect(),
+        loader: g.loader.clone(),
+        config_module: g.config.clone(),
+        broker: (broker_name != "CELERY_BROKER_URL")
+            .then(|| broker_url.clone())
+            .flatten(),
+        result_backend: None,
+        skip_checks: g.skip_checks,
+        loglevel: a.loglevel.clone(),
+        queues_given: !a.queues.is_empty(),
+        exclude_queues: a
+            .celery
+            .exclude_queues
+            .iter()
+            .flat_map(|q| q.split(','))
+            .map(|q| q.trim().to_owned())
+            .filter(|q| !q.is_empty())
+            .collect(),
+    });
     let broker_url = broker_url.unwrap_or_else(|| DEFAULT_BROKER.to_owned());
     parse_url(&broker_url).map_err(|e| ConfigError::new(broker_name, e.to_string()))?;
     let broker_auth = broker_auth::validate(
@@ -417,6 +492,12 @@ fn validate(a: WorkerArgs, g: GlobalArgs, env: &dyn Env) -> Result<WorkerConfig,
         &["RESULT_BACKEND", "CELERY_RESULT_BACKEND"],
         env,
     );
+    let app = app.map(|mut app| {
+        if backend_name != "CELERY_RESULT_BACKEND" {
+            app.result_backend.clone_from(&backend);
+        }
+        app
+    });
     let result_backend = backend
         .map(|url| parse_backend(&url).map_err(|reason| ConfigError::new(backend_name, reason)))
         .transpose()?;
@@ -429,7 +510,13 @@ fn validate(a: WorkerArgs, g: GlobalArgs, env: &dyn Env) -> Result<WorkerConfig,
         .map(str::trim)
         .collect();
     let mut names = Vec::new();
-    for part in a.queues.iter().flat_map(|q| q.split(',')) {
+    let default_queue = [DEFAULT_QUEUE.to_owned()];
+    let given_queues = if a.queues.is_empty() {
+        &default_queue[..]
+    } else {
+        &a.queues[..]
+    };
+    for part in given_queues.iter().flat_map(|q| q.split(',')) {
         let name = part.trim();
         if name.is_empty() {
             continue;
@@ -594,6 +681,7 @@ fn validate(a: WorkerArgs, g: GlobalArgs, env: &dyn Env) -> Result<WorkerConfig,
         workdir: g.workdir,
         umask,
         heartbeat_interval,
+        app,
     })
 }
 

@@ -114,8 +114,7 @@ fn every_celery_worker_option_is_accepted_or_refused_with_one_line() {
     }
     // Refused, each naming the option and what to do instead.
     for (args, name) in [
-        (&["-A", "proj"][..], "--app"),
-        (&["--loader", "x"], "--loader"),
+        (&["--loader", "x"][..], "--loader"),
         (&["--config", "celeryconfig"], "--config"),
         (&["-D"], "--detach"),
         (&["-S", "/tmp/state"], "--statedb"),
@@ -143,6 +142,76 @@ fn every_celery_worker_option_is_accepted_or_refused_with_one_line() {
         assert_eq!(e.name, name, "{args:?}");
         assert!(!e.to_string().contains('\n'), "one line: {e}");
     }
+}
+
+#[test]
+fn an_app_takes_the_options_celery_hands_it() {
+    let c = worker(
+        &[
+            "-A",
+            "proj",
+            "-I",
+            "proj.a,proj.b",
+            "--loader",
+            "default",
+            "-b",
+            "amqp://h1//",
+        ],
+        &[("CELERY_BROKER_URL", "amqp://h2//")],
+    )
+    .unwrap();
+    let app = c.app.expect("the app");
+    assert_eq!(app.name, "proj");
+    assert_eq!(app.include, ["proj.a", "proj.b"]);
+    assert_eq!(app.loader.as_deref(), Some("default"));
+    // -b is exported to the app; CELERY_BROKER_URL is already in its environment.
+    assert_eq!(app.broker.as_deref(), Some("amqp://h1//"));
+    assert!(!app.queues_given);
+    let c = worker(
+        &["-A", "proj", "-Q", "a"],
+        &[("CELERY_BROKER_URL", "amqp://h2//")],
+    )
+    .unwrap();
+    let app = c.app.unwrap();
+    assert_eq!(app.broker, None);
+    assert!(app.queues_given);
+    assert!(worker(&[], &[]).unwrap().app.is_none());
+}
+
+#[test]
+fn an_apps_settings_yield_to_the_command_line_and_environment() {
+    let app = [
+        "--concurrency=7".to_owned(),
+        "--acks-late".to_owned(),
+        "--queues=a,b".to_owned(),
+        "--prefetch-multiplier=2".to_owned(),
+    ];
+    let parse = |args: &[&str], env: &[(&str, &str); 1]| {
+        let mut argv = vec!["celeriac", "worker"];
+        argv.extend_from_slice(args);
+        match super::parse_with_app(argv, env, &app) {
+            Ok(Invocation::Worker(c)) => *c,
+            other => panic!("{other:?}"),
+        }
+    };
+    let c = parse(&[], &[("UNRELATED", "x")]);
+    assert_eq!(c.concurrency, 7);
+    assert!(c.acks_late);
+    assert_eq!(c.prefetch_multiplier, 2);
+    let names: Vec<_> = c.queues.iter().map(|q| q.name.as_str()).collect();
+    assert_eq!(names, ["a", "b"]);
+    let c = parse(
+        &["-c", "3", "-Q", "z", "--prefetch-multiplier", "1"],
+        &[("UNRELATED", "x")],
+    );
+    assert_eq!(c.concurrency, 3);
+    assert_eq!(c.prefetch_multiplier, 1);
+    assert_eq!(c.queues.len(), 1);
+    // clap reads CELERIAC_CONCURRENCY itself; the app's value must stay out of its way.
+    let c = parse(&[], &[("CELERIAC_CONCURRENCY", "5")]);
+    assert_ne!(c.concurrency, 7);
+    let c = parse(&[], &[("CELERY_WORKER_CONCURRENCY", "4")]);
+    assert_eq!(c.concurrency, 4);
 }
 
 #[test]

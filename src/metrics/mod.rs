@@ -207,6 +207,12 @@ pub fn render(shm: &SharedState, config: &WorkerConfig) -> String {
             vec![counter(&[], reconnects as f64)],
         ),
         family(
+            "celeriac_consumer_timeouts_total",
+            "Consumer channels the broker closed because a delivery was not acknowledged within its consumer_timeout.",
+            MetricType::COUNTER,
+            vec![counter(&[], shm.consumer_timeouts() as f64)],
+        ),
+        family(
             "celeriac_events_published_total",
             "Event messages published (task events are batched, several per message).",
             MetricType::COUNTER,
@@ -297,6 +303,10 @@ mod tests {
         assert!(text.contains("celeriac_child_spawns_total 0\n"), "{text}");
         assert!(
             text.contains("celeriac_broker_reconnects_total 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("celeriac_consumer_timeouts_total 0\n"),
             "{text}"
         );
         assert!(!text.contains("celeriac_tasks_total"), "{text}");

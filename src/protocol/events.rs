@@ -171,6 +171,16 @@ pub fn task_succeeded(id: &str, result: &Value, runtime: f64) -> Vec<(&'static s
     ]
 }
 
+/// `task-succeeded` for a result its own code has shown (Python's
+/// `saferepr`, already short).
+pub fn task_succeeded_shown(id: &str, result: &str, runtime: f64) -> Vec<(&'static str, Value)> {
+    vec![
+        ("uuid", id.into()),
+        ("result", result.into()),
+        ("runtime", runtime.into()),
+    ]
+}
+
 /// The task event types a worker sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TaskEventKind {

@@ -17,6 +17,19 @@ pub struct ExceptionInfo {
     pub exc_message: Vec<Value>,
     /// The module the class lives in, e.g. `builtins`.
     pub exc_module: String,
+    /// How the raising code showed it (a hosted task's real `repr()` and
+    /// traceback), for events and logs; never stored.
+    #[serde(skip)]
+    pub shown: Option<Box<Shown>>,
+}
+
+/// An exception as the code that raised it shows it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Shown {
+    /// `repr(exc)`.
+    pub repr: String,
+    /// The formatted traceback.
+    pub traceback: String,
 }
 
 impl ExceptionInfo {
@@ -26,6 +39,7 @@ impl ExceptionInfo {
             exc_type: kind.to_owned(),
             exc_message: args,
             exc_module: module.to_owned(),
+            shown: None,
         }
     }
 
@@ -79,6 +93,9 @@ impl ExceptionInfo {
     /// Python's `repr()` of the exception, e.g. `ValueError('bad', 42)`, as
     /// events carry it.
     pub fn repr(&self) -> String {
+        if let Some(shown) = &self.shown {
+            return shown.repr.clone();
+        }
         let args: Vec<String> = self
             .exc_message
             .iter()
@@ -89,6 +106,9 @@ impl ExceptionInfo {
 
     /// A short traceback-like text for logs and the `traceback` field.
     pub fn traceback(&self) -> String {
+        if let Some(shown) = &self.shown {
+            return shown.traceback.clone();
+        }
         let message = match self.exc_message.as_slice() {
             [] => String::new(),
             [Value::String(s)] => s.clone(),

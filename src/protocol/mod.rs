@@ -11,7 +11,7 @@ mod outgoing;
 mod result;
 mod time;
 
-pub use exception::ExceptionInfo;
+pub use exception::{ExceptionInfo, Shown};
 pub use message::{
     DecodeError, Embed, RawMessage, TaskMessage, ACCEPTED_CONTENT_TYPE, REJECTED_CONTENT_TYPES,
 };

@@ -65,6 +65,7 @@ shm_record! {
         reason: AtomicU32,
         deaths: AtomicU32,
         signal: AtomicU32,
+        exit_code: AtomicU32,
         hard_limit_ms: AtomicU64,
         flags: AtomicU64,
         at_ms: AtomicU64,
@@ -85,12 +86,19 @@ pub struct Lost {
     pub deaths: u32,
     /// The signal that killed the child (0 if it exited).
     pub signal: u32,
+    /// Its exit code, when it exited (0 if killed by a signal).
+    pub exit_code: u32,
 }
 
 impl SharedState {
     /// Supervisor only: records that `task` was lost. Returns how many times
     /// a child has now died running this task id.
-    pub(crate) fn record_lost(&self, task: &RunningTask, reason: LostReason, signal: u32) -> u32 {
+    pub(crate) fn record_lost(
+        &self,
+        task: &RunningTask,
+        reason: LostReason,
+        (signal, exit_code): (u32, u32),
+    ) -> u32 {
         let previous = self.find_lost(&task.id).map_or(0, |l| l.deaths);
         if let Some(old) = self.find_lost(&task.id) {
             self.lost[old.index]
@@ -105,17 +113,20 @@ impl SharedState {
         r.reason.store(reason as u32, Ordering::Relaxed);
         r.deaths.store(previous + 1, Ordering::Relaxed);
         r.signal.store(signal, Ordering::Relaxed);
+        r.exit_code.store(exit_code, Ordering::Relaxed);
         r.hard_limit_ms.store(task.hard_limit_ms, Ordering::Relaxed);
         r.flags.store(task.flags, Ordering::Relaxed);
         r.at_ms.store(now_ms(), Ordering::Relaxed);
         // An early-acked task's message is gone: a child must store its
         // failure. An acks-late message comes back from the broker, and the
-        // child that receives it decides.
-        let state = if task.flags & TaskFlags::ACKS_LATE != 0 {
-            LostState::WAIT_REDELIVERY
-        } else {
-            LostState::REPORT
-        };
+        // child that receives it decides, unless its delivery timed out and
+        // its copy was acknowledged already (see `overdue.rs`).
+        let state =
+            if task.flags & TaskFlags::ACKS_LATE != 0 && !self.overdue_copy_settled(&task.id) {
+                LostState::WAIT_REDELIVERY
+            } else {
+                LostState::REPORT
+            };
         r.state.store(state, Ordering::Release);
         previous + 1
     }
@@ -152,6 +163,7 @@ impl SharedState {
             reason,
             deaths: r.deaths.load(Ordering::Relaxed),
             signal: r.signal.load(Ordering::Relaxed),
+            exit_code: r.exit_code.load(Ordering::Relaxed),
         }
     }
 
@@ -213,7 +225,10 @@ mod tests {
     #[test]
     fn an_early_acked_task_is_reported_exactly_once() {
         let shm = SharedState::map(2).unwrap();
-        assert_eq!(shm.record_lost(&task("t1", 0), LostReason::TimeLimit, 9), 1);
+        assert_eq!(
+            shm.record_lost(&task("t1", 0), LostReason::TimeLimit, (9, 0)),
+            1
+        );
         let lost = shm.claim_report().expect("claimable");
         assert_eq!(lost.task, task("t1", 0));
         assert_eq!(lost.reason, LostReason::TimeLimit);
@@ -225,7 +240,7 @@ mod tests {
     #[test]
     fn racing_claims_have_one_winner() {
         let shm = SharedState::map(1).unwrap();
-        shm.record_lost(&task("t1", 0), LostReason::WorkerLost, 0);
+        shm.record_lost(&task("t1", 0), LostReason::WorkerLost, (0, 3));
         let won = std::thread::scope(|s| {
             let claims: Vec<_> = (0..4).map(|_| s.spawn(|| shm.claim_report())).collect();
             claims.into_iter().filter_map(|c| c.join().unwrap()).count()
@@ -237,15 +252,26 @@ mod tests {
     fn an_acks_late_task_waits_for_redelivery_and_counts_deaths() {
         let shm = SharedState::map(1).unwrap();
         let t = task("t2", TaskFlags::ACKS_LATE);
-        assert_eq!(shm.record_lost(&t, LostReason::WorkerLost, 0), 1);
+        assert_eq!(shm.record_lost(&t, LostReason::WorkerLost, (0, 0)), 1);
         assert_eq!(shm.claim_report(), None);
-        assert_eq!(shm.record_lost(&t, LostReason::WorkerLost, 9), 2);
+        assert_eq!(shm.record_lost(&t, LostReason::WorkerLost, (9, 0)), 2);
         let live: Vec<_> = (0..LOST_RING).filter_map(|i| shm.read_lost(i)).collect();
         assert_eq!(live.len(), 1, "the older record is superseded");
         let lost = shm.find_lost("t2").expect("live");
         assert_eq!((lost.deaths, lost.signal), (2, 9));
         shm.settle_lost(lost.index);
         assert_eq!(shm.find_lost("t2"), None);
+    }
+
+    #[test]
+    fn an_acks_late_task_whose_copy_was_settled_is_reported() {
+        let shm = SharedState::map(1).unwrap();
+        let t = task("t5", TaskFlags::ACKS_LATE);
+        shm.record_overdue("t5", 0, 42);
+        let copy = shm.find_overdue("t5").unwrap();
+        assert!(shm.claim_overdue_copy(&copy));
+        shm.record_lost(&t, LostReason::WorkerLost, (9, 0));
+        assert_eq!(shm.claim_report().map(|l| l.task.id), Some("t5".into()));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! pattern, the initial zeros included, is a valid value. Text is stored in
 //! 8-byte words under a sequence lock (`seqtext.rs`).
 //!
-//! The region holds a header and six tables, in this order. Each file
+//! The region holds a header and seven tables, in this order. Each file
 //! starts by naming who writes its table and who reads it:
 //!
 //! | table | file | written by | read by |
@@ -18,6 +18,7 @@
 //! | per-task-name stats and run-time limits, [`TASK_STATS`] entries | `stats.rs` | task processes count; control sets limits | control (metrics, inspect); task processes (limits) |
 //! | revoked ids, [`REVOKED_TABLE`] entries | `revoked.rs` | control process | task processes, control process |
 //! | queue changes, [`QUEUE_CHANGES`] entries | `queues.rs` | control process | task processes, supervisor, control process |
+//! | deliveries the broker timed out, a ring of [`OVERDUE_RING`] records | `overdue.rs` | task processes | task processes, supervisor, control process |
 //!
 //! Where several processes write one value (a stats entry's name, a lost
 //! record's claim, the clock), they do it by compare-and-swap. This file
@@ -83,6 +84,7 @@ macro_rules! shm_record {
 
 mod header;
 mod lost;
+mod overdue;
 mod queues;
 mod revoked;
 mod seqtext;
@@ -92,6 +94,7 @@ mod stats;
 pub use header::DeathCause;
 use header::Header;
 pub use lost::{Lost, LostReason, LostRecord, LOST_RING};
+pub use overdue::{FirstRun, Overdue, OverdueRecord, OverdueTable, OVERDUE_RING};
 pub use queues::{QueueChange, QUEUE_CHANGES};
 pub use revoked::{Revoke, RevokedEntry, REVOKED_TABLE, REVOKE_EXPIRES_MS};
 pub use slot::{ChildState, RunningTask, Slot, TaskFlags};
@@ -126,6 +129,7 @@ pub struct SharedState {
     stats: &'static [TaskStat],
     revoked: &'static [RevokedEntry],
     queue_changes: &'static [QueueChange],
+    overdue: &'static OverdueTable,
     tasks: usize,
 }
 
@@ -147,6 +151,7 @@ impl SharedState {
         let stats = place(size_of::<TaskStat>(), TASK_STATS);
         let revoked = place(size_of::<RevokedEntry>(), REVOKED_TABLE);
         let queues = place(size_of::<QueueChange>(), QUEUE_CHANGES);
+        let overdue = place(size_of::<OverdueTable>(), 1);
         let region = Region::map(end)?;
         Ok(Self {
             header: &region.table::<Header>(header, 1)[0],
@@ -155,6 +160,7 @@ impl SharedState {
             stats: region.table(stats, TASK_STATS),
             revoked: region.table(revoked, REVOKED_TABLE),
             queue_changes: region.table(queues, QUEUE_CHANGES),
+            overdue: &region.table::<OverdueTable>(overdue, 1)[0],
             tasks,
         })
     }
@@ -237,6 +243,10 @@ mod tests {
             bytes(
                 shm.queue_changes.as_ptr().cast(),
                 size_of_val(shm.queue_changes),
+            ),
+            bytes(
+                (shm.overdue as *const OverdueTable).cast(),
+                size_of::<OverdueTable>(),
             ),
         ];
         spans.sort();

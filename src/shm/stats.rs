@@ -99,6 +99,7 @@ shm_record! {
         soft_limit_ms: AtomicU64,
         hard_limit_ms: AtomicU64,
         rate_per_hour: AtomicU64,
+        rate_next_us: AtomicU64,
     }
 }
 
@@ -234,6 +235,32 @@ impl SharedState {
             per_second.map_or(0, |r| (r * 3600.0).max(1.0) as u64),
             Ordering::Release,
         );
+    }
+
+    /// The worker-wide turn of the task at `index` under its rate limit of
+    /// `per_second` (one token bucket of capacity 1, as Celery's): `None`
+    /// (and the turn is taken) when a run may start at `now_us` on the
+    /// system's monotonic clock, else how many microseconds to wait.
+    /// Task processes share the bucket, so the spacing holds for the whole
+    /// worker, as in Celery where one process hands tasks to the pool.
+    pub fn take_rate_turn(&self, index: usize, per_second: f64, now_us: u64) -> Option<u64> {
+        let stat = &self.stats[index.min(TASK_STATS - 1)];
+        let interval = (1e6 / per_second.max(1e-6)).min(86_400e6) as u64;
+        let mut next = stat.rate_next_us.load(Ordering::Acquire);
+        loop {
+            if next > now_us {
+                return Some(next - now_us);
+            }
+            match stat.rate_next_us.compare_exchange_weak(
+                next,
+                now_us + interval,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return None,
+                Err(seen) => next = seen,
+            }
+        }
     }
 
     /// The run-time limits of the task at `index`.
@@ -375,5 +402,20 @@ mod tests {
         shm.set_time_limits(i, None, None);
         shm.set_rate_limit(i, None);
         assert_eq!(shm.runtime_limits(i), RuntimeLimits::default());
+    }
+
+    #[test]
+    fn a_rate_limit_spaces_runs_across_the_whole_worker() {
+        let shm = SharedState::map(2).unwrap();
+        let i = shm.task_stat_index("t");
+        // 2/s: a run every 500 ms, whichever process asks.
+        assert_eq!(shm.take_rate_turn(i, 2.0, 1_000_000), None);
+        assert_eq!(shm.take_rate_turn(i, 2.0, 1_000_000), Some(500_000));
+        assert_eq!(shm.take_rate_turn(i, 2.0, 1_300_000), Some(200_000));
+        assert_eq!(shm.take_rate_turn(i, 2.0, 1_500_000), None);
+        assert_eq!(shm.take_rate_turn(i, 2.0, 1_600_000), Some(400_000));
+        // Another task has its own bucket.
+        let j = shm.task_stat_index("u");
+        assert_eq!(shm.take_rate_turn(j, 2.0, 1_600_000), None);
     }
 }

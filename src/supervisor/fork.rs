@@ -55,17 +55,23 @@ pub fn spawn(
     let supervisor = nix::unistd::getpid();
     let slot = &shm.slots()[role.slot(shm.task_slots().len())];
     slot.reset();
+    // An embedded interpreter takes its lock and runs its fork hooks.
+    bodies.before_fork();
     // SAFETY: the supervisor is single-threaded (checked just above), so the
     // child starts with every lock free and may allocate. The child never
     // returns into the supervisor's code: it runs its role's body and exits.
     #[allow(unsafe_code)]
     let forked = unsafe { fork() };
+    if !matches!(forked, Ok(ForkResult::Child)) {
+        bodies.after_fork_in_parent();
+    }
     match forked.map_err(ForkError::Fork)? {
         ForkResult::Parent { child } => {
             slot.set_pid(child.as_raw() as u32);
             Ok(child)
         }
         ForkResult::Child => {
+            bodies.after_fork_in_child();
             signals.forget_in_child();
             // Own process group: a terminal's Ctrl-C reaches the supervisor
             // only, which then stops the children itself.

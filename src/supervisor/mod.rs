@@ -113,12 +113,28 @@ impl Supervisor {
         })
     }
 
+    /// Starts with these tasks limited to so many per second, as the
+    /// `rate_limit` remote command would set them (a Python app's
+    /// `rate_limit` options).
+    pub fn set_rate_limits(&self, limits: &[(String, f64)]) {
+        for (task, per_second) in limits {
+            let index = self.shm.task_stat_index(task);
+            self.shm.set_rate_limit(index, Some(*per_second));
+        }
+    }
+
     /// Runs until the worker has drained or failed; returns the exit code.
     pub fn run(mut self) -> i32 {
         // Orphans of our children (for example probe processes left behind
         // by an exec) are re-parented to us and reaped like children.
         if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
             debug!("cannot become a child subreaper: {e}");
+        }
+        // Start the processes now rather than a tick from now.
+        if let Err(e) = self.spawn_missing() {
+            error!("cannot start task processes: {e}");
+            self.begin_drain(false);
+            self.cold = true;
         }
         loop {
             self.write_state(false);
@@ -329,6 +345,7 @@ impl Supervisor {
             self.ever_consumed = true;
             self.boot_failures = 0;
             self.unreachable_since = None;
+            self.bodies.worker_ready();
         }
         Ok(())
     }
@@ -365,9 +382,11 @@ impl Supervisor {
             } else {
                 LostReason::WorkerLost
             };
-            let deaths = self
-                .shm
-                .record_lost(&task, reason, signal.map_or(0, |s| s as u32));
+            let deaths = self.shm.record_lost(
+                &task,
+                reason,
+                (signal.map_or(0, |s| s as u32), code.map_or(0, |c| c as u32)),
+            );
             error!(
                 task_id = %task.id,
                 "Task {}[{}] lost: task process {} exited with {how} while running it ({} time(s))",

@@ -46,6 +46,19 @@ impl std::fmt::Display for Role {
 pub trait RoleBodies {
     /// Runs `role` in this (forked) process.
     fn run(&self, role: Role, shm: SharedState) -> i32;
+
+    /// Just before every fork, in the supervisor.
+    fn before_fork(&self) {}
+
+    /// Just after every fork, in the supervisor.
+    fn after_fork_in_parent(&self) {}
+
+    /// First thing in every forked process.
+    fn after_fork_in_child(&self) {}
+
+    /// Once every task process is consuming (each time the worker becomes
+    /// ready after starting).
+    fn worker_ready(&self) {}
 }
 
 impl<F> RoleBodies for F

@@ -58,6 +58,10 @@ impl Context {
         }
     }
 
+    /// The whole decoded message.
+    pub fn message(&self) -> &TaskMessage {
+        &self.inner.msg
+    }
     /// The task id.
     pub fn id(&self) -> &str {
         &self.inner.msg.id

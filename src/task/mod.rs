@@ -15,10 +15,13 @@
 pub mod builtins;
 mod context;
 mod error;
+pub mod main_thread;
 mod registry;
 pub mod testing;
 
 pub use context::{Context, DeliveryInfo};
 pub use error::{Retry, TaskError};
-pub use registry::{bind_arguments, Registered, Registry, TaskFuture, TaskHandler, TaskOptions};
+pub use registry::{
+    bind_arguments, Elsewhere, End, Registered, Registry, TaskFuture, TaskHandler, TaskOptions,
+};
 pub(crate) use registry::{panic_exception, panic_payload_exception};

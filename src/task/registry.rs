@@ -19,6 +19,56 @@ pub type TaskFuture = Pin<Box<dyn Future<Output = Result<Value, TaskError>> + Se
 pub trait TaskHandler: Send + Sync {
     /// Runs the task with positional and keyword arguments.
     fn call(&self, ctx: Context, args: Vec<Value>, kwargs: Map<String, Value>) -> TaskFuture;
+
+    /// Tells the running task `ctx` it is past its soft time limit, for a
+    /// task that keeps running (a blocking or hosted one). The default
+    /// does nothing: the task may check [`Context::soft_time_limit_exceeded`].
+    fn interrupt(&self, ctx: &Context) {
+        let _ = ctx;
+    }
+
+    /// For a task that settles itself: records an end decided outside its
+    /// run (its process died or hit the hard limit, or it was revoked) the
+    /// way its own framework does (result, errbacks, signals). `false`, the
+    /// default, leaves it to the worker, which stores its own document.
+    fn settle_elsewhere(&self, ended: Elsewhere) -> Pin<Box<dyn Future<Output = bool> + Send>> {
+        let _ = ended;
+        Box::pin(async { false })
+    }
+}
+
+/// How a task ended outside its run, for [`TaskHandler::settle_elsewhere`].
+#[derive(Debug, Clone)]
+pub struct Elsewhere {
+    /// The task's message (only id, name and reply fields when its process
+    /// died after an early ack).
+    pub msg: Arc<crate::protocol::TaskMessage>,
+    /// Where it was delivered from.
+    pub delivery: super::DeliveryInfo,
+    /// The worker's node name.
+    pub hostname: String,
+    /// Whether the result is stored (not `ignore_result`).
+    pub store_result: bool,
+    /// What happened.
+    pub end: End,
+}
+
+/// What ended a task outside its run.
+#[derive(Debug, Clone)]
+pub enum End {
+    /// FAILURE with this exception (`WorkerLostError`, `TimeLimitExceeded`).
+    Failed(ExceptionInfo),
+    /// REVOKED.
+    Revoked {
+        /// `revoked`, `expired` or `terminated`.
+        reason: &'static str,
+        /// Its process was killed.
+        terminated: bool,
+        /// The signal asked for.
+        signal: Option<i32>,
+        /// It expired.
+        expired: bool,
+    },
 }
 
 impl<F> TaskHandler for F
@@ -116,6 +166,10 @@ pub struct Registered {
     pub handler: Arc<dyn TaskHandler>,
     /// Whether the code blocks a thread (registered with [`Registry::register`]).
     pub blocking: bool,
+    /// Whether the code stores its own result, sends its own follow-ups and
+    /// retries (a hosted app's task, run by its own framework): the worker
+    /// then only settles the message and reports the outcome.
+    pub settles_itself: bool,
 }
 
 /// Maps Celery task names to Rust functions.
@@ -198,9 +252,28 @@ impl Registry {
             options: TaskOptions::default(),
             handler,
             blocking: false,
+            settles_itself: false,
         };
         self.tasks.insert(name.to_owned(), entry);
         &mut self.tasks.get_mut(name).expect("just inserted").options
+    }
+
+    /// Registers a hosted task (see [`crate::host`]): it blocks the thread
+    /// it runs on, and settles itself (see [`Registered::settles_itself`]).
+    pub fn insert_hosted(
+        &mut self,
+        name: &str,
+        handler: Arc<dyn TaskHandler>,
+        options: TaskOptions,
+    ) {
+        let entry = Registered {
+            name: name.to_owned(),
+            options,
+            handler,
+            blocking: true,
+            settles_itself: true,
+        };
+        self.tasks.insert(name.to_owned(), entry);
     }
 
     /// Removes every task whose name starts with `prefix`.

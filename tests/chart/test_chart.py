@@ -697,6 +697,17 @@ def test_spot_notes_name_the_pool_and_the_ack_mode(helm):
     assert "spot pool workersspot" in notes and "--acks-late" in notes, notes
 
 
+def test_a_python_app_is_the_seeds_command_with_celery_replaced(helm):
+    c = container(render(helm, sets=("workers.app=proj", "workers.binDir=/opt/venv/bin")))
+    assert c["command"] == ["/opt/venv/bin/celeriac"]
+    assert c["args"][:8] == ["-A", "proj", "worker", "--pool", "prefork", "-Q", "$(BROKER_REQUESTS_QUEUE)", "--events"]
+    probes = [c["readinessProbe"]["exec"]["command"], c["livenessProbe"]["exec"]["command"]]
+    assert probes == [["/opt/venv/bin/worker-readiness"], ["/opt/venv/bin/worker-liveness"]]
+    assert "-A" not in container(render(helm))["args"]
+    # The schema takes module paths only.
+    assert "app" in render_fails(helm, sets=("workers.app=proj; rm -rf /",))
+
+
 def test_concurrency_and_extra_args(helm):
     args = container(render(helm, sets=("workers.concurrency=4", 'json:workers.extraArgs=["--prefetch-multiplier","1"]')))["args"]
     assert arg_after(args, "--concurrency") == "4"

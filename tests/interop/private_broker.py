@@ -119,13 +119,15 @@ class PrivateRabbit:
     """One RabbitMQ node under `base_dir`. start() it, stop() and start()
     it again for a fault, and close() it at the end.
 
-    `config` adds rabbitmq.conf lines. `tls={"cacertfile": ..., "certfile":
+    `config` adds rabbitmq.conf lines; `advanced` is the node's
+    advanced.config (Erlang terms, for settings rabbitmq.conf lacks, such as
+    `[{rabbit, [{channel_tick_interval, 500}]}].`). `tls={"cacertfile": ..., "certfile":
     ..., "keyfile": ...}` adds a TLS listener on a free loopback port of its
     own (`tls_port`, `tls_url`) beside the plain one, which the node's login
     check and plain clients keep using."""
 
     def __init__(self, base_dir, name="private", *, plugins=(), config="", server=None, ctl=None,
-                 epmd=None, user="guest", password="guest", tls=None):
+                 epmd=None, user="guest", password="guest", tls=None, advanced=""):
         self.base = pathlib.Path(base_dir)
         self.base.mkdir(parents=True, exist_ok=True)
         self.server = str(server or RABBITMQ_BIN / "rabbitmq-server")
@@ -145,7 +147,7 @@ class PrivateRabbit:
         self._leaders = []  # pids of the node's and epmd's processes started so far
         self._node = None
         self._epmd = None
-        self._write_files(plugins, config)
+        self._write_files(plugins, config, advanced)
 
     @property
     def url(self):
@@ -162,7 +164,7 @@ class PrivateRabbit:
     def host(self):
         return f"{LOOPBACK}:{self.port}"
 
-    def _write_files(self, plugins, config):
+    def _write_files(self, plugins, config, advanced):
         (self.base / "home").mkdir(exist_ok=True)
         cookie = self.base / "home" / ".erlang.cookie"
         if not cookie.exists():
@@ -171,6 +173,8 @@ class PrivateRabbit:
         (self.base / "rabbitmq.conf").write_text(
             f"listeners.tcp.default = {LOOPBACK}:{self.port}\n"
             f"{config}\n")
+        if advanced:
+            (self.base / "advanced.config").write_text(advanced + "\n")
         (self.base / "enabled_plugins").write_text(f"[{','.join(plugins)}].\n")
         # Stands in for /etc/rabbitmq/rabbitmq-env.conf, which names the
         # shared node; everything this node needs is in env() instead.

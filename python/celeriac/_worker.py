@@ -1,0 +1,556 @@
+"""The Python half of ``celeriac -A <app> worker``.
+
+celeriac's Rust worker calls these functions; nothing here is public API.
+
+- :func:`load` runs once in the supervisor, before anything forks: it finds
+  the app as ``celery -A`` does, imports its task modules, fires the
+  worker-level signals Celery's main process fires, and reports the app's
+  tasks and the worker settings its configuration gives.
+- :func:`process_started` runs in each task process after the fork, as
+  Celery's ``process_initializer`` does in a pool process.
+- :func:`run` runs one task through Celery's own tracer
+  (``celery.app.trace.build_tracer``), so signals, retries, result storage,
+  canvas follow-ups and chords behave exactly as under ``celery worker``.
+  The Rust side acknowledges the message and sends the task events.
+"""
+
+import datetime
+import json
+import logging
+import multiprocessing
+import multiprocessing.util
+import numbers
+import os
+import signal
+import sys
+import traceback
+
+# Filled by load() in the supervisor, inherited by every forked process.
+_app = None
+_hostname = None
+_worker = None
+# Whether a task body is running in this process (guards the soft limit).
+_running = False
+
+_JSON_NAMES = {"json", "application/json"}
+
+
+class LoadError(Exception):
+    """Why the app cannot be loaded, as one line."""
+
+
+class _WorkerStandIn:
+    """What worker-level signal receivers get as ``sender``: the node's
+    ``app``, ``hostname``, ``pid`` and ``concurrency``. celeriac's worker is
+    not Celery's ``WorkController``; handlers that reach into ``pool`` or
+    ``consumer`` internals find nothing there."""
+
+    def __init__(self, app, hostname, concurrency):
+        self.app = app
+        self.hostname = hostname
+        self.pid = os.getpid()
+        self.concurrency = concurrency
+        self.pool = None
+        self.consumer = None
+
+    def __repr__(self):
+        return f"<celeriac worker {self.hostname}>"
+
+
+def _one_line(exc):
+    """``Type: message`` plus where it was raised, on one line."""
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ").strip()
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{type(exc).__name__}: {exc.msg} ({exc.filename}, line {exc.lineno})"
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames:
+        last = frames[-1]
+        text += f" (at {last.filename}:{last.lineno})"
+    return text
+
+
+def _find_app(name):
+    from celery.app.utils import find_app
+
+    module = name.split(":", 1)[0]
+    try:
+        return find_app(name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (exc.name in (name, module) or module.startswith(exc.name + ".")):
+            raise LoadError(f"cannot import {module}: the module {exc.name} was not found") from None
+        raise LoadError(f"cannot import {module}: {_one_line(exc)}") from None
+    except AttributeError as exc:
+        raise LoadError(f"no Celery app in {name}: {exc}") from None
+    except Exception as exc:  # anything the app's import raises
+        raise LoadError(f"cannot import {module}: {_one_line(exc)}") from None
+
+
+def _serializer_check(conf):
+    """celeriac speaks JSON only: refuse pickle (and the rest) at startup."""
+    bad = []
+    for key in ("accept_content", "result_accept_content"):
+        values = conf.get(key) or ()
+        if isinstance(values, str):
+            values = (values,)
+        others = [v for v in values if v not in _JSON_NAMES]
+        if others:
+            bad.append(f"{key}={list(values)!r}")
+    for key in ("task_serializer", "result_serializer"):
+        value = conf.get(key)
+        if value and value not in _JSON_NAMES:
+            bad.append(f"{key}={value!r}")
+    if bad:
+        raise LoadError(
+            "celeriac accepts JSON messages only, and the app is configured with "
+            + ", ".join(bad)
+            + ": set accept_content=['json'], task_serializer='json' and result_serializer='json'"
+        )
+
+
+def _per_second(rate):
+    """Celery's rate limit (``10/s``, ``5/m``, ``100/h``, a number) in tasks/s."""
+    if rate is None or rate == "":
+        return None
+    from celery.utils.time import rate as celery_rate
+
+    value = celery_rate(rate)
+    return float(value) if value else None
+
+
+def _seconds(value):
+    return float(value) if value else None
+
+
+def _task_options(task):
+    max_retries = task.max_retries
+    return {
+        "acks_late": bool(task.acks_late),
+        "reject_on_worker_lost": task.reject_on_worker_lost,
+        "ignore_result": bool(task.ignore_result),
+        "track_started": bool(task.track_started),
+        "max_retries": max_retries if max_retries is None else int(max_retries),
+        "default_retry_delay": float(task.default_retry_delay or 0),
+        "time_limit": _seconds(task.time_limit),
+        "soft_time_limit": _seconds(task.soft_time_limit),
+        "rate_limit": _per_second(task.rate_limit),
+    }
+
+
+def _queue_spec(queue):
+    exchange = queue.exchange
+    args = dict(queue.queue_arguments or {})
+    kind = getattr(exchange, "type", "direct") or "direct"
+    if kind not in ("direct", "topic"):
+        raise LoadError(
+            f"queue {queue.name!r}: its exchange {exchange.name!r} is of type {kind!r}; "
+            "celeriac consumes through direct and topic exchanges"
+        )
+    priority = args.get("x-max-priority", queue.max_priority)
+    return {
+        "name": queue.name,
+        "exchange": exchange.name if exchange is not None and exchange.name is not None else queue.name,
+        "exchange_type": kind,
+        "routing_key": queue.routing_key if queue.routing_key is not None else queue.name,
+        "queue_type": args.get("x-queue-type"),
+        "max_priority": int(priority) if priority else None,
+    }
+
+
+def _options(app, given):
+    """The worker options the app's configuration gives, as command-line
+    words; the command line and the environment win over them (Rust)."""
+    conf = app.conf
+    words = []
+
+    def value(flag, key):
+        v = conf.get(key)
+        if v not in (None, "", 0):
+            words.append(f"{flag}={v}")
+
+    def flag(flag, key):
+        if conf.get(key):
+            words.append(flag)
+
+    if conf.broker_url:
+        words.append(f"--broker={conf.broker_url}")
+    backend = conf.result_backend
+    if backend and str(backend).split(":", 1)[0].lower() in ("rpc", "redis", "rediss"):
+        words.append(f"--result-backend={backend}")
+    value("--concurrency", "worker_concurrency")
+    value("--prefetch-multiplier", "worker_prefetch_multiplier")
+    value("--time-limit", "task_time_limit")
+    value("--soft-time-limit", "task_soft_time_limit")
+    value("--max-tasks-per-child", "worker_max_tasks_per_child")
+    value("--max-memory-per-child", "worker_max_memory_per_child")
+    value("--eta-limit", "worker_eta_task_limit")
+    flag("--acks-late", "task_acks_late")
+    flag("--track-started", "task_track_started")
+    flag("--reject-on-worker-lost", "task_reject_on_worker_lost")
+    flag("--task-events", "worker_send_task_events")
+    if not given["queues_given"]:
+        names = list(app.amqp.queues.consume_from or app.amqp.queues)
+        if names:
+            words.append("--queues=" + ",".join(names))
+    return words
+
+
+def load(options_json):
+    """Loads the app (in the supervisor). Returns the app's tasks and
+    settings as JSON; raises :class:`LoadError` with one line."""
+    global _app, _hostname, _worker
+    options = json.loads(options_json)
+    name = options["app"]
+    # What `celery` does before it imports the app.
+    for key, var in (
+        ("broker", "CELERY_BROKER_URL"),
+        ("result_backend", "CELERY_RESULT_BACKEND"),
+        ("loader", "CELERY_LOADER"),
+        ("config_module", "CELERY_CONFIG_MODULE"),
+    ):
+        if options.get(key):
+            os.environ[var] = options[key]
+    if options.get("skip_checks"):
+        os.environ["CELERY_SKIP_CHECKS"] = "true"
+    app = _find_app(name)
+    from celery import Celery
+
+    if not isinstance(app, Celery):
+        raise LoadError(f"{name} is {type(app).__name__}, not a Celery app")
+    from celery import signals
+    from celery.app import trace
+
+    hostname = options["hostname"]
+    try:
+        pool = app.conf.get("worker_pool")
+        if pool not in (None, "prefork", "processes"):
+            raise LoadError(f"the app sets worker_pool={pool!r}: celeriac runs the prefork pool only")
+        _serializer_check(app.conf)
+        signals.celeryd_init.send(sender=hostname, instance=None, conf=app.conf, options=options)
+        app.loader.init_worker()
+        includes = options.get("include") or []
+        if includes:
+            app.conf.include = tuple(set(app.conf.include or ()) | set(includes))
+            for module in includes:
+                app.loader.import_task_module(module)
+        app.finalize(auto=True)
+        trace.setup_worker_optimizations(app, hostname)
+        queues = app.amqp.queues
+        if options.get("queues"):
+            queues.select(options["queues"])
+        if options.get("exclude_queues"):
+            for q in options["exclude_queues"]:
+                queues.deselect(q)
+        level = options.get("loglevel") or "WARNING"
+        app.log.setup(logging.getLevelName(level.upper()) if isinstance(level, str) else level, None, hostname=hostname)
+        if options.get("log_format") == "json":
+            _json_logs(hostname)
+        # celeriac reports each outcome itself; Celery's tracer lines would be duplicates.
+        logging.getLogger("celery.app.trace").setLevel(logging.CRITICAL + 1)
+        # Warm up what every task process would otherwise build for itself
+        # after the fork (private pages): the tracers, the backend object
+        # and the modules the first task imports.
+        from celery.app.trace import build_tracer
+        from celery.worker import state as _state  # noqa: F401
+        from kombu.utils import json as _json  # noqa: F401
+        import billiard.exceptions  # noqa: F401
+
+        app.amqp.router  # noqa: B018
+        try:
+            app.backend  # noqa: B018 (imports the backend's client library, opens nothing)
+        except Exception as exc:
+            raise LoadError(f"the result backend {app.conf.result_backend!r}: {_one_line(exc)}") from None
+        for task_name, task in app.tasks.items():
+            task.__trace__ = build_tracer(task_name, task, app.loader, hostname, app=app)
+        tasks = []
+        for task_name, task in sorted(app.tasks.items()):
+            tasks.append({"name": task_name, **_task_options(task)})
+        result = {
+            "options": _options(app, options),
+            "queues": [_queue_spec(q) for q in queues.consume_from.values()] if queues.consume_from else [],
+            "tasks": tasks,
+            "description": f"{app.main or '__main__'}:{id(app):#x}",
+        }
+        _app, _hostname = app, hostname
+        _worker = _WorkerStandIn(app, hostname, options.get("concurrency"))
+        signals.worker_init.send(sender=_worker)
+        signals.celeryd_after_setup.send(sender=hostname, instance=_worker, conf=app.conf)
+    except LoadError:
+        raise
+    except Exception as exc:
+        raise LoadError(f"loading the app failed: {_one_line(exc)}") from None
+    # Objects alive now are shared by every forked process: keep the
+    # collector from touching (and so copying) their pages.
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    return json.dumps(result)
+
+
+class _JsonFormatter(logging.Formatter):
+    """The app's log records as celeriac's JSON lines (``--log-format json``)."""
+
+    def __init__(self, hostname):
+        super().__init__()
+        self.hostname = hostname
+
+    def format(self, record):
+        stamp = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        line = {
+            "timestamp": stamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "level": record.levelname,
+            "process": record.processName,
+            "hostname": self.hostname,
+            "pid": record.process,
+            "message": record.getMessage(),
+            "logger": record.name,
+        }
+        for key in ("task_id", "task_name"):
+            value = getattr(record, key, None)
+            if value and value != "???":
+                line[key] = value
+        if record.exc_info:
+            line["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def _json_logs(hostname):
+    from celery._state import get_current_task
+
+    class TaskFields(logging.Filter):
+        def filter(self, record):
+            task = get_current_task()
+            if task is not None and task.request and task.request.id:
+                record.task_id, record.task_name = task.request.id, task.name
+            return True
+
+    for logger in (logging.getLogger(), logging.getLogger("celery.task")):
+        for handler in logger.handlers:
+            handler.setFormatter(_JsonFormatter(hostname))
+            handler.addFilter(TaskFields())
+
+
+def _soft_time_limit(signum, frame):
+    if _running:
+        from billiard.pool import soft_timeout_sighandler
+
+        soft_timeout_sighandler(signum, frame)
+
+
+def process_started(index):
+    """What Celery's ``process_initializer`` does in a pool process."""
+    from celery import signals
+    from celery._state import _set_task_join_will_block, set_default_app
+    from celery.app import trace
+    from celery.app.trace import build_tracer
+    from celery.worker import state as worker_state
+
+    app = _app
+    multiprocessing.util._run_after_forkers()
+    multiprocessing.current_process().name = f"ForkPoolWorker-{index + 1}"
+    signal.signal(signal.SIGUSR1, _soft_time_limit)
+    _set_task_join_will_block(True)
+    app.loader.init_worker()
+    app.loader.init_worker_process()
+    app.set_current()
+    set_default_app(app)
+    app.finalize()
+    trace._tasks = app._tasks
+    # The tracers were built before the fork (load); build only those of
+    # tasks registered since (by worker_process_init handlers, say).
+    for name, task in app.tasks.items():
+        if getattr(task, "__trace__", None) is None:
+            task.__trace__ = build_tracer(name, task, app.loader, _hostname, app=app)
+    worker_state.reset_state()
+    signals.worker_process_init.send(sender=_hostname)
+
+
+def process_ending(code):
+    """Before a task process exits by itself (drained, recycled)."""
+    from celery import signals
+
+    try:
+        signals.worker_process_shutdown.send(sender=_hostname, pid=os.getpid(), exitcode=code)
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+
+
+def worker_ready():
+    from celery import signals
+
+    signals.worker_ready.send(sender=_worker)
+
+
+def worker_stopped():
+    from celery import signals
+
+    signals.worker_shutdown.send(sender=_worker)
+
+
+def _exception(exc, tb):
+    from kombu.utils.encoding import safe_repr
+
+    info = {"repr": safe_repr(exc), "traceback": tb or ""}
+    try:
+        prepared = _app.backend.prepare_exception(exc, "json")
+        json.dumps(prepared["exc_message"])
+        info.update(
+            exc_type=prepared["exc_type"],
+            exc_module=prepared["exc_module"],
+            exc_message=prepared["exc_message"],
+        )
+    except Exception:
+        info.update(
+            exc_type=type(exc).__name__,
+            exc_module=type(exc).__module__,
+            exc_message=[safe_repr(exc)],
+        )
+    return info
+
+
+def _countdown(when):
+    if isinstance(when, numbers.Real):
+        return float(when)
+    if isinstance(when, datetime.datetime):
+        now = datetime.datetime.now(when.tzinfo)
+        return max((when - now).total_seconds(), 0.0)
+    return None
+
+
+def _request(req):
+    """Celery's request dict from the worker's JSON (see run())."""
+    args, kwargs, embed = req.pop("args"), req.pop("kwargs"), req.pop("embed")
+    request = req["headers"]
+    request.update(
+        properties=req["properties"],
+        reply_to=req["properties"].get("reply_to"),
+        correlation_id=req["properties"].get("correlation_id"),
+        hostname=_hostname,
+        delivery_info=req["delivery_info"],
+    )
+    request.update({"args": args, "kwargs": kwargs, "hostname": _hostname, "is_eager": False}, **(embed or {}))
+    return request, args, kwargs
+
+
+def _rebuilt(end):
+    """The exception the worker reported, as its class (ints kept ints)."""
+    import importlib
+
+    args = [int(a) if isinstance(a, float) and a.is_integer() else a for a in end.get("exc_message") or []]
+    try:
+        cls = getattr(importlib.import_module(end["exc_module"]), end["exc_type"])
+        return cls(*args)
+    except Exception:
+        from celery.utils.serialization import create_exception_cls
+
+        return create_exception_cls(end["exc_type"], end["exc_module"])(*args)
+
+
+def settle_elsewhere(name, task_id, payload):
+    """What Celery's main process does for a task that ended outside its
+    run: its process died or hit the hard limit (FAILURE, errbacks and the
+    chord error path, ``task_failure``), or it was revoked (REVOKED,
+    ``task_revoked``)."""
+    from celery import signals
+    from celery.app.task import Context
+    from kombu.utils.json import loads
+
+    task = _app.tasks.get(name)
+    if task is None:
+        return False
+    req = loads(payload)
+    end, store = req.pop("end"), req.pop("store_result")
+    request, args, kwargs = _request(req)
+    context = Context(request)
+    store = store or bool(task.store_errors_even_if_ignored)
+    if end["kind"] == "failed":
+        exc = _rebuilt(end)
+        task.backend.mark_as_failure(task_id, exc, request=context, store_result=store)
+        task.request_stack.push(context)
+        try:
+            signals.task_failure.send(
+                sender=task, task_id=task_id, exception=exc, args=args, kwargs=kwargs, traceback=None, einfo=None
+            )
+        finally:
+            task.request_stack.pop()
+    else:
+        task.backend.mark_as_revoked(task_id, end["reason"], request=context, store_result=store)
+        signals.task_revoked.send(
+            sender=task, request=context, terminated=end["terminated"], signum=end["signum"], expired=end["expired"]
+        )
+    return True
+
+
+def run(name, task_id, payload):
+    """Runs one task through Celery's tracer; returns the outcome as JSON."""
+    global _running
+    from celery import states
+    from kombu.utils.json import loads
+
+    request, args, kwargs = _request(loads(payload))
+    task = _app._tasks[name]
+    _running = True
+    try:
+        R, I, T, Rstr = task.__trace__(task_id, args, kwargs, request)
+    except SystemExit as exc:
+        _running = False
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        _exit(code)
+    except BaseException:
+        _running = False
+        traceback.print_exc()
+        _exit(1)
+    finally:
+        _running = False
+    if I is None:
+        return json.dumps({"state": "SUCCESS", "repr": Rstr})
+    state, exc = I.state, I.retval
+    tb = getattr(R, "traceback", "") or ""
+    if state == states.RETRY:
+        inner = getattr(exc, "exc", None)
+        out = {"state": "RETRY", "countdown": _countdown(getattr(exc, "when", None))}
+        out["exc"] = _exception(inner, tb)
+        if inner is None:
+            out["exc"]["repr"] = "None"
+        return json.dumps(out)
+    if state == states.REJECTED:
+        requeue = bool(getattr(exc, "requeue", False))
+        if not requeue:
+            _rejected_for_good(task, task_id, request, exc, R)
+        return json.dumps({"state": "REJECTED", "requeue": requeue, "reason": str(getattr(exc, "reason", exc))})
+    if state == states.IGNORED:
+        return json.dumps({"state": "IGNORED"})
+    return json.dumps({"state": "FAILURE", "exc": _exception(exc, tb)})
+
+
+def _rejected_for_good(task, task_id, request, exc, einfo):
+    """What Celery's main process does for ``Reject(requeue=False)``:
+    FAILURE stored and ``task_failure`` sent."""
+    from celery import signals
+    from celery.app.task import Context
+
+    context = Context(request)
+    store = not task.ignore_result or task.store_errors_even_if_ignored
+    task.backend.mark_as_failure(task_id, exc, request=context, store_result=store)
+    signals.task_failure.send(
+        sender=task,
+        task_id=task_id,
+        exception=exc,
+        args=request.get("args"),
+        kwargs=request.get("kwargs"),
+        traceback=getattr(einfo, "traceback", None),
+        einfo=einfo,
+    )
+
+
+def _exit(code):
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)

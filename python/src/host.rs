@@ -1,0 +1,423 @@
+//! The Python app host: [`celeriac::host::TaskHost`] over the interpreter
+//! this extension module lives in. The Python half is
+//! `celeriac/_worker.py`; this file moves calls and data across.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use celeriac::broker::{ExchangeType, QueueSpec};
+use celeriac::config::WorkerConfig;
+use celeriac::host::{HostedTask, LoadedApp, TaskHost};
+use celeriac::protocol::{ExceptionInfo, Shown, TaskMessage};
+use celeriac::task::{
+    main_thread, Context, DeliveryInfo, Elsewhere, End, Registry, TaskError, TaskFuture,
+    TaskHandler, TaskOptions,
+};
+use pyo3::prelude::*;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::fork::ForkGuard;
+
+/// The hosted app, as the supervisor loaded it (inherited by every fork).
+#[derive(Default)]
+pub struct PythonHost {
+    fork: Mutex<Option<ForkGuard>>,
+}
+
+#[derive(Deserialize)]
+struct Loaded {
+    options: Vec<String>,
+    queues: Vec<QueueJson>,
+    tasks: Vec<TaskJson>,
+    description: String,
+}
+
+#[derive(Deserialize)]
+struct QueueJson {
+    name: String,
+    exchange: String,
+    exchange_type: String,
+    routing_key: String,
+    queue_type: Option<String>,
+    max_priority: Option<u8>,
+}
+
+#[derive(Deserialize)]
+struct TaskJson {
+    name: String,
+    acks_late: bool,
+    reject_on_worker_lost: Option<bool>,
+    ignore_result: bool,
+    track_started: bool,
+    max_retries: Option<u32>,
+    default_retry_delay: f64,
+    time_limit: Option<f64>,
+    soft_time_limit: Option<f64>,
+    rate_limit: Option<f64>,
+}
+
+/// The one line a Python exception becomes.
+fn line(py: Python<'_>, e: &PyErr) -> String {
+    let text = e.value(py).to_string();
+    let kind = e
+        .get_type(py)
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "Exception".into());
+    if kind == "LoadError" {
+        text
+    } else {
+        format!("{kind}: {text}")
+    }
+}
+
+fn bridge(py: Python<'_>) -> PyResult<Bound<'_, PyModule>> {
+    py.import("celeriac._worker")
+}
+
+impl TaskHost for PythonHost {
+    fn load(&self, config: &WorkerConfig) -> Result<LoadedApp, String> {
+        let Some(app) = &config.app else {
+            return Err("no app given".into());
+        };
+        let options = json!({
+            "app": app.name,
+            "include": app.include,
+            "loader": app.loader,
+            "config_module": app.config_module,
+            "broker": app.broker,
+            "result_backend": app.result_backend,
+            "skip_checks": app.skip_checks,
+            "loglevel": app.loglevel,
+            "queues_given": app.queues_given,
+            "queues": if app.queues_given {
+                config.queues.iter().map(|q| q.name.clone()).collect::<Vec<_>>()
+            } else {
+                Vec::new()
+            },
+            "exclude_queues": app.exclude_queues,
+            "hostname": config.hostname,
+            "concurrency": config.concurrency,
+            "log_format": match config.log_format {
+                celeriac::config::LogFormat::Json => "json",
+                celeriac::config::LogFormat::Text => "text",
+            },
+        });
+        let text = Python::attach(|py| -> Result<String, String> {
+            bridge(py)
+                .and_then(|m| m.call_method1("load", (options.to_string(),)))
+                .and_then(|r| r.extract::<String>())
+                .map_err(|e| line(py, &e))
+        })?;
+        let loaded: Loaded =
+            serde_json::from_str(&text).map_err(|e| format!("the app's description: {e}"))?;
+        let queues = loaded
+            .queues
+            .into_iter()
+            .map(|q| QueueSpec {
+                exchange_kind: if q.exchange_type == "topic" {
+                    ExchangeType::Topic
+                } else {
+                    ExchangeType::Direct
+                },
+                name: q.name,
+                exchange: q.exchange,
+                routing_key: q.routing_key,
+                queue_type: q.queue_type,
+                max_priority: q.max_priority,
+            })
+            .collect();
+        let tasks = loaded
+            .tasks
+            .into_iter()
+            .map(|t| {
+                let mut options = TaskOptions::default();
+                options
+                    .acks_late(t.acks_late)
+                    .ignore_result(t.ignore_result)
+                    .track_started(t.track_started)
+                    .max_retries(t.max_retries)
+                    .default_retry_delay(t.default_retry_delay)
+                    .time_limits(t.time_limit, t.soft_time_limit);
+                if let Some(on) = t.reject_on_worker_lost {
+                    options.reject_on_worker_lost(on);
+                }
+                HostedTask {
+                    name: t.name,
+                    options,
+                    rate_limit: t.rate_limit,
+                }
+            })
+            .collect();
+        Ok(LoadedApp {
+            options: loaded.options,
+            queues,
+            tasks,
+            description: loaded.description,
+        })
+    }
+
+    fn register(&self, loaded: &LoadedApp, registry: &mut Registry) {
+        let handler: Arc<dyn TaskHandler> = Arc::new(PythonTask);
+        for task in &loaded.tasks {
+            registry.insert_hosted(&task.name, Arc::clone(&handler), task.options.clone());
+        }
+    }
+
+    fn before_fork(&self) {
+        *self.fork.lock().unwrap_or_else(|e| e.into_inner()) = Some(ForkGuard::before());
+    }
+
+    fn after_fork_in_parent(&self) {
+        if let Some(guard) = self.fork.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            guard.in_parent();
+        }
+    }
+
+    fn after_fork_in_child(&self) {
+        if let Some(guard) = self.fork.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            guard.in_child();
+        }
+    }
+
+    fn task_process_started(&self, index: usize, _config: &WorkerConfig) -> Result<(), String> {
+        Python::attach(|py| {
+            bridge(py)
+                .and_then(|m| m.call_method1("process_started", (index,)))
+                .map(|_| ())
+                .map_err(|e| format!("worker_process_init: {}", line(py, &e)))
+        })
+    }
+
+    fn task_process_ending(&self, code: i32) {
+        Python::attach(|py| {
+            if let Err(e) = bridge(py).and_then(|m| m.call_method1("process_ending", (code,))) {
+                tracing::warn!("worker_process_shutdown: {}", line(py, &e));
+            }
+        });
+    }
+
+    fn worker_ready(&self) {
+        Python::attach(|py| {
+            if let Err(e) = bridge(py).and_then(|m| m.call_method0("worker_ready")) {
+                tracing::warn!("worker_ready: {}", line(py, &e));
+            }
+        });
+    }
+
+    fn worker_stopped(&self) {
+        Python::attach(|py| {
+            if let Err(e) = bridge(py).and_then(|m| m.call_method0("worker_stopped")) {
+                tracing::warn!("worker_shutdown: {}", line(py, &e));
+            }
+        });
+    }
+}
+
+/// Every task of the app: run through Celery's tracer on the process's
+/// main thread.
+struct PythonTask;
+
+impl TaskHandler for PythonTask {
+    fn call(&self, ctx: Context, args: Vec<Value>, kwargs: Map<String, Value>) -> TaskFuture {
+        Box::pin(async move {
+            let payload = request(ctx.message(), ctx.delivery_info(), args, kwargs).to_string();
+            let (name, id) = (ctx.message().task.clone(), ctx.id().to_owned());
+            let outcome = main_thread::run(move || {
+                Python::attach(|py| {
+                    bridge(py)
+                        .and_then(|m| m.call_method1("run", (name, id, payload)))
+                        .and_then(|r| r.extract::<String>())
+                        .map_err(|e| line(py, &e))
+                })
+            })
+            .await;
+            match outcome {
+                Some(Ok(text)) => outcome_of(&text),
+                Some(Err(e)) => Err(TaskError::Exception(ExceptionInfo::builtin(
+                    "RuntimeError",
+                    format!("celeriac could not run the task: {e}"),
+                ))),
+                None => Err(TaskError::runtime_error(
+                    "celeriac could not run the task on the main thread",
+                )),
+            }
+        })
+    }
+
+    fn interrupt(&self, _ctx: &Context) {
+        main_thread::interrupt();
+    }
+
+    fn settle_elsewhere(&self, ended: Elsewhere) -> Pin<Box<dyn Future<Output = bool> + Send>> {
+        Box::pin(async move {
+            let msg = &ended.msg;
+            let mut payload = request(msg, &ended.delivery, msg.args.clone(), msg.kwargs.clone());
+            payload["store_result"] = ended.store_result.into();
+            payload["hostname"] = ended.hostname.clone().into();
+            payload["end"] = match &ended.end {
+                End::Failed(exc) => json!({
+                    "kind": "failed",
+                    "exc_type": exc.exc_type,
+                    "exc_module": exc.exc_module,
+                    "exc_message": exc.exc_message,
+                }),
+                End::Revoked {
+                    reason,
+                    terminated,
+                    signal,
+                    expired,
+                } => json!({
+                    "kind": "revoked",
+                    "reason": reason,
+                    "terminated": terminated,
+                    "signum": signal,
+                    "expired": expired,
+                }),
+            };
+            let (name, id, payload) = (msg.task.clone(), msg.id.clone(), payload.to_string());
+            let done = main_thread::run(move || {
+                Python::attach(|py| {
+                    bridge(py)
+                        .and_then(|m| m.call_method1("settle_elsewhere", (name, id, payload)))
+                        .and_then(|r| r.extract::<bool>())
+                        .map_err(|e| line(py, &e))
+                })
+            })
+            .await;
+            match done {
+                Some(Ok(settled)) => settled,
+                Some(Err(e)) => {
+                    tracing::warn!(task_id = %msg.id, "the app could not record how task {}[{}] ended ({e}); storing it without the app", msg.task, msg.id);
+                    false
+                }
+                None => false,
+            }
+        })
+    }
+}
+
+/// What Celery's `Request` hands the tracer, as JSON for the bridge.
+fn request(
+    msg: &TaskMessage,
+    d: &DeliveryInfo,
+    args: Vec<Value>,
+    kwargs: Map<String, Value>,
+) -> Value {
+    let mut headers = msg.headers.clone();
+    if headers.is_empty() {
+        // Protocol 1: the fields the headers would carry.
+        headers.insert("id".into(), msg.id.clone().into());
+        headers.insert("task".into(), msg.task.clone().into());
+        headers.insert("retries".into(), msg.retries.into());
+        headers.insert("eta".into(), msg.eta.map(|t| t.to_rfc3339()).into());
+        headers.insert("expires".into(), msg.expires.map(|t| t.to_rfc3339()).into());
+        headers.insert("group".into(), msg.group.clone().into());
+        headers.insert("root_id".into(), msg.root_id.clone().into());
+        headers.insert("parent_id".into(), msg.parent_id.clone().into());
+        headers.insert(
+            "timelimit".into(),
+            json!([msg.time_limit, msg.soft_time_limit]),
+        );
+    }
+    let mut properties = Map::new();
+    properties.insert("correlation_id".into(), msg.correlation_id.clone().into());
+    properties.insert("reply_to".into(), msg.reply_to.clone().into());
+    properties.insert("priority".into(), msg.priority.into());
+    properties.insert("delivery_mode".into(), 2.into());
+    properties.insert("content_type".into(), "application/json".into());
+    properties.insert("content_encoding".into(), "utf-8".into());
+    properties.insert(
+        "application_headers".into(),
+        Value::Object(msg.headers.clone()),
+    );
+    json!({
+        "headers": headers,
+        "properties": properties,
+        "delivery_info": {
+            "exchange": d.exchange,
+            "routing_key": d.routing_key,
+            "priority": msg.priority,
+            "redelivered": d.redelivered,
+        },
+        "args": args,
+        "kwargs": kwargs,
+        "embed": {
+            "callbacks": nullable(&msg.embed.callbacks),
+            "errbacks": nullable(&msg.embed.errbacks),
+            "chain": nullable(&msg.embed.chain),
+            "chord": msg.embed.chord,
+        },
+    })
+}
+
+fn nullable(list: &[Value]) -> Value {
+    if list.is_empty() {
+        Value::Null
+    } else {
+        Value::Array(list.to_vec())
+    }
+}
+
+#[derive(Deserialize)]
+struct ExcJson {
+    repr: String,
+    traceback: String,
+    exc_type: String,
+    exc_module: String,
+    exc_message: Value,
+}
+
+impl From<ExcJson> for ExceptionInfo {
+    fn from(e: ExcJson) -> Self {
+        let args = match e.exc_message {
+            Value::Array(a) => a,
+            Value::Null => Vec::new(),
+            other => vec![other],
+        };
+        let mut info = ExceptionInfo::new(&e.exc_type, &e.exc_module, args);
+        info.shown = Some(Box::new(Shown {
+            repr: e.repr,
+            traceback: e.traceback,
+        }));
+        info
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "state")]
+enum Outcome {
+    #[serde(rename = "SUCCESS")]
+    Success { repr: Option<String> },
+    #[serde(rename = "FAILURE")]
+    Failure { exc: ExcJson },
+    #[serde(rename = "RETRY")]
+    Retry {
+        countdown: Option<f64>,
+        exc: Option<ExcJson>,
+    },
+    #[serde(rename = "REJECTED")]
+    Rejected { requeue: bool, reason: String },
+    #[serde(rename = "IGNORED")]
+    Ignored,
+}
+
+/// The worker's view of what the tracer reported.
+fn outcome_of(text: &str) -> Result<Value, TaskError> {
+    let outcome: Outcome = serde_json::from_str(text).map_err(|e| {
+        TaskError::runtime_error(format!("celeriac could not read the task's outcome: {e}"))
+    })?;
+    match outcome {
+        Outcome::Success { repr } => Ok(Value::String(repr.unwrap_or_else(|| "None".into()))),
+        Outcome::Failure { exc } => Err(TaskError::Exception(exc.into())),
+        Outcome::Retry { countdown, exc } => Err(TaskError::Retry(celeriac::task::Retry {
+            countdown,
+            exc: exc.map(Into::into),
+            max_retries: None,
+        })),
+        Outcome::Rejected { requeue, reason } => Err(TaskError::Reject { requeue, reason }),
+        Outcome::Ignored => Err(TaskError::Ignore),
+    }
+}

@@ -1,0 +1,87 @@
+//! Hosting tasks written in another language: the hooks through which an
+//! embedding (the `celeriac` Python package) loads an app, registers its
+//! tasks and keeps its interpreter sound across forks.
+//!
+//! The worker stays the same program: the supervisor forks, task processes
+//! consume, acknowledge, hold ETAs, apply limits and send events. A host
+//! adds three things:
+//! - [`TaskHost::load`], once in the supervisor before anything forks:
+//!   import the app, report its tasks and the worker options its
+//!   configuration gives;
+//! - the fork hooks, around every fork of the supervisor, so that an
+//!   interpreter living in the supervisor is forked the way it expects;
+//! - the task-process hooks: start the interpreter's side of a task process,
+//!   and end it. A hosted task runs on the task process's **main thread**
+//!   (where an interpreter delivers its signal handlers), the process's
+//!   async runtime moving to a thread of its own; see
+//!   [`crate::task::main_thread`].
+
+use crate::broker::QueueSpec;
+use crate::config::WorkerConfig;
+use crate::task::{Registry, TaskOptions};
+
+/// A task the loaded app provides.
+#[derive(Debug, Clone)]
+pub struct HostedTask {
+    /// Its Celery name.
+    pub name: String,
+    /// Its decorator options, as the app resolved them.
+    pub options: TaskOptions,
+    /// Its `rate_limit`, in tasks per second for the whole worker.
+    pub rate_limit: Option<f64>,
+}
+
+/// What loading the app gave.
+#[derive(Debug, Clone, Default)]
+pub struct LoadedApp {
+    /// Worker options from the app's configuration, as command-line words
+    /// (`--concurrency=4`, `--acks-late`). The command line and the
+    /// environment win over them.
+    pub options: Vec<String>,
+    /// Queue declarations the app makes (`task_queues`, quorum types);
+    /// a consumed queue of the same name is declared this way.
+    pub queues: Vec<QueueSpec>,
+    /// The app's tasks.
+    pub tasks: Vec<HostedTask>,
+    /// What the banner shows as the app (`proj:0x7f…`).
+    pub description: String,
+}
+
+/// An embedding that runs tasks of an app written in another language.
+///
+/// Every method is called in one process at a time, never concurrently.
+pub trait TaskHost: Send + Sync {
+    /// In the supervisor, before anything forks or connects: imports the
+    /// app named by `-A` (`config.app`). The error is one line naming the
+    /// module and the cause.
+    fn load(&self, config: &WorkerConfig) -> Result<LoadedApp, String>;
+
+    /// Registers the loaded app's tasks (a handler each, run on the main
+    /// thread of a task process).
+    fn register(&self, loaded: &LoadedApp, registry: &mut Registry);
+
+    /// In the supervisor, just before `fork(2)`.
+    fn before_fork(&self) {}
+
+    /// In the supervisor, just after `fork(2)`.
+    fn after_fork_in_parent(&self) {}
+
+    /// In the new process, first thing after `fork(2)`.
+    fn after_fork_in_child(&self) {}
+
+    /// In a task process (number `index`), on its main thread, before it
+    /// connects: whatever the app does when a pool process starts.
+    fn task_process_started(&self, index: usize, config: &WorkerConfig) -> Result<(), String>;
+
+    /// In a task process, on its main thread, when it ends without being
+    /// killed, with its exit code.
+    fn task_process_ending(&self, code: i32) {
+        let _ = code;
+    }
+
+    /// In the supervisor, once every task process is consuming.
+    fn worker_ready(&self) {}
+
+    /// In the supervisor, when the worker has stopped.
+    fn worker_stopped(&self) {}
+}

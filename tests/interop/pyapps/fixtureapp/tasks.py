@@ -1,0 +1,51 @@
+import os
+import random
+import threading
+import time
+
+from celery import shared_task
+
+_hoard = []
+
+
+@shared_task
+def add(x, y):
+    return x + y
+
+
+@shared_task
+def where():
+    """The process, its thread count and a draw from `random`."""
+    return {"pid": os.getpid(), "threads": threading.active_count(), "draw": random.random()}
+
+
+@shared_task
+def nap(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+@shared_task
+def hoard(mib):
+    """Keeps `mib` MiB alive in this process."""
+    _hoard.append(bytearray(os.urandom(1024)) * (mib * 1024))
+    return os.getpid()
+
+
+@shared_task
+def exit_with(code):
+    os._exit(code)
+
+
+@shared_task(time_limit=1)
+def overrun():
+    time.sleep(30)
+
+
+@shared_task
+def chatty(word):
+    """Logs through the task logger, as apps do."""
+    from celery.utils.log import get_task_logger
+
+    get_task_logger(__name__).warning("said %s", word)
+    return word

@@ -1,0 +1,158 @@
+"""`celeriac -A <app> worker`, the worker's side: the app loaded once in the
+supervisor and run through Celery's tracer in the forked task processes,
+with the supervisor still single-threaded, each task process's interpreter
+forked the way `os.fork()` forks it, deaths and limits handled as for any
+task, and an app celeriac cannot serve refused at startup in one line.
+
+The outcomes themselves (values, exceptions, retries, signals, events) are
+compared with `celery worker` in test_python_tasks.py."""
+
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from celery import Celery
+
+from conftest import BROKER, REDIS_URL, consuming_pids, thread_count, wait_for_consuming, wait_until
+
+APPS = pathlib.Path(__file__).parent / "pyapps"
+CELERIAC = pathlib.Path(sys.executable).parent / "celeriac"
+
+
+@pytest.fixture
+def app_worker(start_worker, queue_name):
+    """start(*args) -> a `celeriac -A fixtureapp worker` on the test's queue."""
+    def start(*args, ready=True):
+        env = {"FIXTUREAPP_BROKER": BROKER, "FIXTUREAPP_BACKEND": REDIS_URL, "FIXTUREAPP_QUEUE": queue_name}
+        return start_worker("-A", "fixtureapp", "--workdir", str(APPS), *args, env=env, ready=ready,
+                            binary=str(CELERIAC))
+    return start
+
+
+@pytest.fixture
+def client(queue_name):
+    app = Celery("client", broker=BROKER, backend=REDIS_URL)
+    app.conf.task_default_queue = queue_name
+    yield app
+    app.close()
+
+
+def node(queue_name, n=0):
+    return f"w{n}-{queue_name}@{socket.gethostname()}"
+
+
+def test_app_tasks_run_and_inspect_lists_the_apps_tasks(app_worker, client, queue_name):
+    w = app_worker("-c", "2")
+    assert client.send_task("fixtureapp.tasks.add", (2, 3)).get(timeout=20) == 5
+    registered = client.control.inspect(destination=[node(queue_name)], timeout=5).registered()
+    names = registered[node(queue_name)]
+    assert "fixtureapp.tasks.add" in names and "fixtureapp.tasks.where" in names, names
+    assert not [n for n in names if n.startswith("celeriac.")], "only the app's tasks, as celery worker lists"
+    assert "[app] fixtureapp:" in w.log()
+
+
+def test_supervisor_stays_single_threaded_and_each_process_reseeds_random(app_worker, client):
+    w = app_worker("-c", "2")
+    pids = wait_for_consuming(w, 2)
+    assert thread_count(w.pid) == 1, "the supervisor holds the app but runs no thread"
+    draws = {}
+    deadline = time.monotonic() + 30
+    while len(draws) < 2 and time.monotonic() < deadline:
+        results = [client.send_task("fixtureapp.tasks.where") for _ in range(8)]
+        for r in results:
+            got = r.get(timeout=20)
+            draws.setdefault(got["pid"], []).append(got["draw"])
+            # The task runs on the main thread; the runtime has one thread of its own (not Python's).
+            assert got["threads"] == 1, got
+    assert set(draws) == set(pids), (draws, pids)
+    firsts = [d[0] for d in draws.values()]
+    # Without PyOS_AfterFork_Child both processes would draw the same sequence.
+    assert len(set(firsts)) == 2, draws
+    assert thread_count(w.pid) == 1
+
+
+def test_a_task_that_exits_its_process_fails_with_its_exit_code_and_is_replaced(app_worker, client):
+    w = app_worker("-c", "1")
+    [pid] = wait_for_consuming(w, 1)
+    r = client.send_task("fixtureapp.tasks.exit_with", (3,))
+    with pytest.raises(Exception) as e:
+        r.get(timeout=20)
+    assert type(e.value).__name__ == "WorkerLostError", repr(e.value)
+    assert "exitcode 3" in str(e.value), repr(e.value)
+    [new] = wait_for_consuming(w, 1)
+    assert new != pid
+    assert client.send_task("fixtureapp.tasks.add", (1, 1)).get(timeout=20) == 2
+
+
+def test_the_hard_limit_kills_only_that_process(app_worker, client):
+    w = app_worker("-c", "2")
+    pids = wait_for_consuming(w, 2)
+    slow = client.send_task("fixtureapp.tasks.nap", (3,))
+    r = client.send_task("fixtureapp.tasks.overrun")
+    with pytest.raises(Exception) as e:
+        r.get(timeout=20)
+    assert type(e.value).__name__ == "TimeLimitExceeded", repr(e.value)
+    assert slow.get(timeout=20) == 3, "the other process kept running its task"
+    after = wait_for_consuming(w, 2)
+    assert len(set(after) & set(pids)) == 1, (pids, after)
+
+
+def test_max_memory_per_child_recycles_a_leaking_process(app_worker, client):
+    w = app_worker("-c", "1", "--max-memory-per-child", "60000")
+    [pid] = wait_for_consuming(w, 1)
+    assert client.send_task("fixtureapp.tasks.add", (1, 2)).get(timeout=20) == 3
+    assert wait_for_consuming(w, 1) == [pid], "a process within its limit is kept"
+    assert client.send_task("fixtureapp.tasks.hoard", (80,)).get(timeout=30) == pid
+    wait_until(lambda: consuming_pids(w) not in ([], [pid]), 30, "the leaking process replaced")
+    assert "recycl" in w.log().lower() or "max-memory" in w.log().lower()
+    assert client.send_task("fixtureapp.tasks.add", (2, 2)).get(timeout=20) == 4
+
+
+def test_sigterm_drains_python_tasks_and_loses_nothing(app_worker, client):
+    w = app_worker("-c", "2", "--prefetch-multiplier", "1", "--acks-late")
+    wait_for_consuming(w, 2)
+    results = [client.send_task("fixtureapp.tasks.nap", (0.3,)) for _ in range(6)]
+    wait_until(lambda: "succeeded" in w.log(), 20, "a task to finish")
+    assert w.stop(signal.SIGTERM) == 0
+    done = [r for r in results if r.ready()]
+    assert all(r.get(timeout=1) == 0.3 for r in done)
+    # What did not run is still in the queue for the next worker.
+    w2 = app_worker("-c", "2")
+    assert [r.get(timeout=30) for r in results] == [0.3] * 6
+    w2.stop()
+
+
+def test_an_app_configured_for_pickle_is_refused_before_connecting():
+    p = subprocess.run([str(CELERIAC), "-A", "pickleapp", "worker", "--workdir", str(APPS), "--metrics-bind", "none",
+                        "--state-dir", "/tmp/celeriac-pickle-state"],
+                       capture_output=True, text=True, timeout=60)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode != 0 and len(lines) == 1, p
+    assert "pickle" in lines[0] and "accept_content" in lines[0], lines[0]
+    assert "Connected" not in p.stderr and "consuming" not in p.stderr
+
+
+def test_an_app_whose_import_starts_a_thread_is_refused_before_forking():
+    p = subprocess.run([str(CELERIAC), "-A", "threadapp", "worker", "--workdir", str(APPS), "--metrics-bind", "none",
+                        "--state-dir", "/tmp/celeriac-thread-state"],
+                       capture_output=True, text=True, timeout=60)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 3 and len(lines) == 1, p
+    assert "started 1 thread(s)" in lines[0] and "worker_process_init" in lines[0], lines[0]
+
+
+def test_the_apps_log_records_follow_the_log_format(app_worker, client):
+    import json
+    w = app_worker("-c", "1", "--log-format", "json")
+    r = client.send_task("fixtureapp.tasks.chatty", ("hello",))
+    assert r.get(timeout=20) == "hello"
+    wait_until(lambda: "said hello" in w.log(), 10, "the task's log line")
+    line = next(l for l in w.log().splitlines() if "said hello" in l)
+    record = json.loads(line)
+    assert record["message"] == "said hello" and record["level"] == "WARNING", record
+    assert record["task_id"] == r.id and record["task_name"] == "fixtureapp.tasks.chatty", record
+    assert record["process"] == "ForkPoolWorker-1", record
