@@ -52,5 +52,6 @@ pub mod shm;
 pub mod signals;
 pub mod supervisor;
 pub mod task;
+pub mod token;
 
 pub use app::App;

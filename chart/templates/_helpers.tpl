@@ -187,6 +187,7 @@ Cross-field checks the JSON schema cannot express (or expresses with poor messag
 {{- fail "workers.spot.agentPool is required when workers.spot.enabled: name the AKS spot node pool the pods may run on (the value of its kubernetes.azure.com/agentpool label)" -}}
 {{- end -}}
 {{- include "celeriac.validateExtensions" . -}}
+{{- include "celeriac.validateBrokerAuth" . -}}
 {{- if $ac.enabled -}}
 {{- if or $w.envFrom.configMap.create $w.envFrom.secret.create -}}
 {{- fail "appConfiguration.enabled: the App Configuration provider owns the ConfigMap/Secret; set workers.envFrom.configMap.create and workers.envFrom.secret.create to false" -}}
@@ -259,5 +260,37 @@ which the API server would refuse only at install time.
 {{- fail (printf "workers.initContainers/extraContainers: the container name %q is used twice in the pod (the chart's container is \"worker\")" .name) -}}
 {{- end -}}
 {{- $containers = append $containers .name -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Broker authentication with OAuth 2 tokens: what the worker needs to get one, and no password
+beside it in a Secret this chart renders.
+*/}}
+{{- define "celeriac.validateBrokerAuth" -}}
+{{- $w := .Values.workers -}}
+{{- $a := $w.brokerAuth -}}
+{{- if eq $a.mode "azure-workload-identity" -}}
+{{- if not $a.oauthScope -}}
+{{- fail "workers.brokerAuth.oauthScope is required with mode azure-workload-identity: api://<rabbitmq app client id>/.default" -}}
+{{- end -}}
+{{- if not $w.workloadIdentity.enabled -}}
+{{- fail "workers.brokerAuth.mode azure-workload-identity needs workers.workloadIdentity.enabled: the webhook injects the identity's token only into labelled pods" -}}
+{{- end -}}
+{{- if and $w.serviceAccount.create (not $w.serviceAccount.clientId) -}}
+{{- fail "workers.brokerAuth.mode azure-workload-identity needs workers.serviceAccount.clientId: the identity whose tokens RabbitMQ accepts" -}}
+{{- end -}}
+{{- else if eq $a.mode "oauth2-token-file" -}}
+{{- if not $a.tokenFile -}}
+{{- fail "workers.brokerAuth.tokenFile is required with mode oauth2-token-file (an absolute path the token file is mounted at)" -}}
+{{- end -}}
+{{- end -}}
+{{- if and (ne $a.mode "password") $w.envFrom.secret.create -}}
+{{- range $k := list "CELERY_BROKER_URL" "BROKER_URL" -}}
+{{- $url := index $w.envFrom.secret.stringData $k | default "" | toString -}}
+{{- if regexMatch "^[a-zA-Z]+://[^/@]*:[^/@]*@" $url -}}
+{{- fail (printf "workers.envFrom.secret.stringData.%s carries a password, but with workers.brokerAuth.mode %s the password is the access token: give the URL without one" $k $a.mode) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}

@@ -127,9 +127,28 @@ pub fn parse_url(url: &str) -> Result<AMQPUri, BrokerError> {
     Ok(uri)
 }
 
+/// Whether `url` carries a password (`user:password@`).
+pub fn url_has_password(url: &str) -> bool {
+    mask_url(url) != url
+}
+
 /// Opens a connection named after this worker.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
-    let uri = parse_url(url)?;
+    connect_with_password(url, name, None).await
+}
+
+/// Opens a connection named after this worker, with `password` in place of
+/// the URL's when given (an OAuth 2 access token: RabbitMQ's OAuth 2 backend
+/// takes the token as the password and ignores the user name).
+pub async fn connect_with_password(
+    url: &str,
+    name: &str,
+    password: Option<&str>,
+) -> Result<Connection, BrokerError> {
+    let mut uri = parse_url(url)?;
+    if let Some(password) = password {
+        uri.authority.userinfo.password = password.to_owned();
+    }
     let props = ConnectionProperties::default()
         .with_connection_name(LongString::from(name))
         .with_client_property(ShortString::from("product"), LongString::from("celeriac"));
@@ -251,6 +270,13 @@ mod tests {
         );
         assert_eq!(mask_url("amqp://localhost//"), "amqp://localhost//");
         assert_eq!(mask_url("rpc://"), "rpc://");
+    }
+
+    #[test]
+    fn tells_whether_a_url_carries_a_password() {
+        assert!(url_has_password("amqp://guest:guest@localhost:5672//"));
+        assert!(!url_has_password("amqp://celeriac@rabbitmq:5672//"));
+        assert!(!url_has_password("amqps://rabbitmq.example/prod"));
     }
 
     #[test]

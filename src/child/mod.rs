@@ -215,6 +215,8 @@ struct Child {
     signals: ProcessSignals,
     received: u64,
     queued: QueuedLines,
+    /// This process's broker token, with OAuth 2 (`--broker-auth`).
+    tokens: Option<crate::token::TokenKeeper>,
     /// The broker closed the consumer channel for a consumer timeout: no
     /// consuming until the running task is done (see `overdue.rs`).
     timed_out: bool,
@@ -232,6 +234,9 @@ async fn run(
         return Ok(Exit::Shutdown);
     }
     let boot = |e: ChildError| {
+        if let ChildError::Boot { .. } = e {
+            return e;
+        }
         let transient = matches!(
             &e,
             ChildError::Broker(BrokerError::Connect { source, .. }) if matches!(source.kind(), lapin::ErrorKind::IOError(_))
@@ -242,7 +247,19 @@ async fn run(
         }
     };
     let prefetch = u16::try_from(SLOTS * usize::from(config.prefetch_multiplier)).unwrap_or(0);
-    let session = session::open(&config, prefetch).await.map_err(boot)?;
+    let tokens = crate::token::TokenKeeper::new(&config.broker_auth, link.slot()).map_err(|e| {
+        ChildError::Boot {
+            message: e.to_string(),
+            transient: false,
+        }
+    })?;
+    let session = session::open(&config, prefetch, tokens.as_ref())
+        .await
+        .map_err(boot)?;
+    if let Some(tokens) = &tokens {
+        info!("broker tokens from {}", tokens.describe());
+        tokio::spawn(tokens.clone().run());
+    }
     info!("Connected to {}", mask_url(&config.broker_url));
     let backend = match &config.result_backend {
         Some(url) => Some(
@@ -291,6 +308,7 @@ async fn run(
         signals: ProcessSignals::install().map_err(ChildError::Runtime)?,
         received: 0,
         queued: QueuedLines::default(),
+        tokens,
         timed_out: false,
     };
     child.start_consuming().await.map_err(boot)?;

@@ -128,6 +128,7 @@ impl Child {
             warn!("could not change the consumed queues: {e}");
         }
         self.report_lost().await;
+        self.repair_channels().await;
     }
 
     fn next_eta_instant(&self) -> Option<Instant> {

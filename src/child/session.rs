@@ -1,6 +1,8 @@
 //! The connection of a task process: opening it (declare, QoS, channels),
-//! losing it, and getting it back with backoff.
+//! losing it, getting it back with backoff, and reopening publishing
+//! channels the broker closed (an expired token is refused with 403).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::options::BasicQosOptions;
@@ -10,14 +12,16 @@ use tracing::{debug, info, warn};
 
 use super::{Child, ChildError, Exit};
 use crate::backoff::BROKER_RECONNECT;
-use crate::broker::{connect, declare_queue, mask_url, BrokerError};
+use crate::broker::{declare_queue, mask_url, BrokerError};
 use crate::config::WorkerConfig;
 use crate::shm::ChildState;
 use crate::signals::Stop;
+use crate::token::{ConnectError, TokenKeeper};
 
 /// Everything tied to one AMQP connection.
 pub(super) struct Session {
-    pub(super) conn: Connection,
+    /// Shared with the token keeper (weakly), which pushes fresh tokens to it.
+    pub(super) conn: Arc<Connection>,
     /// Consumers and their acknowledgements.
     pub(super) channel: Channel,
     /// Publisher confirms: retries, follow-ups, re-published tasks.
@@ -26,12 +30,27 @@ pub(super) struct Session {
     pub(super) results: Channel,
     /// Task events.
     pub(super) events: Channel,
+    /// The token generation awaited before reopening closed channels.
+    renewal: Option<u64>,
 }
 
-/// Connects, declares the queues and sets the per-consumer QoS.
-pub(super) async fn open(config: &WorkerConfig, prefetch: u16) -> Result<Session, ChildError> {
+/// Connects (with a fresh token when the broker takes OAuth 2 tokens),
+/// declares the queues and sets the per-consumer QoS.
+pub(super) async fn open(
+    config: &WorkerConfig,
+    prefetch: u16,
+    tokens: Option<&TokenKeeper>,
+) -> Result<Session, ChildError> {
     let name = format!("celeriac {} pid {}", config.hostname, std::process::id());
-    let conn = connect(&config.broker_url, &name).await?;
+    let conn = crate::token::connect(&config.broker_url, &name, tokens)
+        .await
+        .map_err(|e| match e {
+            ConnectError::Broker(e) => ChildError::Broker(e),
+            token => ChildError::Boot {
+                transient: token.is_transient(),
+                message: token.to_string(),
+            },
+        })?;
     for spec in &config.queues {
         declare_queue(&conn, spec).await?;
     }
@@ -51,7 +70,28 @@ pub(super) async fn open(config: &WorkerConfig, prefetch: u16) -> Result<Session
         confirmed,
         results,
         events,
+        renewal: None,
     })
+}
+
+/// Reopens the session's closed publishing channels; returns how many.
+async fn reopen(session: &mut Session) -> Result<usize, BrokerError> {
+    let mut reopened = 0;
+    if !session.confirmed.status().connected() {
+        session.confirmed = crate::broker::confirm_channel(&session.conn).await?;
+        reopened += 1;
+    }
+    if !session.results.status().connected() {
+        session.results = open_channel(&session.conn).await?;
+        reopened += 1;
+    }
+    if !session.events.status().connected() {
+        let events = open_channel(&session.conn).await?;
+        crate::events::declare_exchange(&events).await?;
+        session.events = events;
+        reopened += 1;
+    }
+    Ok(reopened)
 }
 
 async fn open_channel(conn: &Connection) -> Result<Channel, BrokerError> {
@@ -110,7 +150,7 @@ impl Child {
                 }
             }
             attempt += 1;
-            match open(&self.shared.config, self.prefetch).await {
+            match open(&self.shared.config, self.prefetch, self.tokens.as_ref()).await {
                 Ok(session) => {
                     self.shared.use_channels(
                         session.confirmed.clone(),
@@ -132,6 +172,49 @@ impl Child {
                 }
                 Err(e) => debug!("reconnect attempt {attempt} failed: {e}"),
             }
+        }
+    }
+
+    /// Once a second: when the broker closed a publishing channel (results,
+    /// confirms, events) on a live connection — with OAuth 2 tokens, 403
+    /// ACCESS_REFUSED once the token has expired — gets a fresh token pushed
+    /// first, then reopens the closed channels, without reconnecting and
+    /// without touching the consumers. A closed consumer channel takes the
+    /// reconnect path instead.
+    pub(super) async fn repair_channels(&mut self) {
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
+        let open = |c: &Channel| c.status().connected();
+        if !session.conn.status().connected()
+            || (open(&session.confirmed) && open(&session.results) && open(&session.events))
+        {
+            session.renewal = None;
+            return;
+        }
+        if let Some(tokens) = &self.tokens {
+            match session.renewal {
+                None => {
+                    warn!("the broker closed a publishing channel (with OAuth 2 tokens: the token may have expired); getting a fresh token before reopening it");
+                    session.renewal = Some(tokens.generation());
+                    tokens.request_renewal();
+                    return;
+                }
+                Some(asked) if tokens.generation() == asked => return,
+                Some(_) => {}
+            }
+        }
+        match reopen(session).await {
+            Ok(n) => {
+                session.renewal = None;
+                self.shared.use_channels(
+                    session.confirmed.clone(),
+                    session.results.clone(),
+                    session.events.clone(),
+                );
+                warn!("reopened {n} publishing channel(s) the broker had closed");
+            }
+            Err(e) => debug!("cannot reopen the closed channels yet: {e}"),
         }
     }
 

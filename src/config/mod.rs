@@ -13,8 +13,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
 use crate::broker::{mask_url, parse_url, QueueSpec};
+pub use crate::token::BrokerAuth;
+pub use broker_auth::BrokerAuthArg;
 use celery_cli::{CeleryWorkerArgs, GlobalArgs};
 
+mod broker_auth;
 mod celery_cli;
 
 /// The default broker, as Celery's.
@@ -208,6 +211,20 @@ struct WorkerArgs {
     /// Send no worker-heartbeat events (monitors then show the node offline, as with Celery)
     #[arg(long)]
     without_heartbeat: bool,
+    /// How to authenticate to the broker: `password` (the one in the URL), `azure-workload-identity` (Entra ID access tokens for the pod's AKS Workload Identity, refreshed on open connections), `oauth2-token-file` (an access token kept in --broker-oauth-token-file)
+    #[arg(
+        long,
+        value_enum,
+        default_value = "password",
+        env = "CELERIAC_BROKER_AUTH"
+    )]
+    broker_auth: BrokerAuthArg,
+    /// The scope asked for with azure-workload-identity: api://<rabbitmq app client id>/.default
+    #[arg(long, env = "CELERIAC_BROKER_OAUTH_SCOPE")]
+    broker_oauth_scope: Option<String>,
+    /// The file holding the broker's access token with oauth2-token-file (read again when it changes)
+    #[arg(long, env = "CELERIAC_BROKER_OAUTH_TOKEN_FILE")]
+    broker_oauth_token_file: Option<PathBuf>,
     #[command(flatten)]
     celery: CeleryWorkerArgs,
 }
@@ -226,6 +243,8 @@ pub enum BackendUrl {
 pub struct WorkerConfig {
     /// Broker URL (contains the password: print it with [`mask_url`]).
     pub broker_url: String,
+    /// How the worker authenticates to the broker (no secret in here).
+    pub broker_auth: BrokerAuth,
     /// Result backend.
     pub result_backend: Option<BackendUrl>,
     /// The queues to consume.
@@ -460,6 +479,13 @@ fn validate(a: WorkerArgs, g: GlobalArgs, env: &dyn Env) -> Result<WorkerConfig,
     });
     let broker_url = broker_url.unwrap_or_else(|| DEFAULT_BROKER.to_owned());
     parse_url(&broker_url).map_err(|e| ConfigError::new(broker_name, e.to_string()))?;
+    let broker_auth = broker_auth::validate(
+        a.broker_auth,
+        a.broker_oauth_scope.clone(),
+        a.broker_oauth_token_file.clone(),
+        (broker_name, &broker_url),
+        env,
+    )?;
 
     let (backend_name, backend) = first_set(
         ("--result-backend", g.result_backend),
@@ -626,6 +652,7 @@ fn validate(a: WorkerArgs, g: GlobalArgs, env: &dyn Env) -> Result<WorkerConfig,
     };
     Ok(WorkerConfig {
         broker_url,
+        broker_auth,
         result_backend,
         queues,
         concurrency,

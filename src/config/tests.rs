@@ -396,3 +396,103 @@ fn variables_go_in_after_the_subcommand_not_after_a_value_named_worker() {
     };
     assert_eq!(c.concurrency, 3);
 }
+
+/// A readable token file for the broker-auth tests.
+fn token_file(name: &str) -> String {
+    let path = std::env::temp_dir().join(format!("celeriac-config-{}-{name}", std::process::id()));
+    std::fs::write(&path, "x.y.z").unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn password_auth_is_the_default_and_takes_no_oauth_options() {
+    assert_eq!(worker(&[], &[]).unwrap().broker_auth, BrokerAuth::Password);
+    let err = worker(&["--broker-oauth-scope", "api://x/.default"], &[]).unwrap_err();
+    assert_eq!(err.name, "--broker-oauth-scope");
+}
+
+#[test]
+fn workload_identity_reads_the_webhook_variables() {
+    let file = token_file("wi");
+    let env = [
+        ("AZURE_CLIENT_ID", "11111111-2222-3333-4444-555555555555"),
+        ("AZURE_TENANT_ID", "contoso.onmicrosoft.com"),
+        ("AZURE_FEDERATED_TOKEN_FILE", file.as_str()),
+        ("AZURE_AUTHORITY_HOST", "https://login.microsoftonline.com/"),
+    ];
+    let args = [
+        "-b",
+        "amqps://celeriac@rabbitmq.example:5671/prod",
+        "--broker-auth",
+        "azure-workload-identity",
+        "--broker-oauth-scope",
+        "api://rabbitmq/.default",
+    ];
+    let c = worker(&args, &env).unwrap();
+    let BrokerAuth::AzureWorkloadIdentity(id) = &c.broker_auth else {
+        panic!("{:?}", c.broker_auth)
+    };
+    assert_eq!(
+        id.token_url(),
+        "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+    );
+    assert_eq!(id.scope, "api://rabbitmq/.default");
+    assert_eq!(id.token_file.display().to_string(), file);
+
+    // Each missing variable is named.
+    for missing in 0..env.len() {
+        let partial: Vec<(&str, &str)> = env
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != missing)
+            .map(|(_, kv)| *kv)
+            .collect();
+        let partial: [(&str, &str); 3] = partial.try_into().unwrap();
+        let err = worker(&args, &partial).unwrap_err();
+        assert_eq!(err.name, env[missing].0);
+        assert!(err.reason.starts_with("not set"), "{err}");
+    }
+    // No scope; a password in the URL; plain http to a remote authority; an unreadable file.
+    let err = worker(&args[..4], &env).unwrap_err();
+    assert_eq!(err.name, "--broker-oauth-scope");
+    let mut with_password = args;
+    with_password[1] = "amqp://u:secret@h//";
+    let err = worker(&with_password, &env).unwrap_err();
+    assert_eq!(err.name, "--broker");
+    assert!(!err.to_string().contains("secret@"), "{err}");
+    let mut http = env;
+    http[3].1 = "http://login.example.com/";
+    assert_eq!(
+        worker(&args, &http).unwrap_err().name,
+        "AZURE_AUTHORITY_HOST"
+    );
+    http[3].1 = "http://127.0.0.1:8080";
+    assert!(worker(&args, &http).is_ok());
+    let mut gone = env;
+    gone[2].1 = "/nonexistent/azure-identity-token";
+    let err = worker(&args, &gone).unwrap_err();
+    assert_eq!(err.name, "AZURE_FEDERATED_TOKEN_FILE");
+    assert!(
+        err.reason.contains("/nonexistent/azure-identity-token"),
+        "{err}"
+    );
+    std::fs::remove_file(file).unwrap();
+}
+
+#[test]
+fn a_token_file_needs_its_path() {
+    let file = token_file("tf");
+    let args = ["-b", "amqp://h//", "--broker-auth", "oauth2-token-file"];
+    let err = worker(&args, &[]).unwrap_err();
+    assert_eq!(err.name, "--broker-oauth-token-file");
+    let mut with_file = args.to_vec();
+    with_file.extend(["--broker-oauth-token-file", file.as_str()]);
+    assert_eq!(
+        worker(&with_file, &[]).unwrap().broker_auth,
+        BrokerAuth::TokenFile(file.clone().into())
+    );
+    // The default URL carries guest's password.
+    let err = worker(&with_file[2..], &[]).unwrap_err();
+    assert_eq!(err.name, "--broker");
+    std::fs::remove_file(file).unwrap();
+}

@@ -19,7 +19,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::backoff::BROKER_RECONNECT;
 use crate::broker::{
-    connect, declare_exchange, json_properties, publish, table_to_json, BrokerError, Outgoing,
+    declare_exchange, json_properties, publish, table_to_json, BrokerError, Outgoing,
 };
 use crate::config::WorkerConfig;
 use crate::events::Events;
@@ -27,6 +27,7 @@ use crate::protocol::events::{self as ev, EventSource, HEARTBEAT_FREQ};
 use crate::shm::{ChildState, SharedState};
 use crate::signals::ProcessSignals;
 use crate::task::Registry;
+use crate::token::{ConnectError, TokenKeeper};
 pub use pidbox::{addressed_to, Effect, Pidbox};
 
 /// The fanout exchange remote-control requests are broadcast on.
@@ -52,10 +53,64 @@ pub fn main(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry>
 }
 
 struct Session {
-    conn: Connection,
+    /// Shared with the token keeper (weakly), which pushes fresh tokens to it.
+    conn: Arc<Connection>,
     events: Channel,
     replies: Channel,
     requests: Consumer,
+    /// The token generation awaited before reopening closed channels.
+    renewal: Option<u64>,
+}
+
+/// When the broker closed the events or replies channel on a live
+/// connection (with OAuth 2 tokens: 403 once the token expired), gets a
+/// fresh token pushed, then reopens them; the pidbox consumer is untouched.
+async fn repair_channels(s: &mut Session, tokens: Option<&TokenKeeper>, events: &Events) {
+    if !s.conn.status().connected()
+        || (s.events.status().connected() && s.replies.status().connected())
+    {
+        s.renewal = None;
+        return;
+    }
+    if let Some(tokens) = tokens {
+        match s.renewal {
+            None => {
+                warn!("the broker closed a publishing channel (with OAuth 2 tokens: the token may have expired); getting a fresh token before reopening it");
+                s.renewal = Some(tokens.generation());
+                tokens.request_renewal();
+                return;
+            }
+            Some(asked) if tokens.generation() == asked => return,
+            Some(_) => {}
+        }
+    }
+    let reopened = async {
+        if !s.events.status().connected() {
+            let channel = s
+                .conn
+                .create_channel()
+                .await
+                .map_err(BrokerError::amqp("open channel"))?;
+            crate::events::declare_exchange(&channel).await?;
+            events.use_channel(channel.clone());
+            s.events = channel;
+        }
+        if !s.replies.status().connected() {
+            s.replies = s
+                .conn
+                .create_channel()
+                .await
+                .map_err(BrokerError::amqp("open channel"))?;
+        }
+        Ok::<_, BrokerError>(())
+    };
+    match reopened.await {
+        Ok(()) => {
+            s.renewal = None;
+            warn!("reopened the control channels the broker had closed");
+        }
+        Err(e) => debug!("cannot reopen the closed control channels yet: {e}"),
+    }
 }
 
 /// With quorum queues, declares RabbitMQ's native delayed delivery as
@@ -101,13 +156,16 @@ async fn delayed_delivery(
 /// Connects and declares the event exchange, the pidbox exchanges and this
 /// node's pidbox queue (non-durable, exclusive, auto-delete, with kombu's
 /// TTL and expiry), then consumes it without acknowledgements.
-async fn open_session(config: &WorkerConfig) -> Result<Session, BrokerError> {
+async fn open_session(
+    config: &WorkerConfig,
+    tokens: Option<&TokenKeeper>,
+) -> Result<Session, ConnectError> {
     let name = format!(
         "celeriac {} control pid {}",
         config.hostname,
         std::process::id()
     );
-    let conn = connect(&config.broker_url, &name).await?;
+    let conn = crate::token::connect(&config.broker_url, &name, tokens).await?;
     let events = conn
         .create_channel()
         .await
@@ -169,6 +227,7 @@ async fn open_session(config: &WorkerConfig) -> Result<Session, BrokerError> {
         events,
         replies,
         requests,
+        renewal: None,
     })
 }
 
@@ -220,6 +279,15 @@ async fn run(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry
         utcoffset: ev::local_utcoffset(),
     };
     let events = Events::new(source, Some(shm), config.task_events);
+    let tokens = match TokenKeeper::new(&config.broker_auth, shm.control_slot()) {
+        Ok(tokens) => tokens,
+        Err(e) => {
+            error!("cannot start: {e}");
+            return crate::exit::FAILED;
+        }
+    };
+    // The refresh loop starts with the first connection's token.
+    let mut refreshing = false;
     let pidbox = Pidbox::new(shm, Arc::clone(&config), registry, supervisor);
     let slot = shm.control_slot();
     let mut session: Option<Session> = None;
@@ -238,8 +306,12 @@ async fn run(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry
     let mut delayed_reported = false;
     loop {
         if session.is_none() && tokio::time::Instant::now() >= next_connect {
-            match open_session(&config).await {
+            match open_session(&config, tokens.as_ref()).await {
                 Ok(s) => {
+                    if let (Some(tokens), false) = (&tokens, refreshing) {
+                        refreshing = true;
+                        tokio::spawn(tokens.clone().run());
+                    }
                     events.use_channel(s.events.clone());
                     delayed_delivery(&s.conn, &config, shm, &mut delayed_reported).await;
                     if lost {
@@ -298,6 +370,9 @@ async fn run(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry
                 if nix::unistd::getppid().as_raw() != supervisor {
                     warn!("the supervisor is gone: stopping");
                     break;
+                }
+                if let Some(s) = session.as_mut() {
+                    repair_channels(s, tokens.as_ref(), &events).await;
                 }
             }
             _ = heartbeat.tick(), if connected && send_heartbeats => events.worker("worker-heartbeat", status(&shm, freq)).await,

@@ -226,8 +226,49 @@ pub fn render(shm: &SharedState, config: &WorkerConfig) -> String {
         ),
     ];
     let mut families = families;
+    if config.broker_auth != crate::token::BrokerAuth::Password {
+        families.extend(token_families(shm));
+    }
     families.extend(celery_exporter::families(&stats, active, &config.hostname));
     encode(families)
+}
+
+/// The broker-token series (with `--broker-auth` other than `password`):
+/// each process holds its own token, so the expiry shown is the soonest
+/// among the live processes (negative once expired); the counters add up
+/// every process, past and present.
+fn token_families(shm: &SharedState) -> Vec<MetricFamily> {
+    let now = crate::shm::now_ms() as i64;
+    let soonest = shm
+        .slots()
+        .iter()
+        .filter(|s| s.pid() != 0 && s.token_expiry_ms() != 0)
+        .map(|s| s.token_expiry_ms() as i64 - now)
+        .min();
+    let failures: u64 = shm.slots().iter().map(|s| s.token_failures()).sum();
+    let updates: u64 = shm.slots().iter().map(|s| s.secret_updates()).sum();
+    vec![
+        family(
+            "celeriac_broker_token_expiry_seconds",
+            "Seconds until the soonest-expiring broker token of the worker's processes expires (negative once expired).",
+            MetricType::GAUGE,
+            soonest
+                .map(|ms| vec![gauge(&[], ms as f64 / 1000.0)])
+                .unwrap_or_default(),
+        ),
+        family(
+            "celeriac_broker_token_refresh_failures_total",
+            "Broker token refreshes that failed (each is retried with backoff).",
+            MetricType::COUNTER,
+            vec![counter(&[], failures as f64)],
+        ),
+        family(
+            "celeriac_broker_token_updates_total",
+            "Fresh broker tokens pushed to open connections with AMQP update-secret.",
+            MetricType::COUNTER,
+            vec![counter(&[], updates as f64)],
+        ),
+    ]
 }
 
 /// Writes `families` in the text format, leaving out those without a sample
@@ -274,5 +315,45 @@ mod tests {
         let text = render(&shm, &config());
         let line = r#"celeriac_tasks_total{task="proj.add",outcome="succeeded"} 1"#;
         assert!(text.contains(line), "{text}");
+        assert!(!text.contains("celeriac_broker_token"), "{text}");
+    }
+
+    #[test]
+    fn token_series_show_the_soonest_expiry_and_add_up_counts() {
+        let shm = SharedState::map(2).unwrap();
+        let mut config = config();
+        config.broker_auth = crate::token::BrokerAuth::TokenFile("/t".into());
+        let text = render(&shm, &config);
+        assert!(
+            !text.contains("celeriac_broker_token_expiry_seconds"),
+            "{text}"
+        );
+        assert!(
+            text.contains("celeriac_broker_token_refresh_failures_total 0\n"),
+            "{text}"
+        );
+        let now = crate::shm::now_ms();
+        for (slot, (pid, expiry)) in shm.slots().iter().zip([(10, 50_000), (11, 20_000), (0, 1)]) {
+            slot.set_pid(pid);
+            slot.set_token_expiry_ms(now + expiry);
+            slot.count_secret_update();
+        }
+        shm.control_slot().count_token_failure();
+        let text = render(&shm, &config);
+        let expiry: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("celeriac_broker_token_expiry_seconds "))
+            .expect("an expiry sample")
+            .parse()
+            .unwrap();
+        assert!((19.0..=20.0).contains(&expiry), "{text}");
+        assert!(
+            text.contains("celeriac_broker_token_refresh_failures_total 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("celeriac_broker_token_updates_total 3\n"),
+            "{text}"
+        );
     }
 }

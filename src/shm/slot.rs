@@ -101,6 +101,9 @@ shm_record! {
         task_deadline_ms: AtomicU64,
         task_hard_limit_ms: AtomicU64,
         task_flags: AtomicU64,
+        token_expires_ms: AtomicU64,
+        token_failures: AtomicU64,
+        secret_updates: AtomicU64,
         task: SeqText<TEXT_WORDS>,
         error: SeqText<ERROR_WORDS>,
         queued: SeqText<QUEUED_WORDS>,
@@ -145,6 +148,30 @@ impl Slot {
     /// Counts a lost broker connection that this slot's process got back.
     pub fn count_reconnect(&self) {
         self.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+    /// When the process's broker token expires (ms since epoch; 0: no token).
+    pub fn token_expiry_ms(&self) -> u64 {
+        self.token_expires_ms.load(Ordering::Relaxed)
+    }
+    /// Publishes [`Slot::token_expiry_ms`] for a new token.
+    pub fn set_token_expiry_ms(&self, ms: u64) {
+        self.token_expires_ms.store(ms, Ordering::Relaxed);
+    }
+    /// Failed broker-token refreshes of this slot's processes.
+    pub fn token_failures(&self) -> u64 {
+        self.token_failures.load(Ordering::Relaxed)
+    }
+    /// Counts a failed broker-token refresh.
+    pub fn count_token_failure(&self) {
+        self.token_failures.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Fresh tokens pushed to open connections (AMQP `update-secret`).
+    pub fn secret_updates(&self) -> u64 {
+        self.secret_updates.load(Ordering::Relaxed)
+    }
+    /// Counts a token pushed to an open connection.
+    pub fn count_secret_update(&self) {
+        self.secret_updates.fetch_add(1, Ordering::Relaxed);
     }
     /// Messages received but not started (prefetched or waiting for an ETA).
     pub fn reserved(&self) -> u64 {
@@ -239,14 +266,15 @@ impl Slot {
     pub fn error(&self) -> String {
         self.error.read().into_iter().next().unwrap_or_default()
     }
-    /// Supervisor only: clears the task, error, queued lines and reserved
-    /// count and marks the slot empty, before a fork and after a death. The
+    /// Supervisor only: clears the task, error, queued lines, reserved
+    /// count and token expiry and marks the slot empty, before a fork and after a death. The
     /// pid is left to [`Slot::set_pid`]; the totals are kept.
     pub(crate) fn reset(&self) {
         self.finish_task();
         self.error.write(&[]);
         self.queued.write(&[]);
         self.reserved.store(0, Ordering::Relaxed);
+        self.token_expires_ms.store(0, Ordering::Relaxed);
         self.state
             .store(ChildState::Empty as u32, Ordering::Release);
     }
@@ -292,5 +320,24 @@ mod tests {
         slot.reset();
         slot.count_reconnect();
         assert_eq!(slot.reconnects(), 2);
+    }
+
+    #[test]
+    fn token_counts_add_up_and_the_expiry_goes_with_the_process() {
+        let shm = SharedState::map(1).unwrap();
+        let slot = &shm.task_slots()[0];
+        slot.set_token_expiry_ms(1_000);
+        slot.count_token_failure();
+        slot.count_secret_update();
+        slot.reset();
+        slot.count_secret_update();
+        assert_eq!(
+            (
+                slot.token_expiry_ms(),
+                slot.token_failures(),
+                slot.secret_updates()
+            ),
+            (0, 1, 2)
+        );
     }
 }

@@ -1222,3 +1222,33 @@ def test_dockerignore_keeps_sources_and_drops_bulk():
     assert {"target", ".git", ".venv"} <= patterns
     for needed in ("src", "Cargo.toml", "Cargo.lock", "probes", "examples"):
         assert needed not in patterns and f"/{needed}" not in patterns and "*" not in patterns
+
+
+def test_broker_oauth2_sets_the_worker_environment(helm):
+    c = worker(render(helm, "oauth2-values.yaml"))
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["CELERIAC_BROKER_AUTH"] == "azure-workload-identity"
+    assert env["CELERIAC_BROKER_OAUTH_SCOPE"] == "api://00000000-aaaa-bbbb-cccc-rabbitmq0000/.default"
+    assert "CELERIAC_BROKER_OAUTH_TOKEN_FILE" not in env
+    # The default: nothing about tokens.
+    env = {e["name"] for e in worker(render(helm))["env"]}
+    assert not any(name.startswith("CELERIAC_BROKER_") for name in env)
+    c = worker(render(helm, sets=("workers.brokerAuth.mode=oauth2-token-file", "workers.brokerAuth.tokenFile=/var/run/token/access")))
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["CELERIAC_BROKER_AUTH"] == "oauth2-token-file"
+    assert env["CELERIAC_BROKER_OAUTH_TOKEN_FILE"] == "/var/run/token/access"
+
+
+@pytest.mark.parametrize(
+    ("sets", "needle"),
+    [
+        (("workers.brokerAuth.oauthScope=",), "oauthScope is required"),
+        (("workers.workloadIdentity.enabled=false",), "needs workers.workloadIdentity.enabled"),
+        (("workers.serviceAccount.clientId=",), "needs workers.serviceAccount.clientId"),
+        (("workers.envFrom.secret.stringData.CELERY_BROKER_URL=amqps://u:p@rabbitmq:5671/",), "carries a password"),
+        (("workers.brokerAuth.mode=oauth2-token-file", "workers.brokerAuth.oauthScope="), "tokenFile is required"),
+        (("workers.brokerAuth.mode=kerberos",), "brokerAuth"),
+    ],
+)
+def test_broker_oauth2_refuses_what_cannot_work(helm, sets, needle):
+    assert needle in render_fails(helm, "oauth2-values.yaml", sets=sets)
