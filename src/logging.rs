@@ -73,6 +73,8 @@ pub fn init(level: Level, format: LogFormat, hostname: &str) {
 
 /// Libraries whose own log lines describe conditions celeriac reports in
 /// its own words (a refused login, a lost connection): shown only at DEBUG.
+/// Their TRACE lines are never shown: lapin's dump the frames it writes,
+/// `update-secret` and its broker token among them.
 const QUIET_LIBRARIES: [&str; 4] = ["lapin", "amq_protocol", "pinky_swear", "redis"];
 
 /// Whether an event at `event` level from `target` is written when the
@@ -86,7 +88,7 @@ fn shown(max: Level, event: &Level, target: &str) -> bool {
             .strip_prefix(l)
             .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
     });
-    !library || max >= Level::DEBUG
+    !library || (max >= Level::DEBUG && *event <= Level::DEBUG)
 }
 
 /// Celery's level names.
@@ -254,6 +256,10 @@ mod tests {
         assert!(!shown(Level::WARN, &Level::ERROR, "lapin::channel"));
         assert!(!shown(Level::INFO, &Level::ERROR, "amq_protocol"));
         assert!(shown(Level::DEBUG, &Level::ERROR, "lapin::channel"));
+        // Frame dumps (a token in update-secret) stay out even at -l TRACE.
+        assert!(!shown(Level::TRACE, &Level::TRACE, "lapin::io_loop"));
+        assert!(shown(Level::TRACE, &Level::DEBUG, "lapin::channel"));
+        assert!(shown(Level::TRACE, &Level::TRACE, "celeriac::child"));
         assert!(shown(
             Level::WARN,
             &Level::ERROR,
