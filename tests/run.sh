@@ -120,5 +120,8 @@ cargo test --workspace --locked
 say "the Dockerfile's build stage, in its own build context"
 .venv/bin/python tests/docker_context_build.py
 
+say "the Python image recipe (examples/python-app/Dockerfile), without a Docker engine"
+.venv/bin/python tests/python_image_recipe.py
+
 say "interop and chart tests"
 .venv/bin/python -m pytest -q -p no:cacheprovider tests/interop tests/chart "$@"
