@@ -225,15 +225,8 @@ impl TaskHandler for PythonTask {
         Box::pin(async move {
             let payload = request(ctx.message(), ctx.delivery_info(), args, kwargs).to_string();
             let (name, id) = (ctx.message().task.clone(), ctx.id().to_owned());
-            let outcome = main_thread::run(move || {
-                Python::attach(|py| {
-                    bridge(py)
-                        .and_then(|m| m.call_method1("run", (name, id, payload)))
-                        .and_then(|r| r.extract::<String>())
-                        .map_err(|e| line(py, &e))
-                })
-            })
-            .await;
+            let outcome =
+                on_main_thread("run", (name, id, payload), |r| r.extract::<String>()).await;
             match outcome {
                 Some(Ok(text)) => outcome_of(&text),
                 Some(Err(e)) => Err(TaskError::Exception(ExceptionInfo::builtin(
@@ -277,16 +270,8 @@ impl TaskHandler for PythonTask {
                     "expired": expired,
                 }),
             };
-            let (name, id, payload) = (msg.task.clone(), msg.id.clone(), payload.to_string());
-            let done = main_thread::run(move || {
-                Python::attach(|py| {
-                    bridge(py)
-                        .and_then(|m| m.call_method1("settle_elsewhere", (name, id, payload)))
-                        .and_then(|r| r.extract::<bool>())
-                        .map_err(|e| line(py, &e))
-                })
-            })
-            .await;
+            let call = (msg.task.clone(), msg.id.clone(), payload.to_string());
+            let done = on_main_thread("settle_elsewhere", call, |r| r.extract::<bool>()).await;
             match done {
                 Some(Ok(settled)) => settled,
                 Some(Err(e)) => {
@@ -297,6 +282,25 @@ impl TaskHandler for PythonTask {
             }
         })
     }
+}
+
+/// Calls `celeriac._worker.<method>(name, id, payload)` on the process's
+/// main thread and converts what it returns with `extract`; `None` if the
+/// main thread could not run it, `Err` with the Python error's one line.
+async fn on_main_thread<T: Send + 'static>(
+    method: &'static str,
+    args: (String, String, String),
+    extract: fn(&Bound<'_, PyAny>) -> PyResult<T>,
+) -> Option<Result<T, String>> {
+    main_thread::run(move || {
+        Python::attach(|py| {
+            bridge(py)
+                .and_then(|m| m.call_method1(method, args))
+                .and_then(|r| extract(&r))
+                .map_err(|e| line(py, &e))
+        })
+    })
+    .await
 }
 
 /// What Celery's `Request` hands the tracer, as JSON for the bridge.

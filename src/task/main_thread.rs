@@ -28,7 +28,7 @@ pub const INTERRUPT: Signal = Signal::SIGUSR1;
 
 /// Runs `work` on this process's main thread and waits for it without
 /// blocking the calling runtime. `None` if the process serves no main
-/// thread (see [`serve`]) or `work` panicked.
+/// thread (a task process hosting an app) or `work` panicked.
 pub async fn run<R: Send + 'static>(work: impl FnOnce() -> R + Send + 'static) -> Option<R> {
     let queue = QUEUE.get()?;
     let (tx, rx) = tokio::sync::oneshot::channel();
