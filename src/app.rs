@@ -158,14 +158,10 @@ impl App {
             registry: Arc::new(self.registry),
             host: self.host.filter(|_| config.app.is_some()),
         };
-        let host = bodies.host.clone();
         match Supervisor::new(config, Box::new(bodies)) {
             Ok(supervisor) => {
                 supervisor.set_rate_limits(&rate_limits);
                 let code = supervisor.run();
-                if let Some(host) = host {
-                    host.worker_stopped();
-                }
                 info!("worker stopped (exit code {code})");
                 code
             }
@@ -190,7 +186,7 @@ impl RoleBodies for Bodies {
         let (config, registry) = (Arc::clone(&self.config), Arc::clone(&self.registry));
         match role {
             Role::Task(n) => crate::child::main(n, shm, config, registry, self.host.clone()),
-            Role::Control => crate::control::main(shm, config, registry),
+            Role::Control => crate::control::main(shm, config, registry, self.host.clone()),
         }
     }
 
@@ -209,12 +205,6 @@ impl RoleBodies for Bodies {
     fn after_fork_in_child(&self) {
         if let Some(host) = &self.host {
             host.after_fork_in_child();
-        }
-    }
-
-    fn worker_ready(&self) {
-        if let Some(host) = &self.host {
-            host.worker_ready();
         }
     }
 }

@@ -11,7 +11,8 @@
 //! - the fork hooks, around every fork of the supervisor, so that an
 //!   interpreter living in the supervisor is forked the way it expects;
 //! - the task-process hooks: start the interpreter's side of a task process,
-//!   and end it. A hosted task runs on the task process's **main thread**
+//!   and end it; and the worker's `ready`/`stopped`, run in the control
+//!   process. A hosted task runs on the task process's **main thread**
 //!   (where an interpreter delivers its signal handlers), the process's
 //!   async runtime moving to a thread of its own; see
 //!   [`crate::task::main_thread`].
@@ -79,9 +80,13 @@ pub trait TaskHost: Send + Sync {
         let _ = code;
     }
 
-    /// In the supervisor, once every task process is consuming.
+    /// In the control process, once a task process consumes. The control
+    /// process never forks, so a thread a handler starts is safe there
+    /// (a metrics server, say), where in the supervisor it would stop the
+    /// next fork.
     fn worker_ready(&self) {}
 
-    /// In the supervisor, when the worker has stopped.
+    /// In the control process, when the worker has stopped (its task
+    /// processes are gone).
     fn worker_stopped(&self) {}
 }

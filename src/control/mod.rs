@@ -36,7 +36,12 @@ pub const PIDBOX_EXCHANGE: &str = "celery.pidbox";
 pub const REPLY_EXCHANGE: &str = "reply.celery.pidbox";
 
 /// The body of the forked control process; returns its exit code.
-pub fn main(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry>) -> i32 {
+pub fn main(
+    shm: SharedState,
+    config: Arc<WorkerConfig>,
+    registry: Arc<Registry>,
+    host: Option<Arc<dyn crate::host::TaskHost>>,
+) -> i32 {
     crate::logging::set_process_name("ControlProcess".to_owned());
     shm.control_slot().set_state(ChildState::Booting);
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -49,7 +54,25 @@ pub fn main(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry>
             return 1;
         }
     };
-    runtime.block_on(run(shm, config, registry))
+    if let Some(host) = &host {
+        let (host, shm) = (Arc::clone(host), shm);
+        runtime.spawn(async move {
+            // A hosted app's worker_ready, once the worker consumes.
+            while !shm
+                .task_slots()
+                .iter()
+                .any(|s| s.state() == ChildState::Consuming)
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            host.worker_ready();
+        });
+    }
+    let code = runtime.block_on(run(shm, config, registry));
+    if let Some(host) = host {
+        host.worker_stopped();
+    }
+    code
 }
 
 struct Session {

@@ -345,7 +345,6 @@ impl Supervisor {
             self.ever_consumed = true;
             self.boot_failures = 0;
             self.unreachable_since = None;
-            self.bodies.worker_ready();
         }
         Ok(())
     }

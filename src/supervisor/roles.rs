@@ -55,10 +55,6 @@ pub trait RoleBodies {
 
     /// First thing in every forked process.
     fn after_fork_in_child(&self) {}
-
-    /// Once every task process is consuming (each time the worker becomes
-    /// ready after starting).
-    fn worker_ready(&self) {}
 }
 
 impl<F> RoleBodies for F

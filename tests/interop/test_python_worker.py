@@ -7,6 +7,7 @@ task, and an app celeriac cannot serve refused at startup in one line.
 The outcomes themselves (values, exceptions, retries, signals, events) are
 compared with `celery worker` in test_python_tasks.py."""
 
+import os
 import pathlib
 import signal
 import socket
@@ -156,3 +157,26 @@ def test_the_apps_log_records_follow_the_log_format(app_worker, client):
     assert record["message"] == "said hello" and record["level"] == "WARNING", record
     assert record["task_id"] == r.id and record["task_name"] == "fixtureapp.tasks.chatty", record
     assert record["process"] == "ForkPoolWorker-1", record
+
+
+def test_a_thread_started_by_worker_ready_does_not_stop_the_forks(start_worker, queue_name, tmp_path):
+    """worker_ready runs in the control process, which never forks: a thread
+    it starts there leaves the supervisor free to replace task processes."""
+    note = tmp_path / "ready.note"
+    env = {"READYAPP_BROKER": BROKER, "READYAPP_BACKEND": REDIS_URL, "READYAPP_QUEUE": queue_name,
+           "READYAPP_NOTE": str(note)}
+    w = start_worker("-A", "readyapp", "--workdir", str(APPS), "-c", "1", env=env, binary=str(CELERIAC))
+    wait_until(note.exists, 20, "worker_ready")
+    ready_pid, threads = map(int, note.read_text().split()[:2])
+    [pid] = wait_for_consuming(w, 1)
+    assert ready_pid not in (w.pid, pid), "neither the supervisor nor a task process"
+    assert threads == 2 and thread_count(w.pid) == 1
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: consuming_pids(w) not in ([], [pid]), 30, "the killed task process replaced")
+    app = Celery("client", broker=BROKER, backend=REDIS_URL)
+    try:
+        assert app.send_task("readyapp.add", (1, 2), queue=queue_name).get(timeout=20) == 3
+    finally:
+        app.close()
+    assert w.stop() == 0
+    assert note.read_text().endswith(f"shutdown {ready_pid}"), note.read_text()
