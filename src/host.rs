@@ -86,6 +86,10 @@ pub trait TaskHost: Send + Sync {
     /// next fork.
     fn worker_ready(&self) {}
 
+    /// In the control process, when the worker starts to drain (a warm
+    /// shutdown).
+    fn worker_shutting_down(&self) {}
+
     /// In the control process, when the worker has stopped (its task
     /// processes are gone).
     fn worker_stopped(&self) {}

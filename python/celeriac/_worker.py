@@ -381,6 +381,13 @@ def worker_ready():
     signals.worker_ready.send(sender=_worker)
 
 
+def worker_shutting_down():
+    """A warm shutdown begins (SIGTERM or SIGINT to the worker), as Celery announces it."""
+    from celery import signals
+
+    signals.worker_shutting_down.send(sender=_hostname, sig="SIGTERM", how="Warm", exitcode=0)
+
+
 def worker_stopped():
     from celery import signals
 

@@ -207,6 +207,14 @@ impl TaskHost for PythonHost {
         });
     }
 
+    fn worker_shutting_down(&self) {
+        Python::attach(|py| {
+            if let Err(e) = bridge(py).and_then(|m| m.call_method0("worker_shutting_down")) {
+                tracing::warn!("worker_shutting_down: {}", line(py, &e));
+            }
+        });
+    }
+
     fn worker_stopped(&self) {
         Python::attach(|py| {
             if let Err(e) = bridge(py).and_then(|m| m.call_method0("worker_stopped")) {

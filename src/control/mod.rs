@@ -5,6 +5,7 @@
 
 mod pidbox;
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,22 +55,36 @@ pub fn main(
             return 1;
         }
     };
+    // A hosted app's worker-level signals: ready once the worker consumes,
+    // shutting down when it starts to drain, shutdown when it has stopped.
+    let announced = Arc::new(std::sync::atomic::AtomicU8::new(0));
     if let Some(host) = &host {
-        let (host, shm) = (Arc::clone(host), shm);
+        let (host, announced) = (Arc::clone(host), Arc::clone(&announced));
         runtime.spawn(async move {
-            // A hosted app's worker_ready, once the worker consumes.
-            while !shm
-                .task_slots()
-                .iter()
-                .any(|s| s.state() == ChildState::Consuming)
-            {
+            let consuming = || {
+                shm.task_slots()
+                    .iter()
+                    .any(|s| s.state() == ChildState::Consuming)
+            };
+            while !consuming() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             host.worker_ready();
+            announced.store(1, Ordering::Release);
+            while !shm.draining() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if announced.swap(2, Ordering::AcqRel) == 1 {
+                host.worker_shutting_down();
+            }
         });
     }
     let code = runtime.block_on(run(shm, config, registry));
     if let Some(host) = host {
+        // The drain may have been quicker than the watcher's next look.
+        if announced.swap(2, Ordering::AcqRel) == 1 {
+            host.worker_shutting_down();
+        }
         host.worker_stopped();
     }
     code

@@ -179,4 +179,4 @@ def test_a_thread_started_by_worker_ready_does_not_stop_the_forks(start_worker, 
     finally:
         app.close()
     assert w.stop() == 0
-    assert note.read_text().endswith(f"shutdown {ready_pid}"), note.read_text()
+    assert note.read_text().endswith(f"shutting-down:Warm {ready_pid} shutdown {ready_pid}"), note.read_text()

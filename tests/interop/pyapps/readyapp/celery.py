@@ -25,6 +25,12 @@ def serve_metrics(sender=None, **kwargs):
         f.write(f"{os.getpid()} {threading.active_count()}")
 
 
+@signals.worker_shutting_down.connect
+def note_shutting_down(sender=None, how=None, **kwargs):
+    with open(os.environ["READYAPP_NOTE"], "a") as f:
+        f.write(f" shutting-down:{how} {os.getpid()}")
+
+
 @signals.worker_shutdown.connect
 def note_shutdown(sender=None, **kwargs):
     with open(os.environ["READYAPP_NOTE"], "a") as f:
