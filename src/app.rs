@@ -9,7 +9,7 @@ use tracing::{error, info, warn};
 use crate::broker::mask_url;
 use crate::config::{self, Invocation, ProcessEnv, WorkerConfig};
 use crate::exit::{self, USAGE};
-use crate::host::TaskHost;
+use crate::host::{LoadedApp, TaskHost};
 use crate::shm::SharedState;
 use crate::supervisor::{Role, RoleBodies, Supervisor};
 use crate::task::{builtins, Registry};
@@ -55,6 +55,54 @@ impl App {
         &mut self.registry
     }
 
+    /// With `-A`: loads the app through the host before anything forks,
+    /// reads the command line again with the app's settings beneath it,
+    /// declares the app's queues as it does and registers its tasks.
+    /// Returns the final configuration and what was loaded, or the exit
+    /// code of a refusal (reported on stderr).
+    fn load_app(
+        &mut self,
+        args: Vec<std::ffi::OsString>,
+        config: Box<WorkerConfig>,
+    ) -> Result<(Box<WorkerConfig>, Option<LoadedApp>), i32> {
+        let Some(app) = config.app.clone() else {
+            return Ok((config, None));
+        };
+        let Some(host) = self.host.clone() else {
+            eprintln!("celeriac: error: --app {}: not available in this binary, which runs tasks written in Rust; for a Python app, `pip install celeriac` into its virtualenv and run that `celeriac` command", app.name);
+            return Err(USAGE);
+        };
+        let loaded = host.load(&config).map_err(|e| {
+            eprintln!("celeriac: error: -A {}: {e}", app.name);
+            exit::BOOT_REFUSED
+        })?;
+        // The fork discipline: the supervisor forks at any time, so the
+        // app's import must not leave threads behind in it.
+        let threads = crate::supervisor::thread_count();
+        if threads > 1 {
+            eprintln!("celeriac: error: -A {}: importing the app started {} thread(s) in the worker's main process, which forks its task processes at any time; start them in a worker_process_init handler instead (for numpy/OpenBLAS set OPENBLAS_NUM_THREADS=1 or OMP_NUM_THREADS=1)", app.name, threads - 1);
+            return Err(exit::BOOT_REFUSED);
+        }
+        let mut config = match config::parse_with_app(args, &ProcessEnv, &loaded.options) {
+            Ok(Invocation::Worker(c)) => c,
+            Ok(Invocation::Print(_)) => return Err(USAGE),
+            Err(e) => {
+                eprintln!(
+                    "celeriac: error: with the settings of app {}: {e}",
+                    app.name
+                );
+                return Err(USAGE);
+            }
+        };
+        for queue in &mut config.queues {
+            if let Some(declared) = loaded.queues.iter().find(|q| q.name == queue.name) {
+                *queue = declared.clone();
+            }
+        }
+        host.register(&loaded, &mut self.registry);
+        Ok((config, Some(loaded)))
+    }
+
     /// Parses the command line and runs it, then exits the process.
     pub fn run(self) -> ! {
         let code = self.run_with_args(std::env::args_os());
@@ -68,7 +116,7 @@ impl App {
         T: Into<std::ffi::OsString> + Clone,
     {
         let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
-        let mut config = match config::parse(args.clone(), &ProcessEnv) {
+        let config = match config::parse(args.clone(), &ProcessEnv) {
             Ok(Invocation::Print(text)) => {
                 print!("{text}");
                 return 0;
@@ -96,51 +144,10 @@ impl App {
             eprintln!("celeriac: error: --state-dir: {e}");
             return USAGE;
         }
-        let mut app_description = None;
-        let mut rate_limits = Vec::new();
-        if let Some(app) = &config.app {
-            let Some(host) = self.host.clone() else {
-                eprintln!("celeriac: error: --app {}: not available in this binary, which runs tasks written in Rust; for a Python app, `pip install celeriac` into its virtualenv and run that `celeriac` command", app.name);
-                return USAGE;
-            };
-            let loaded = match host.load(&config) {
-                Ok(loaded) => loaded,
-                Err(e) => {
-                    eprintln!("celeriac: error: -A {}: {e}", app.name);
-                    return exit::BOOT_REFUSED;
-                }
-            };
-            // The fork discipline: the supervisor forks at any time, so the
-            // app's import must not leave threads behind in it.
-            let threads = crate::supervisor::thread_count();
-            if threads > 1 {
-                eprintln!("celeriac: error: -A {}: importing the app started {} thread(s) in the worker's main process, which forks its task processes at any time; start them in a worker_process_init handler instead (for numpy/OpenBLAS set OPENBLAS_NUM_THREADS=1 or OMP_NUM_THREADS=1)", app.name, threads - 1);
-                return exit::BOOT_REFUSED;
-            }
-            config = match config::parse_with_app(args, &ProcessEnv, &loaded.options) {
-                Ok(Invocation::Worker(c)) => c,
-                Ok(Invocation::Print(_)) => return USAGE,
-                Err(e) => {
-                    eprintln!(
-                        "celeriac: error: with the settings of app {}: {e}",
-                        app.name
-                    );
-                    return USAGE;
-                }
-            };
-            for queue in &mut config.queues {
-                if let Some(declared) = loaded.queues.iter().find(|q| q.name == queue.name) {
-                    *queue = declared.clone();
-                }
-            }
-            host.register(&loaded, &mut self.registry);
-            rate_limits = loaded
-                .tasks
-                .iter()
-                .filter_map(|t| t.rate_limit.map(|r| (t.name.clone(), r)))
-                .collect();
-            app_description = Some(loaded.description);
-        }
+        let (config, loaded) = match self.load_app(args, config) {
+            Ok(done) => done,
+            Err(code) => return code,
+        };
         crate::logging::init(config.log_level, config.log_format, &config.hostname);
         // A Python app's worker lists the app's tasks only, as `celery worker` does.
         if !config.builtin_tasks || config.app.is_some() {
@@ -150,7 +157,11 @@ impl App {
             crate::task::testing::register(&mut self.registry);
         }
         if !config.quiet {
-            banner(&config, &self.registry, app_description.as_deref());
+            banner(
+                &config,
+                &self.registry,
+                loaded.as_ref().map(|l| l.description.as_str()),
+            );
         }
         let config = Arc::new(*config);
         let bodies = Bodies {
@@ -160,7 +171,9 @@ impl App {
         };
         match Supervisor::new(config, Box::new(bodies)) {
             Ok(supervisor) => {
-                supervisor.set_rate_limits(&rate_limits);
+                if let Some(loaded) = &loaded {
+                    supervisor.set_rate_limits(&loaded.rate_limits());
+                }
                 let code = supervisor.run();
                 info!("worker stopped (exit code {code})");
                 code

@@ -48,6 +48,16 @@ pub struct LoadedApp {
     pub description: String,
 }
 
+impl LoadedApp {
+    /// The tasks with a `rate_limit`, in tasks per second.
+    pub fn rate_limits(&self) -> Vec<(String, f64)> {
+        self.tasks
+            .iter()
+            .filter_map(|t| t.rate_limit.map(|r| (t.name.clone(), r)))
+            .collect()
+    }
+}
+
 /// An embedding that runs tasks of an app written in another language.
 ///
 /// Every method is called in one process at a time, never concurrently.
@@ -72,7 +82,7 @@ pub trait TaskHost: Send + Sync {
 
     /// In a task process (number `index`), on its main thread, before it
     /// connects: whatever the app does when a pool process starts.
-    fn task_process_started(&self, index: usize, config: &WorkerConfig) -> Result<(), String>;
+    fn task_process_started(&self, index: usize) -> Result<(), String>;
 
     /// In a task process, on its main thread, when it ends without being
     /// killed, with its exit code.

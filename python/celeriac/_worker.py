@@ -25,6 +25,11 @@ import signal
 import sys
 import traceback
 
+# The per-task path's imports, at module level (this module is imported once,
+# in the supervisor, only for `-A`).
+from celery import states
+from kombu.utils.json import loads
+
 # Filled by load() in the supervisor, inherited by every forked process.
 _app = None
 _hostname = None
@@ -239,7 +244,7 @@ def load(options_json):
             for q in options["exclude_queues"]:
                 queues.deselect(q)
         level = options.get("loglevel") or "WARNING"
-        app.log.setup(logging.getLevelName(level.upper()) if isinstance(level, str) else level, None, hostname=hostname)
+        app.log.setup(logging.getLevelName(level.upper()), None, hostname=hostname)
         if options.get("log_format") == "json":
             _json_logs(hostname)
         # celeriac reports each outcome itself; Celery's tracer lines would be duplicates.
@@ -249,7 +254,6 @@ def load(options_json):
         # and the modules the first task imports.
         from celery.app.trace import build_tracer
         from celery.worker import state as _state  # noqa: F401
-        from kombu.utils import json as _json  # noqa: F401
         import billiard.exceptions  # noqa: F401
         import billiard.pool  # noqa: F401 (the soft limit's handler)
 
@@ -428,6 +432,8 @@ def _request(req):
     """Celery's request dict from the worker's JSON (see run())."""
     args, kwargs, embed = req.pop("args"), req.pop("kwargs"), req.pop("embed")
     request = req["headers"]
+    # Celery's message properties carry every header again.
+    req["properties"]["application_headers"] = dict(request)
     request.update(
         properties=req["properties"],
         reply_to=req["properties"].get("reply_to"),
@@ -460,7 +466,6 @@ def settle_elsewhere(name, task_id, payload):
     ``task_revoked``)."""
     from celery import signals
     from celery.app.task import Context
-    from kombu.utils.json import loads
 
     task = _app.tasks.get(name)
     if task is None:
@@ -483,16 +488,17 @@ def settle_elsewhere(name, task_id, payload):
     else:
         task.backend.mark_as_revoked(task_id, end["reason"], request=context, store_result=store)
         signals.task_revoked.send(
-            sender=task, request=context, terminated=end["terminated"], signum=end["signum"], expired=end["expired"]
+            sender=task,
+            request=context,
+            terminated=end["reason"] == "terminated",
+            signum=end["signum"],
+            expired=end["reason"] == "expired",
         )
     return True
 
 
 def run(name, task_id, payload):
     """Runs one task through Celery's tracer; returns the outcome as JSON."""
-    from celery import states
-    from kombu.utils.json import loads
-
     request, args, kwargs = _request(loads(payload))
     task = _app._tasks[name]
     try:

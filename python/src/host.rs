@@ -15,8 +15,10 @@ use celeriac::task::{
     TaskHandler, TaskOptions,
 };
 use pyo3::prelude::*;
-use serde::Deserialize;
+use pyo3::sync::PyOnceLock;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
+use std::borrow::Cow;
 
 use crate::fork::ForkGuard;
 
@@ -73,8 +75,12 @@ fn line(py: Python<'_>, e: &PyErr) -> String {
     }
 }
 
+/// `celeriac._worker`, imported once (in the supervisor, before the forks).
 fn bridge(py: Python<'_>) -> PyResult<Bound<'_, PyModule>> {
-    py.import("celeriac._worker")
+    static BRIDGE: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
+    BRIDGE
+        .get_or_try_init(py, || py.import("celeriac._worker").map(Bound::unbind))
+        .map(|m| m.bind(py).clone())
 }
 
 impl TaskHost for PythonHost {
@@ -182,7 +188,7 @@ impl TaskHost for PythonHost {
         }
     }
 
-    fn task_process_started(&self, index: usize, _config: &WorkerConfig) -> Result<(), String> {
+    fn task_process_started(&self, index: usize) -> Result<(), String> {
         Python::attach(|py| {
             bridge(py)
                 .and_then(|m| m.call_method1("process_started", (index,)))
@@ -231,7 +237,13 @@ struct PythonTask;
 impl TaskHandler for PythonTask {
     fn call(&self, ctx: Context, args: Vec<Value>, kwargs: Map<String, Value>) -> TaskFuture {
         Box::pin(async move {
-            let payload = request(ctx.message(), ctx.delivery_info(), args, kwargs).to_string();
+            let payload = serde_json::to_string(&Request::new(
+                ctx.message(),
+                ctx.delivery_info(),
+                &args,
+                &kwargs,
+            ))
+            .unwrap_or_default();
             let (name, id) = (ctx.message().task.clone(), ctx.id().to_owned());
             let outcome =
                 on_main_thread("run", (name, id, payload), |r| r.extract::<String>()).await;
@@ -255,30 +267,26 @@ impl TaskHandler for PythonTask {
     fn settle_elsewhere(&self, ended: Elsewhere) -> Pin<Box<dyn Future<Output = bool> + Send>> {
         Box::pin(async move {
             let msg = &ended.msg;
-            let mut payload = request(msg, &ended.delivery, msg.args.clone(), msg.kwargs.clone());
-            payload["store_result"] = ended.store_result.into();
-            payload["hostname"] = ended.hostname.clone().into();
-            payload["end"] = match &ended.end {
+            let end = match &ended.end {
                 End::Failed(exc) => json!({
                     "kind": "failed",
                     "exc_type": exc.exc_type,
                     "exc_module": exc.exc_module,
                     "exc_message": exc.exc_message,
                 }),
-                End::Revoked {
-                    reason,
-                    terminated,
-                    signal,
-                    expired,
-                } => json!({
+                End::Revoked { reason, signal } => json!({
                     "kind": "revoked",
                     "reason": reason,
-                    "terminated": terminated,
                     "signum": signal,
-                    "expired": expired,
                 }),
             };
-            let call = (msg.task.clone(), msg.id.clone(), payload.to_string());
+            let payload = serde_json::to_string(&Ended {
+                request: Request::new(msg, &ended.delivery, &msg.args, &msg.kwargs),
+                store_result: ended.store_result,
+                end,
+            })
+            .unwrap_or_default();
+            let call = (msg.task.clone(), msg.id.clone(), payload);
             let done = on_main_thread("settle_elsewhere", call, |r| r.extract::<bool>()).await;
             match done {
                 Some(Ok(settled)) => settled,
@@ -311,66 +319,111 @@ async fn on_main_thread<T: Send + 'static>(
     .await
 }
 
-/// What Celery's `Request` hands the tracer, as JSON for the bridge.
-fn request(
-    msg: &TaskMessage,
-    d: &DeliveryInfo,
-    args: Vec<Value>,
-    kwargs: Map<String, Value>,
-) -> Value {
-    let mut headers = msg.headers.clone();
-    if headers.is_empty() {
-        // Protocol 1: the fields the headers would carry.
-        headers.insert("id".into(), msg.id.clone().into());
-        headers.insert("task".into(), msg.task.clone().into());
-        headers.insert("retries".into(), msg.retries.into());
-        headers.insert("eta".into(), msg.eta.map(|t| t.to_rfc3339()).into());
-        headers.insert("expires".into(), msg.expires.map(|t| t.to_rfc3339()).into());
-        headers.insert("group".into(), msg.group.clone().into());
-        headers.insert("root_id".into(), msg.root_id.clone().into());
-        headers.insert("parent_id".into(), msg.parent_id.clone().into());
-        headers.insert(
-            "timelimit".into(),
-            json!([msg.time_limit, msg.soft_time_limit]),
-        );
-    }
-    let mut properties = Map::new();
-    properties.insert("correlation_id".into(), msg.correlation_id.clone().into());
-    properties.insert("reply_to".into(), msg.reply_to.clone().into());
-    properties.insert("priority".into(), msg.priority.into());
-    properties.insert("delivery_mode".into(), 2.into());
-    properties.insert("content_type".into(), "application/json".into());
-    properties.insert("content_encoding".into(), "utf-8".into());
-    properties.insert(
-        "application_headers".into(),
-        Value::Object(msg.headers.clone()),
-    );
-    json!({
-        "headers": headers,
-        "properties": properties,
-        "delivery_info": {
-            "exchange": d.exchange,
-            "routing_key": d.routing_key,
-            "priority": msg.priority,
-            "redelivered": d.redelivered,
-        },
-        "args": args,
-        "kwargs": kwargs,
-        "embed": {
-            "callbacks": nullable(&msg.embed.callbacks),
-            "errbacks": nullable(&msg.embed.errbacks),
-            "chain": nullable(&msg.embed.chain),
-            "chord": msg.embed.chord,
-        },
-    })
+/// What Celery's `Request` hands the tracer, serialized for the bridge
+/// straight from the decoded message (nothing is copied on the way).
+#[derive(Serialize)]
+struct Request<'a> {
+    headers: Cow<'a, Map<String, Value>>,
+    properties: Properties<'a>,
+    delivery_info: Delivered<'a>,
+    args: &'a [Value],
+    kwargs: &'a Map<String, Value>,
+    embed: Embedded<'a>,
 }
 
-fn nullable(list: &[Value]) -> Value {
-    if list.is_empty() {
-        Value::Null
-    } else {
-        Value::Array(list.to_vec())
+/// The AMQP properties Celery's request carries (`application_headers`
+/// is added by the bridge from the headers).
+#[derive(Serialize)]
+struct Properties<'a> {
+    correlation_id: Option<&'a str>,
+    reply_to: Option<&'a str>,
+    priority: Option<u8>,
+    delivery_mode: u8,
+    content_type: &'static str,
+    content_encoding: &'static str,
+}
+
+#[derive(Serialize)]
+struct Delivered<'a> {
+    exchange: &'a str,
+    routing_key: &'a str,
+    priority: Option<u8>,
+    redelivered: bool,
+}
+
+/// The body's third element; an empty list is `None`, as Celery sends it.
+#[derive(Serialize)]
+struct Embedded<'a> {
+    callbacks: Option<&'a [Value]>,
+    errbacks: Option<&'a [Value]>,
+    chain: Option<&'a [Value]>,
+    chord: Option<&'a Value>,
+}
+
+impl<'a> Request<'a> {
+    fn new(
+        msg: &'a TaskMessage,
+        d: &'a DeliveryInfo,
+        args: &'a [Value],
+        kwargs: &'a Map<String, Value>,
+    ) -> Self {
+        let nonempty = |list: &'a [Value]| (!list.is_empty()).then_some(list);
+        Self {
+            headers: headers(msg),
+            properties: Properties {
+                correlation_id: msg.correlation_id.as_deref(),
+                reply_to: msg.reply_to.as_deref(),
+                priority: msg.priority,
+                delivery_mode: 2,
+                content_type: "application/json",
+                content_encoding: "utf-8",
+            },
+            delivery_info: Delivered {
+                exchange: &d.exchange,
+                routing_key: &d.routing_key,
+                priority: msg.priority,
+                redelivered: d.redelivered,
+            },
+            args,
+            kwargs,
+            embed: Embedded {
+                callbacks: nonempty(&msg.embed.callbacks),
+                errbacks: nonempty(&msg.embed.errbacks),
+                chain: nonempty(&msg.embed.chain),
+                chord: msg.embed.chord.as_ref(),
+            },
+        }
     }
+}
+
+/// The message's headers; for protocol 1, the fields they would carry.
+fn headers(msg: &TaskMessage) -> Cow<'_, Map<String, Value>> {
+    if !msg.headers.is_empty() {
+        return Cow::Borrowed(&msg.headers);
+    }
+    let mut h = Map::new();
+    h.insert("id".into(), msg.id.clone().into());
+    h.insert("task".into(), msg.task.clone().into());
+    h.insert("retries".into(), msg.retries.into());
+    h.insert("eta".into(), msg.eta.map(|t| t.to_rfc3339()).into());
+    h.insert("expires".into(), msg.expires.map(|t| t.to_rfc3339()).into());
+    h.insert("group".into(), msg.group.clone().into());
+    h.insert("root_id".into(), msg.root_id.clone().into());
+    h.insert("parent_id".into(), msg.parent_id.clone().into());
+    h.insert(
+        "timelimit".into(),
+        json!([msg.time_limit, msg.soft_time_limit]),
+    );
+    Cow::Owned(h)
+}
+
+/// A request and how the task ended outside its run, for `settle_elsewhere`.
+#[derive(Serialize)]
+struct Ended<'a> {
+    #[serde(flatten)]
+    request: Request<'a>,
+    store_result: bool,
+    end: Value,
 }
 
 #[derive(Deserialize)]

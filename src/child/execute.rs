@@ -58,11 +58,12 @@ pub(super) async fn discard_revoked(
     .emit(shared, &job.queue);
     let end = End::Revoked {
         reason: reason.as_str(),
-        terminated: reason == RevokeReason::Terminated,
         signal,
-        expired: reason == RevokeReason::Expired,
     };
-    if super::lost::by_task(shared, &job.msg, Some(job), !ignore_result, end).await {
+    if shared
+        .settle_elsewhere(&job.msg, Some(job), !ignore_result, end)
+        .await
+    {
         ack(&job.acker, &job.msg.id).await;
         return;
     }

@@ -10,12 +10,11 @@ use std::time::Duration;
 use tracing::warn;
 
 use super::job::{self, reject, Job};
-use super::outcome::TaskHappening;
-use super::shared::Shared;
+use super::outcome::{RevokeReason, TaskHappening};
 use super::Child;
 use crate::protocol::{ExceptionInfo, TaskMessage, TaskState};
 use crate::shm::{Lost, LostReason, TaskFlags};
-use crate::task::{Elsewhere, End};
+use crate::task::End;
 
 impl Child {
     /// Settles the deaths nobody has reported yet (early-acked tasks: the
@@ -32,13 +31,15 @@ impl Child {
                 }
                 .emit(&self.shared, &lost.task.routing_key);
                 let end = End::Revoked {
-                    reason: "terminated",
-                    terminated: true,
+                    reason: RevokeReason::Terminated.as_str(),
                     signal: Some(revoke.signal as i32),
-                    expired: false,
                 };
                 let msg = Arc::new(msg);
-                if by_task(&self.shared, &msg, None, store_result, end).await {
+                if self
+                    .shared
+                    .settle_elsewhere(&msg, None, store_result, end)
+                    .await
+                {
                     continue;
                 }
                 if store_result {
@@ -60,7 +61,7 @@ impl Child {
             .emit(&self.shared, &lost.task.routing_key);
             let msg = Arc::new(msg);
             let end = End::Failed(exc.clone());
-            if store_result && !by_task(&self.shared, &msg, None, true, end).await {
+            if store_result && !self.shared.settle_elsewhere(&msg, None, true, end).await {
                 self.store_failure(&msg, &exc).await;
             }
         }
@@ -109,7 +110,12 @@ impl Child {
             }
             .emit(&self.shared, &job.queue);
             let end = End::Failed(exc.clone());
-            if store_result && !by_task(&self.shared, msg, Some(job), true, end).await {
+            if store_result
+                && !self
+                    .shared
+                    .settle_elsewhere(msg, Some(job), true, end)
+                    .await
+            {
                 self.store_failure(msg, &exc).await;
             }
             reject(&job.acker, &msg.id, false).await;
@@ -124,37 +130,18 @@ impl Child {
         }
         TaskHappening::Lost { msg, exc: &exc }.emit(&self.shared, &job.queue);
         let end = End::Failed(exc.clone());
-        if store_result && !by_task(&self.shared, msg, Some(job), true, end).await {
+        if store_result
+            && !self
+                .shared
+                .settle_elsewhere(msg, Some(job), true, end)
+                .await
+        {
             self.store_failure(msg, &exc).await;
         }
         job::ack(&job.acker, &msg.id).await;
         self.link.shm.settle_lost(lost.index);
         true
     }
-}
-
-/// Hands an end decided outside the task's run to a task that settles
-/// itself (a Python task: its backend, errbacks and signals); `false` if
-/// the worker must store the document itself.
-pub(super) async fn by_task(
-    shared: &Shared,
-    msg: &Arc<TaskMessage>,
-    job: Option<&Job>,
-    store_result: bool,
-    end: End,
-) -> bool {
-    let Some(task) = shared.registry.get(&msg.task).filter(|t| t.settles_itself) else {
-        return false;
-    };
-    task.handler
-        .settle_elsewhere(Elsewhere {
-            msg: Arc::clone(msg),
-            delivery: job.map(|j| j.delivery.clone()).unwrap_or_default(),
-            hostname: shared.config.hostname.clone(),
-            store_result,
-            end,
-        })
-        .await
 }
 
 /// A message standing in for a lost task when only its record is left.

@@ -149,7 +149,7 @@ pub fn main(
     let Some(host) = host else {
         return run_process(link, config, registry);
     };
-    if let Err(message) = host.task_process_started(index, &config) {
+    if let Err(message) = host.task_process_started(index) {
         error!("cannot start: {message}");
         link.slot().set_error(&message);
         return exit::BOOT_REFUSED;

@@ -15,7 +15,7 @@ use crate::broker::{json_properties, json_to_table, publish_confirmed, BrokerErr
 use crate::config::WorkerConfig;
 use crate::protocol::{OutgoingTask, ResultDocument, TaskMessage};
 use crate::shm::Outcome;
-use crate::task::Registry;
+use crate::task::{Elsewhere, End, Registry};
 
 /// State shared by the child's loop and its running tasks.
 pub struct Shared {
@@ -80,6 +80,30 @@ impl Shared {
             return find(&mut StatIndexes::default());
         }
         find(cache.entry(task.to_owned()).or_default())
+    }
+
+    /// Hands an end decided outside a task's run (its process died or hit
+    /// the hard limit, or it was revoked) to a task that settles itself (a
+    /// Python task: its backend, errbacks and signals); `false` if the
+    /// worker must store the document itself.
+    pub(super) async fn settle_elsewhere(
+        &self,
+        msg: &Arc<TaskMessage>,
+        job: Option<&super::job::Job>,
+        store_result: bool,
+        end: End,
+    ) -> bool {
+        let Some(task) = self.registry.get(&msg.task).filter(|t| t.settles_itself) else {
+            return false;
+        };
+        task.handler
+            .settle_elsewhere(Elsewhere {
+                msg: Arc::clone(msg),
+                delivery: job.map(|j| j.delivery.clone()).unwrap_or_default(),
+                store_result,
+                end,
+            })
+            .await
     }
 
     /// How long a run of `task` must wait for its turn under its rate

@@ -331,20 +331,17 @@ fn is_given(command_line: &[std::ffi::OsString], long: &str, short: Option<&str>
     })
 }
 
-/// The short spelling and the `CELERIAC_*` variable of the options a
-/// loaded app's configuration can give.
-const APP_OPTIONS: [(&str, Option<&str>, Option<&str>); 6] = [
-    ("--concurrency", Some("-c"), Some("CELERIAC_CONCURRENCY")),
-    ("--queues", Some("-Q"), None),
-    ("--task-events", Some("-E"), None),
-    ("--broker", Some("-b"), None),
-    ("--loglevel", Some("-l"), Some("CELERIAC_LOGLEVEL")),
-    ("--queue-type", None, Some("CELERIAC_QUEUE_TYPE")),
+/// The `CELERIAC_*` variables of the options a loaded app's configuration
+/// can give (clap reads them; they win over the app).
+const APP_OPTION_VARIABLES: [(&str, &str); 2] = [
+    ("--concurrency", "CELERIAC_CONCURRENCY"),
+    ("--loglevel", "CELERIAC_LOGLEVEL"),
 ];
 
 /// The words of `app` (`--long` or `--long=value`, from a loaded app's
-/// configuration) that neither `command_line` nor the option's
-/// `CELERIAC_*` variable sets.
+/// configuration) that neither `command_line` (long or short spelling,
+/// `--events` for `--task-events`) nor the option's `CELERIAC_*` variable
+/// sets.
 pub(super) fn options_from_app(
     command_line: &[std::ffi::OsString],
     env: &dyn super::Env,
@@ -353,14 +350,19 @@ pub(super) fn options_from_app(
     app.iter()
         .filter(|word| {
             let long = word.split('=').next().unwrap_or(word);
-            let (short, var) = APP_OPTIONS
-                .iter()
-                .find(|(l, _, _)| *l == long)
-                .map_or((None, None), |(_, s, v)| (*s, *v));
+            let short = match long {
+                "--broker" => Some("-b"),
+                _ => WORKER_VARIABLES
+                    .iter()
+                    .find(|(_, l, _, _)| *l == long)
+                    .and_then(|(_, _, short, _)| *short),
+            };
             let aliased = long == "--task-events" && is_given(command_line, "--events", None);
-            !is_given(command_line, long, short)
-                && !aliased
-                && var.is_none_or(|v| env.var(v).is_none())
+            let variable = APP_OPTION_VARIABLES
+                .iter()
+                .find(|(l, _)| *l == long)
+                .is_some_and(|(_, v)| env.var(v).is_some());
+            !is_given(command_line, long, short) && !aliased && !variable
         })
         .map(Into::into)
         .collect()

@@ -40,11 +40,6 @@ pub async fn run<R: Send + 'static>(work: impl FnOnce() -> R + Send + 'static) -
     rx.await.ok()
 }
 
-/// Whether this process serves work on its main thread.
-pub fn served() -> bool {
-    QUEUE.get().is_some()
-}
-
 /// Interrupts the work running on the main thread with [`INTERRUPT`].
 pub fn interrupt() {
     if let Some(main) = MAIN.get() {

@@ -45,8 +45,6 @@ pub struct Elsewhere {
     pub msg: Arc<crate::protocol::TaskMessage>,
     /// Where it was delivered from.
     pub delivery: super::DeliveryInfo,
-    /// The worker's node name.
-    pub hostname: String,
     /// Whether the result is stored (not `ignore_result`).
     pub store_result: bool,
     /// What happened.
@@ -60,14 +58,10 @@ pub enum End {
     Failed(ExceptionInfo),
     /// REVOKED.
     Revoked {
-        /// `revoked`, `expired` or `terminated`.
+        /// `revoked`, `expired` or `terminated` (its process was killed).
         reason: &'static str,
-        /// Its process was killed.
-        terminated: bool,
         /// The signal asked for.
         signal: Option<i32>,
-        /// It expired.
-        expired: bool,
     },
 }
 

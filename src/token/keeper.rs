@@ -141,15 +141,20 @@ impl TokenKeeper {
         *self.current() = None;
     }
 
-    /// Pushes future tokens to `conn` (until it is dropped).
-    pub fn attach(&self, conn: &Arc<Connection>) {
+    /// The connections tokens are pushed to, those dropped since forgotten.
+    fn connections(&self) -> std::sync::MutexGuard<'_, Vec<Weak<Connection>>> {
         let mut list = self
             .inner
             .connections
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         list.retain(|w| w.strong_count() > 0);
-        list.push(Arc::downgrade(conn));
+        list
+    }
+
+    /// Pushes future tokens to `conn` (until it is dropped).
+    pub fn attach(&self, conn: &Arc<Connection>) {
+        self.connections().push(Arc::downgrade(conn));
     }
 
     /// Asks the refresh loop for a new token now (the broker refused an
@@ -198,15 +203,11 @@ impl TokenKeeper {
 
     /// Pushes `token` to every open connection of the process.
     async fn push(&self, token: &Secret) {
-        let connections: Vec<Arc<Connection>> = {
-            let mut list = self
-                .inner
-                .connections
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            list.retain(|w| w.strong_count() > 0);
-            list.iter().filter_map(Weak::upgrade).collect()
-        };
+        let connections: Vec<Arc<Connection>> = self
+            .connections()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
         for conn in connections.iter().filter(|c| c.status().connected()) {
             let update =
                 conn.update_secret(LongString::from(token.expose()), ShortString::from(REASON));

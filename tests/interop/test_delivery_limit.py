@@ -17,23 +17,11 @@ import time
 import amqp
 import pytest
 
-from conftest import REDIS_URL, celery_app, wait_until
+from conftest import REDIS_URL, amqp_channel, celery_app, wait_until
 
 
 def version_tuple(text):
     return tuple(int(part) for part in text.split("-")[0].split(".")[:3])
-
-
-class channel_on:
-    def __init__(self, node):
-        self.conn = amqp.Connection(host=node.host, userid=node.user, password=node.password)
-
-    def __enter__(self):
-        self.conn.connect()
-        return self.conn.channel()
-
-    def __exit__(self, *exc):
-        self.conn.collect()
 
 
 def limited_args(queue, limit):
@@ -51,7 +39,7 @@ def limited_app(node, queue, limit, backend):
 
 def declare_limited(node, queue, limit):
     """A quorum queue with `limit` and a dead-letter queue `<queue>.dlq`."""
-    with channel_on(node) as ch:
+    with amqp_channel(node.url) as ch:
         ch.exchange_declare(queue, "direct", durable=True, auto_delete=False)
         ch.exchange_declare(queue + ".dlx", "fanout", durable=True, auto_delete=False)
         ch.queue_declare(queue + ".dlq", durable=True, auto_delete=False)
@@ -64,7 +52,7 @@ def get_all(node, queue, expected, timeout=20):
     """Takes `expected` messages from `queue` (acknowledging them)."""
     got = []
     deadline = time.monotonic() + timeout
-    with channel_on(node) as ch:
+    with amqp_channel(node.url) as ch:
         while len(got) < expected and time.monotonic() < deadline:
             m = ch.basic_get(queue)
             if m is None:
@@ -78,13 +66,13 @@ def get_all(node, queue, expected, timeout=20):
 @pytest.fixture
 def limited(rabbit4, queue_name):
     yield rabbit4
-    with channel_on(rabbit4) as ch:
+    with amqp_channel(rabbit4.url) as ch:
         for q in (queue_name + ".dlq",):
             try:
                 ch.queue_delete(q)
             except amqp.exceptions.AMQPError:
                 pass
-    with channel_on(rabbit4) as ch:
+    with amqp_channel(rabbit4.url) as ch:
         try:
             ch.exchange_delete(queue_name + ".dlx")
         except amqp.exceptions.AMQPError:

@@ -127,14 +127,19 @@ def test_sigterm_drains_python_tasks_and_loses_nothing(app_worker, client):
     w2.stop()
 
 
-def test_an_app_configured_for_pickle_is_refused_before_connecting():
-    p = subprocess.run([str(CELERIAC), "-A", "pickleapp", "worker", "--workdir", str(APPS), "--metrics-bind", "none",
-                        "--state-dir", "/tmp/celeriac-pickle-state"],
+@pytest.mark.parametrize("app, words", [
+    ("pickleapp", ("pickle", "accept_content")),
+    ("poolapp", ("worker_pool='gevent'", "prefork")),
+])
+def test_an_app_celeriac_cannot_serve_is_refused_before_connecting(app, words, tmp_path):
+    # At INFO a worker that went on would log its connection attempts (the app's broker refuses them).
+    p = subprocess.run([str(CELERIAC), "-A", app, "worker", "--workdir", str(APPS), "--metrics-bind", "none",
+                        "-l", "INFO", "--state-dir", str(tmp_path / "state")],
                        capture_output=True, text=True, timeout=60)
     lines = p.stderr.strip().splitlines()
     assert p.returncode != 0 and len(lines) == 1, p
-    assert "pickle" in lines[0] and "accept_content" in lines[0], lines[0]
-    assert "Connected" not in p.stderr and "consuming" not in p.stderr
+    assert all(w in lines[0] for w in words), lines[0]
+    assert "connect" not in p.stderr, "nothing tried to reach the broker"
 
 
 def test_an_app_whose_import_starts_a_thread_is_refused_before_forking():

@@ -18,7 +18,7 @@ import json
 import amqp
 import pytest
 
-from conftest import celery_app, wait_until
+from conftest import amqp_channel, celery_app, wait_until
 from private_broker import rabbitmq4_install
 
 GLOBAL_QOS_DENIED = "Feature `global_qos` is deprecated"
@@ -39,20 +39,6 @@ def quorum_app(node, queue):
     return app
 
 
-class raw_channel:
-    """`with raw_channel(node) as ch:` — a py-amqp channel on `node`."""
-
-    def __init__(self, node):
-        self.conn = amqp.Connection(host=node.host, userid=node.user, password=node.password)
-
-    def __enter__(self):
-        self.conn.connect()
-        return self.conn.channel()
-
-    def __exit__(self, *exc):
-        self.conn.collect()
-
-
 def test_node_is_rabbitmq_4(rabbit4):
     props = rabbit4.server_properties()
     assert props["product"] == "RabbitMQ"
@@ -68,9 +54,9 @@ def test_node_is_rabbitmq_4(rabbit4):
 def test_node_refuses_transient_non_exclusive_queues(rabbit4, queue_name):
     """Without this, a worker running on the node would prove nothing on 4.0-4.2."""
     with pytest.raises(amqp.exceptions.AMQPError, match="transient_nonexcl_queues"):
-        with raw_channel(rabbit4) as ch:
+        with amqp_channel(rabbit4.url) as ch:
             ch.queue_declare(queue_name, durable=False, exclusive=False, auto_delete=True)
-    with raw_channel(rabbit4) as ch:  # exclusive, or durable, is fine
+    with amqp_channel(rabbit4.url) as ch:  # exclusive, or durable, is fine
         ch.queue_declare(queue_name, durable=False, exclusive=True, auto_delete=True)
 
 
@@ -122,7 +108,7 @@ def test_worker_keeps_4_3_rules(rabbitmq4_node, start_worker, queue_name):
     assert w.alive()
 
     # The same log does show a client that asks for global QoS.
-    with raw_channel(node) as ch:
+    with amqp_channel(node.url) as ch:
         ch.queue_declare(queue_name + ".global", durable=True, auto_delete=True)
         ch.basic_qos(0, 10, True)
         ch.basic_consume(queue_name + ".global", callback=lambda message: None)
