@@ -207,6 +207,39 @@ fn retry_republish_matches_celery() {
 }
 
 #[test]
+fn a_retry_after_dead_lettering_drops_the_brokers_death_headers() {
+    // The same original as Celery's captured retry, as it arrives after
+    // passing through the delayed-delivery levels (dead-lettered on the way).
+    let mut original = Captured::load("task-v2-retry-original.json");
+    let captured = Captured::load("task-v2-retry-republish.json");
+    original.headers.insert(
+        "x-death".into(),
+        json!([{"count": 1, "reason": "expired", "queue": "celery_delayed_0",
+                "exchange": "celery_delayed_0", "routing-keys": ["0.0.1.celery"]}]),
+    );
+    for key in ["x-first-death-queue", "x-last-death-queue"] {
+        original
+            .headers
+            .insert(key.into(), json!("celery_delayed_0"));
+    }
+    for key in ["x-first-death-reason", "x-last-death-reason"] {
+        original.headers.insert(key.into(), json!("expired"));
+    }
+    let msg = original.decode();
+    let eta = celeriac::protocol::parse_iso(captured.headers["eta"].as_str().unwrap()).unwrap();
+    let retry = msg.retry_message(eta);
+    assert_eq!(
+        Value::Object(retry.headers.clone()),
+        Value::Object(captured.headers.clone()),
+        "the retry carries Celery's headers and none of the broker's"
+    );
+    let again = msg.republish_message();
+    for key in celeriac::protocol::DEAD_LETTER_HEADERS {
+        assert!(!again.headers.contains_key(*key), "{key} re-published");
+    }
+}
+
+#[test]
 fn bad_input_is_refused_without_deserializing() {
     let c = Captured::load("task-v2-args.json");
     let mut raw = c.raw();

@@ -44,15 +44,22 @@ class LoadError(Exception):
 
 class _WorkerStandIn:
     """What worker-level signal receivers get as ``sender``: the node's
-    ``app``, ``hostname``, ``pid`` and ``concurrency``. celeriac's worker is
-    not Celery's ``WorkController``; handlers that reach into ``pool`` or
-    ``consumer`` internals find nothing there."""
+    ``app``, ``hostname``, ``pid``, ``concurrency``, ``pool_cls`` (the
+    prefork pool's class: Celery's Django fixup reads it to close database
+    connections and pools around the fork) and the logging and recycling
+    settings. celeriac's worker is not Celery's ``WorkController``; handlers
+    that reach into ``pool`` or ``consumer`` internals find nothing there."""
 
-    def __init__(self, app, hostname, concurrency):
+    def __init__(self, app, hostname, options):
+        from celery.concurrency.prefork import TaskPool
+
         self.app = app
         self.hostname = hostname
         self.pid = os.getpid()
-        self.concurrency = concurrency
+        self.concurrency = options.get("concurrency")
+        self.pool_cls = TaskPool
+        self.loglevel = options.get("loglevel") or "WARNING"
+        self.logfile = None
         self.pool = None
         self.consumer = None
 
@@ -86,6 +93,47 @@ def _find_app(name):
         raise LoadError(f"no Celery app in {name}: {exc}") from None
     except Exception as exc:  # anything the app's import raises
         raise LoadError(f"cannot import {module}: {_one_line(exc)}") from None
+
+
+def _os_threads():
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 1
+
+
+def _threads_check(source, known):
+    """Refuses, in one line naming ``source``, threads started in the
+    supervisor (it forks task processes at any time, and a fork keeps only
+    the forking thread). Returns the Python threads now alive."""
+    import threading
+
+    current = threading.main_thread()
+    alive = {t for t in threading.enumerate() if t is not current}
+    extra = _os_threads() - 1
+    if extra <= 0:
+        return alive
+    new = sorted(t.name for t in alive - known)
+    named = f" ({', '.join(new)})" if new else ""
+    raise LoadError(
+        f"{source} started {extra} thread(s){named} in the worker's main process, which forks its task "
+        "processes at any time; start them in a worker_process_init handler instead (a database "
+        "connection pool: open it lazily, or close it before the fork as Django's pool is closed; "
+        "for numpy/OpenBLAS set OPENBLAS_NUM_THREADS=1 or OMP_NUM_THREADS=1)"
+    )
+
+
+def _close_before_fork(app):
+    """What Celery's Django fixup does in a prefork worker's main process,
+    done before the first fork: close the database connections and Django's
+    connection pools (their threads) that worker_init receivers opened;
+    each task process opens its own."""
+    for fixup in getattr(app, "_fixups", None) or ():
+        worker_fixup = getattr(fixup, "worker_fixup", None)
+        if worker_fixup is None or not hasattr(worker_fixup, "_close_database"):
+            continue
+        worker_fixup._close_database()
+        worker_fixup.close_cache()
 
 
 def _serializer_check(conf):
@@ -139,23 +187,91 @@ def _task_options(task):
     }
 
 
-def _queue_spec(queue):
-    exchange = queue.exchange
-    args = dict(queue.queue_arguments or {})
-    kind = getattr(exchange, "type", "direct") or "direct"
-    if kind not in ("direct", "topic"):
+_EXCHANGE_TYPES = ("direct", "topic", "fanout", "headers")
+
+
+def _plain(value):
+    """A declaration argument as JSON (kombu sends ints, floats, strings,
+    booleans, lists and dicts; bytes become text as AMQP long strings)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _exchange_spec(exchange, where):
+    if exchange is None:
+        return {"name": "", "type": "direct", "durable": True, "auto_delete": False, "arguments": {}, "no_declare": True}
+    kind = exchange.type or "direct"
+    if kind not in _EXCHANGE_TYPES:
         raise LoadError(
-            f"queue {queue.name!r}: its exchange {exchange.name!r} is of type {kind!r}; "
-            "celeriac consumes through direct and topic exchanges"
+            f"{where}: its exchange {exchange.name!r} is of type {kind!r}; celeriac consumes through "
+            + ", ".join(_EXCHANGE_TYPES[:-1])
+            + f" and {_EXCHANGE_TYPES[-1]} exchanges"
         )
-    priority = args.get("x-max-priority", queue.max_priority)
+    name = exchange.name or ""
+    return {
+        "name": name,
+        "type": kind,
+        "durable": bool(exchange.durable),
+        "auto_delete": bool(exchange.auto_delete),
+        "arguments": _plain(dict(exchange.arguments or {})),
+        # As kombu: the default exchange and amq.* are never declared.
+        "no_declare": bool(exchange.no_declare) or not name or name.startswith("amq."),
+    }
+
+
+def _queue_spec(queue):
+    """The queue as kombu declares it from the app's definition: its
+    arguments (including those kombu derives from ``expires``,
+    ``message_ttl``, ``max_length``…), flags, exchange, bindings and
+    consumer arguments."""
+    import copy
+
+    from kombu.transport.base import to_rabbitmq_queue_arguments
+
+    # The copy kombu's consumer binds and declares: a queue with bindings
+    # loses the exchange Celery's queue table gave it.
+    queue = copy.copy(queue)
+    where = f"queue {queue.name!r}"
+    args = to_rabbitmq_queue_arguments(
+        dict(queue.queue_arguments or {}),
+        expires=queue.expires,
+        message_ttl=queue.message_ttl,
+        max_length=queue.max_length,
+        max_length_bytes=queue.max_length_bytes,
+        max_priority=queue.max_priority,
+    )
+    args = _plain(args)
+    # Only quorum changes what the worker does (native delayed delivery, as
+    # Celery's detect_quorum_queues); any other type stays a plain argument.
+    queue_type = args.pop("x-queue-type") if args.get("x-queue-type") == "quorum" else None
+    priority = args.pop("x-max-priority", None)
+    bindings = [
+        {
+            "exchange": _exchange_spec(b.exchange, where),
+            "routing_key": b.routing_key or "",
+            "arguments": _plain(dict(b.arguments or {})),
+        }
+        for b in (queue.bindings or ())
+    ]
     return {
         "name": queue.name,
-        "exchange": exchange.name if exchange is not None and exchange.name is not None else queue.name,
-        "exchange_type": kind,
+        "exchange": _exchange_spec(queue.exchange, where),
         "routing_key": queue.routing_key if queue.routing_key is not None else queue.name,
-        "queue_type": args.get("x-queue-type"),
+        "queue_type": queue_type,
         "max_priority": int(priority) if priority else None,
+        "queue_arguments": args,
+        "durable": bool(queue.durable),
+        "auto_delete": bool(queue.auto_delete),
+        "exclusive": bool(queue.exclusive),
+        "no_declare": bool(queue.no_declare),
+        "binding_arguments": _plain(dict(queue.binding_arguments or {})),
+        "consumer_arguments": _plain(dict(queue.consumer_arguments or {})),
+        "bindings": bindings,
     }
 
 
@@ -244,7 +360,15 @@ def load(options_json):
             for q in options["exclude_queues"]:
                 queues.deselect(q)
         level = options.get("loglevel") or "WARNING"
-        app.log.setup(logging.getLevelName(level.upper()), None, hostname=hostname)
+        # As Celery's worker: print() and stray writes to stdout/stderr become
+        # log records (worker_redirect_stdouts, at worker_redirect_stdouts_level).
+        app.log.setup(
+            logging.getLevelName(level.upper()),
+            None,
+            redirect_stdouts=bool(app.conf.worker_redirect_stdouts),
+            redirect_level=app.conf.worker_redirect_stdouts_level or "WARNING",
+            hostname=hostname,
+        )
         if options.get("log_format") == "json":
             _json_logs(hostname)
         # celeriac reports each outcome itself; Celery's tracer lines would be duplicates.
@@ -274,9 +398,12 @@ def load(options_json):
             "description": f"{app.main or '__main__'}:{id(app):#x}",
         }
         _app, _hostname = app, hostname
-        _worker = _WorkerStandIn(app, hostname, options.get("concurrency"))
+        _worker = _WorkerStandIn(app, hostname, options)
+        started = _threads_check("importing the app", set())
         signals.worker_init.send(sender=_worker)
         signals.celeryd_after_setup.send(sender=hostname, instance=_worker, conf=app.conf)
+        _close_before_fork(app)
+        _threads_check("a worker_init or celeryd_after_setup receiver", started)
     except LoadError:
         raise
     except Exception as exc:

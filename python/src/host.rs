@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use celeriac::broker::{ExchangeType, QueueSpec};
+use celeriac::broker::{Binding, Declared, ExchangeType, QueueSpec};
 use celeriac::config::WorkerConfig;
 use celeriac::host::{HostedTask, LoadedApp, TaskHost};
 use celeriac::protocol::{ExceptionInfo, Shown, TaskMessage};
@@ -36,14 +36,45 @@ struct Loaded {
     description: String,
 }
 
+/// A queue as kombu would declare it (`_worker._queue_spec`).
 #[derive(Deserialize)]
 struct QueueJson {
     name: String,
-    exchange: String,
-    exchange_type: String,
+    exchange: ExchangeJson,
     routing_key: String,
     queue_type: Option<String>,
     max_priority: Option<u8>,
+    queue_arguments: Map<String, Value>,
+    durable: bool,
+    auto_delete: bool,
+    exclusive: bool,
+    no_declare: bool,
+    binding_arguments: Map<String, Value>,
+    consumer_arguments: Map<String, Value>,
+    bindings: Vec<BindingJson>,
+}
+
+#[derive(Deserialize)]
+struct ExchangeJson {
+    name: String,
+    #[serde(rename = "type")]
+    kind: String,
+    durable: bool,
+    auto_delete: bool,
+    arguments: Map<String, Value>,
+    no_declare: bool,
+}
+
+#[derive(Deserialize)]
+struct BindingJson {
+    exchange: ExchangeJson,
+    routing_key: String,
+    arguments: Map<String, Value>,
+}
+
+fn exchange_type(name: &str) -> ExchangeType {
+    // _worker._queue_spec refuses any other type at load.
+    ExchangeType::parse(name).unwrap_or_default()
 }
 
 #[derive(Deserialize)]
@@ -123,13 +154,36 @@ impl TaskHost for PythonHost {
             .queues
             .into_iter()
             .map(|q| QueueSpec {
-                exchange_kind: if q.exchange_type == "topic" {
-                    ExchangeType::Topic
-                } else {
-                    ExchangeType::Direct
+                exchange_kind: exchange_type(&q.exchange.kind),
+                declared: Declared {
+                    queue_arguments: q.queue_arguments,
+                    durable: q.durable,
+                    auto_delete: q.auto_delete,
+                    exclusive: q.exclusive,
+                    no_declare: q.no_declare,
+                    exchange_durable: q.exchange.durable,
+                    exchange_auto_delete: q.exchange.auto_delete,
+                    exchange_arguments: q.exchange.arguments,
+                    exchange_no_declare: q.exchange.no_declare,
+                    binding_arguments: q.binding_arguments,
+                    bindings: q
+                        .bindings
+                        .into_iter()
+                        .map(|b| Binding {
+                            exchange_kind: exchange_type(&b.exchange.kind),
+                            exchange: b.exchange.name,
+                            exchange_durable: b.exchange.durable,
+                            exchange_auto_delete: b.exchange.auto_delete,
+                            exchange_arguments: b.exchange.arguments,
+                            exchange_no_declare: b.exchange.no_declare,
+                            routing_key: b.routing_key,
+                            arguments: b.arguments,
+                        })
+                        .collect(),
+                    consumer_arguments: q.consumer_arguments,
                 },
                 name: q.name,
-                exchange: q.exchange,
+                exchange: q.exchange.name,
                 routing_key: q.routing_key,
                 queue_type: q.queue_type,
                 max_priority: q.max_priority,

@@ -140,14 +140,8 @@ async fn exchange_bind(
 }
 
 /// Declares the levels, their queues (of `queue_type`) and bindings, and
-/// the delivery exchange; then binds every consumed queue whose exchange is
-/// not direct to the delivery exchange. Direct ones are returned: their
-/// ETA tasks are held in memory by the worker instead.
-pub async fn declare(
-    channel: &Channel,
-    queue_type: &str,
-    consumed: &[QueueSpec],
-) -> Result<Vec<String>, BrokerError> {
+/// the delivery exchange, as Celery's worker does for quorum queues.
+pub async fn declare_levels(channel: &Channel, queue_type: &str) -> Result<(), BrokerError> {
     for level in (0..LEVELS).rev() {
         let name = level_name(level);
         topic_exchange(channel, &name).await?;
@@ -183,27 +177,26 @@ pub async fn declare(
         .await?;
     }
     topic_exchange(channel, DELIVERY_EXCHANGE).await?;
-    exchange_bind(channel, DELIVERY_EXCHANGE, &level_name(0), &pass_key(0)).await?;
-    let mut direct = Vec::new();
-    for spec in consumed {
-        if spec.exchange_kind != super::ExchangeType::Topic {
-            direct.push(spec.name.clone());
-            continue;
-        }
-        let key = delivery_key(&spec.routing_key);
-        exchange_bind(channel, &spec.exchange, DELIVERY_EXCHANGE, &key).await?;
-        channel
-            .queue_bind(
-                ShortString::from(spec.name.as_str()),
-                ShortString::from(spec.exchange.as_str()),
-                ShortString::from(key.as_str()),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(BrokerError::amqp(format!("bind queue {}", spec.name)))?;
-    }
-    Ok(direct)
+    exchange_bind(channel, DELIVERY_EXCHANGE, &level_name(0), &pass_key(0)).await
+}
+
+/// Binds a consumed queue behind a non-direct exchange to the delivery
+/// exchange (its exchange to the delivery exchange, the queue to its
+/// exchange, with the key that matches any delay prefix), as Celery's
+/// worker does: a delayed message then reaches it.
+pub async fn bind(channel: &Channel, spec: &QueueSpec) -> Result<(), BrokerError> {
+    let key = delivery_key(&spec.routing_key);
+    exchange_bind(channel, &spec.exchange, DELIVERY_EXCHANGE, &key).await?;
+    channel
+        .queue_bind(
+            ShortString::from(spec.name.as_str()),
+            ShortString::from(spec.exchange.as_str()),
+            ShortString::from(key.as_str()),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(BrokerError::amqp(format!("bind queue {}", spec.name)))
 }
 
 #[cfg(test)]

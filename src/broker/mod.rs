@@ -16,7 +16,10 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProper
 use thiserror::Error;
 
 pub use fields::{json_to_table, json_to_value, table_to_json, value_to_json};
-pub use topology::{declare_exchange, declare_queue, ExchangeType, QueueSpec};
+pub use topology::{
+    declare_exchange, declare_queue, exchange_type_in_force, Binding, Declared, ExchangeType,
+    QueueSpec,
+};
 
 /// How long a publish may wait for the broker before it counts as failed.
 pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(15);

@@ -4,7 +4,7 @@
 
 use futures_lite::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions};
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::ShortString;
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 
@@ -113,7 +113,7 @@ impl Child {
                     declare_queue(&session.conn, &spec).await?;
                 }
                 info!(queue = %spec.name, "consuming from {}", spec.name);
-                self.consume(&spec.name).await?;
+                self.consume(&spec).await?;
             }
         }
         Ok(())
@@ -128,14 +128,15 @@ impl Child {
             {
                 declare_queue(&session.conn, &spec).await?;
             }
-            self.consume(&spec.name).await?;
+            self.consume(&spec).await?;
         }
         self.link.slot().set_state(ChildState::Consuming);
         info!(queues = ?self.shared.config.queues.iter().map(|q| q.name.as_str()).collect::<Vec<_>>(), prefetch = self.prefetch, "consuming");
         Ok(())
     }
 
-    async fn consume(&mut self, queue: &str) -> Result<(), ChildError> {
+    async fn consume(&mut self, spec: &QueueSpec) -> Result<(), ChildError> {
+        let queue = spec.name.as_str();
         self.consumers.seq += 1;
         let tag = ShortString::from(format!(
             "celeriac-{}-{}",
@@ -147,7 +148,7 @@ impl Child {
                 ShortString::from(queue),
                 tag.clone(),
                 BasicConsumeOptions::default(),
-                FieldTable::default(),
+                crate::broker::json_to_table(&spec.declared.consumer_arguments),
             )
             .await
             .map_err(BrokerError::amqp(format!("basic.consume {queue}")))?;
@@ -195,7 +196,12 @@ impl Child {
                 .basic_cancel(old.tag.clone(), BasicCancelOptions::default())
                 .await
                 .map_err(BrokerError::amqp("basic.cancel"))?;
-            self.consume(&old.queue).await?;
+            let spec = self
+                .desired_queues()
+                .into_iter()
+                .find(|q| *q.name == *old.queue)
+                .unwrap_or_else(|| QueueSpec::celery_default(&old.queue));
+            self.consume(&spec).await?;
         }
         Ok(())
     }

@@ -280,6 +280,7 @@ async fn run(
         link,
         stat_indexes: Default::default(),
         backend_down: Default::default(),
+        routed_exchanges: std::sync::RwLock::new(session.routed_exchanges.clone()),
         events: crate::events::Events::new(
             crate::protocol::events::EventSource {
                 hostname: config.hostname.clone(),

@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 
 use super::{Child, ChildError, Exit};
 use crate::backoff::BROKER_RECONNECT;
-use crate::broker::{declare_queue, mask_url, BrokerError};
+use crate::broker::{declare_queue, mask_url, BrokerError, ExchangeType};
 use crate::config::WorkerConfig;
 use crate::shm::ChildState;
 use crate::signals::Stop;
@@ -32,6 +32,9 @@ pub(super) struct Session {
     pub(super) events: Channel,
     /// The token generation awaited before reopening closed channels.
     renewal: Option<u64>,
+    /// The configured queues whose exchange the broker holds as a
+    /// non-direct one (configured so, or found so when declaring).
+    pub(super) routed_exchanges: Vec<String>,
 }
 
 /// Connects (with a fresh token when the broker takes OAuth 2 tokens),
@@ -51,8 +54,11 @@ pub(super) async fn open(
                 message: token.to_string(),
             },
         })?;
+    let mut routed_exchanges = Vec::new();
     for spec in &config.queues {
-        declare_queue(&conn, spec).await?;
+        if declare_queue(&conn, spec).await? != ExchangeType::Direct {
+            routed_exchanges.push(spec.name.clone());
+        }
     }
     let channel = open_channel(&conn).await?;
     // Per-consumer QoS (global=false): works on quorum queues and RabbitMQ 4.
@@ -71,6 +77,7 @@ pub(super) async fn open(
         results,
         events,
         renewal: None,
+        routed_exchanges,
     })
 }
 
@@ -158,6 +165,7 @@ impl Child {
                         session.events.clone(),
                     );
                     self.channel = session.channel.clone();
+                    self.shared.set_routed_exchanges(&session.routed_exchanges);
                     self.session = Some(session);
                     self.start_consuming().await?;
                     self.link.slot().count_reconnect();

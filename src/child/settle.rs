@@ -199,8 +199,7 @@ impl Settle<'_> {
             return None;
         }
         let spec = self.queue_spec()?;
-        let eligible =
-            spec.queue_type.is_some() && spec.exchange_kind == crate::broker::ExchangeType::Topic;
+        let eligible = spec.queue_type.is_some() && self.shared.routed_exchange(&spec.name);
         eligible.then(|| {
             let (_, key) = self.route();
             (

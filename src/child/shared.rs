@@ -40,6 +40,25 @@ pub struct Shared {
     pub stat_indexes: std::sync::Mutex<std::collections::HashMap<String, StatIndexes>>,
     /// The result backend refused the last store (reported once).
     pub backend_down: AtomicBool,
+    /// Consumed queues behind a non-direct exchange, as the broker holds it
+    /// (see [`crate::broker::declare_queue`]); set on every connect.
+    pub routed_exchanges: std::sync::RwLock<Vec<String>>,
+}
+
+impl Shared {
+    /// Records which queues' exchanges are not direct on the broker.
+    pub fn set_routed_exchanges(&self, queues: &[String]) {
+        if let Ok(mut list) = self.routed_exchanges.write() {
+            list.clone_from(&queues.to_vec());
+        }
+    }
+
+    /// Whether queue `name`'s exchange is not direct on the broker.
+    pub fn routed_exchange(&self, name: &str) -> bool {
+        self.routed_exchanges
+            .read()
+            .is_ok_and(|list| list.iter().any(|q| q == name))
+    }
 }
 
 /// What one count is about: the task, the queue its message came from, and

@@ -20,7 +20,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::backoff::BROKER_RECONNECT;
 use crate::broker::{
-    declare_exchange, json_properties, publish, table_to_json, BrokerError, Outgoing,
+    declare_exchange, json_properties, publish, table_to_json, BrokerError, ExchangeType, Outgoing,
 };
 use crate::config::WorkerConfig;
 use crate::events::Events;
@@ -151,10 +151,14 @@ async fn repair_channels(s: &mut Session, tokens: Option<&TokenKeeper>, events: 
     }
 }
 
-/// With quorum queues, declares RabbitMQ's native delayed delivery as
-/// Celery's worker does (see [`crate::broker::delayed`]), on a channel of its
-/// own. A broker that refuses it (permissions) is reported once: ETA tasks
-/// are then held in memory, as on classic queues.
+/// With quorum queues, native delayed delivery as Celery's worker declares
+/// it (see [`crate::broker::delayed`]), on channels of its own: the delay
+/// levels, and every consumed queue whose exchange is not direct *on the
+/// broker* (an existing exchange of another type than configured is
+/// adopted) bound to the delivery exchange, so a countdown/ETA task a
+/// producer routes through the levels reaches it. A
+/// broker that refuses it (permissions) is reported once: ETA tasks are
+/// then held in memory, as on classic queues.
 async fn delayed_delivery(
     conn: &Connection,
     config: &WorkerConfig,
@@ -164,18 +168,44 @@ async fn delayed_delivery(
     let Some(queue_type) = config.queues.iter().find_map(|q| q.queue_type.clone()) else {
         return;
     };
-    let declared = match conn.create_channel().await {
-        Ok(channel) => {
-            let result =
-                crate::broker::delayed::declare(&channel, &queue_type, &config.queues).await;
-            let _ = channel.close(200, ShortString::from("done")).await;
-            result
+    // Which exchanges are not direct on the broker: the queues are declared
+    // here too (as the task processes do; so the binding cannot come first).
+    let mut routed = Vec::new();
+    let mut direct = Vec::new();
+    for spec in &config.queues {
+        let kind = if spec.declared.exclusive {
+            crate::broker::exchange_type_in_force(conn, spec).await
+        } else {
+            crate::broker::declare_queue(conn, spec).await
+        };
+        match kind {
+            Ok(ExchangeType::Direct) => direct.push(spec.name.clone()),
+            Ok(_) => routed.push(spec),
+            Err(e) => {
+                debug!(queue = %spec.name, "cannot declare the queue for delayed delivery yet: {e}")
+            }
         }
-        Err(e) => Err(BrokerError::amqp("open channel")(e)),
-    };
+    }
+    let declared = async {
+        let channel = conn
+            .create_channel()
+            .await
+            .map_err(BrokerError::amqp("open channel"))?;
+        let result = async {
+            crate::broker::delayed::declare_levels(&channel, &queue_type).await?;
+            for spec in &routed {
+                crate::broker::delayed::bind(&channel, spec).await?;
+            }
+            Ok::<_, BrokerError>(())
+        }
+        .await;
+        let _ = channel.close(200, ShortString::from("done")).await;
+        result
+    }
+    .await;
     shm.set_delayed_delivery(declared.is_ok());
     match declared {
-        Ok(direct) => {
+        Ok(()) => {
             info!("native delayed delivery declared for {queue_type} queues");
             if !direct.is_empty() && !*reported {
                 warn!(

@@ -25,6 +25,17 @@ pub struct OutgoingTask {
     pub route: Option<(String, String)>,
 }
 
+/// Headers RabbitMQ adds when it dead-letters a message.
+pub const DEAD_LETTER_HEADERS: &[&str] = &[
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+];
+
 fn embed_json(embed: &Embed) -> Value {
     let list = |v: &Vec<Value>| {
         if v.is_empty() {
@@ -95,7 +106,14 @@ impl TaskMessage {
         h
     }
 
-    fn resend(&self, headers: Map<String, Value>) -> OutgoingTask {
+    fn resend(&self, mut headers: Map<String, Value>) -> OutgoingTask {
+        // What the broker wrote when it dead-lettered the message (through
+        // the delayed-delivery levels, say) describes that copy, not the new
+        // one: carried on, it could make RabbitMQ see a dead-letter cycle and
+        // drop the message. Celery's retries leave these out too.
+        for key in DEAD_LETTER_HEADERS {
+            headers.remove(*key);
+        }
         OutgoingTask {
             id: self.id.clone(),
             headers,

@@ -86,12 +86,9 @@ impl SharedState {
                 // add_consumer declares as Celery's control command does:
                 // a direct exchange.
                 queues.push(QueueSpec {
-                    name,
                     exchange,
-                    exchange_kind: crate::broker::ExchangeType::Direct,
                     routing_key,
-                    queue_type: None,
-                    max_priority: None,
+                    ..QueueSpec::celery_default(&name)
                 });
             }
         }
@@ -104,14 +101,7 @@ mod tests {
     use super::*;
 
     fn spec(name: &str) -> QueueSpec {
-        QueueSpec {
-            name: name.into(),
-            exchange: name.into(),
-            exchange_kind: crate::broker::ExchangeType::Direct,
-            routing_key: name.into(),
-            queue_type: None,
-            max_priority: None,
-        }
+        QueueSpec::celery_default(name)
     }
 
     fn names(queues: Vec<QueueSpec>) -> Vec<String> {

@@ -159,22 +159,43 @@ impl Pidbox {
             .desired_queues(&self.config.queues)
             .iter()
             .map(|q| {
-                let args = q.queue_type.as_ref().map(|t| json!({"x-queue-type": t}));
+                let d = &q.declared;
+                let nonempty = |m: &Map<String, Value>| {
+                    (!m.is_empty()).then(|| Value::Object(m.clone()))
+                };
+                let args = q.arguments_json();
+                let bindings: Vec<Value> = d
+                    .bindings
+                    .iter()
+                    .map(|b| {
+                        json!({
+                            "exchange": {"name": b.exchange, "type": b.exchange_kind.as_str(),
+                                         "arguments": nonempty(&b.exchange_arguments),
+                                         "durable": b.exchange_durable, "passive": false,
+                                         "auto_delete": b.exchange_auto_delete, "delivery_mode": null,
+                                         "no_declare": false},
+                            "routing_key": b.routing_key,
+                            "arguments": nonempty(&b.arguments),
+                        })
+                    })
+                    .collect();
                 json!({
                     "name": q.name,
-                    "exchange": {"name": q.exchange, "type": "direct", "arguments": null, "durable": true,
-                                 "passive": false, "auto_delete": false, "delivery_mode": null, "no_declare": false},
+                    "exchange": {"name": q.exchange, "type": q.exchange_kind.as_str(),
+                                 "arguments": nonempty(&d.exchange_arguments), "durable": d.exchange_durable,
+                                 "passive": false, "auto_delete": d.exchange_auto_delete,
+                                 "delivery_mode": null, "no_declare": d.exchange_no_declare},
                     "routing_key": q.routing_key,
-                    "queue_arguments": args,
-                    "binding_arguments": null,
-                    "consumer_arguments": null,
-                    "durable": true,
-                    "exclusive": false,
-                    "auto_delete": false,
+                    "queue_arguments": nonempty(&args),
+                    "binding_arguments": nonempty(&d.binding_arguments),
+                    "consumer_arguments": nonempty(&d.consumer_arguments),
+                    "durable": d.durable,
+                    "exclusive": d.exclusive,
+                    "auto_delete": d.auto_delete,
                     "no_ack": false,
                     "alias": null,
-                    "bindings": [],
-                    "no_declare": null,
+                    "bindings": bindings,
+                    "no_declare": d.no_declare.then_some(true),
                     "expires": null,
                     "message_ttl": null,
                     "max_length": null,
