@@ -344,6 +344,11 @@ def load(options_json):
         if pool not in (None, "prefork", "processes"):
             raise LoadError(f"the app sets worker_pool={pool!r}: celeriac runs the prefork pool only")
         _serializer_check(app.conf)
+        from celeriac._settings import refusal
+
+        reason = refusal(app.conf)
+        if reason:
+            raise LoadError(reason)
         signals.celeryd_init.send(sender=hostname, instance=None, conf=app.conf, options=options)
         app.loader.init_worker()
         includes = options.get("include") or []
