@@ -209,14 +209,21 @@ pub async fn publish(channel: &Channel, msg: &Outgoing) -> Result<(), BrokerErro
 }
 
 /// Publishes on a confirm channel and waits until the broker has taken
-/// responsibility for the message (ack), or fails.
+/// responsibility for the message (ack), or fails. The message is
+/// mandatory: one that no queue takes (its exchange has no matching
+/// binding) comes back and is an error here, so the caller keeps or
+/// rejects the original with a log line instead of the broker dropping it
+/// without a word.
 pub async fn publish_confirmed(channel: &Channel, msg: &Outgoing) -> Result<(), BrokerError> {
     let fut = async {
         let confirm = channel
             .basic_publish(
                 ShortString::from(msg.exchange.as_str()),
                 ShortString::from(msg.routing_key.as_str()),
-                BasicPublishOptions::default(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
                 &msg.body,
                 msg.properties.clone(),
             )
@@ -227,7 +234,10 @@ pub async fn publish_confirmed(channel: &Channel, msg: &Outgoing) -> Result<(), 
             .map_err(BrokerError::amqp("publisher confirm"))?
         {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-            Confirmation::Ack(Some(_)) => Err(not_confirmed(msg, "returned")),
+            Confirmation::Ack(Some(_)) => Err(not_confirmed(
+                msg,
+                "returned by the broker: no queue is bound for it (unroutable)",
+            )),
             Confirmation::Nack(_) => Err(not_confirmed(msg, "nacked")),
         }
     };

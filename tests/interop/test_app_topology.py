@@ -186,3 +186,35 @@ def test_a_worker_init_receiver_that_starts_a_thread_is_refused_naming_it(tmp_pa
     assert len(lines) == 1, p.stderr
     assert "a worker_init or celeryd_after_setup receiver started 1 thread(s) (pool-worker)" in lines[0], lines[0]
     assert "importing the app" not in lines[0]
+
+
+def test_a_retry_no_queue_would_take_is_logged_and_dead_lettered_not_dropped(start_worker, queue_name):
+    """The task came through an exchange whose binding is gone by the time
+    it retries: the broker would drop the re-published retry without a word.
+    Published as mandatory, it comes back, and the worker says so and
+    rejects the original, which the queue dead-letters."""
+    with amqp_channel() as ch:
+        ch.exchange_declare(queue_name + ".dlx", "fanout", durable=True, auto_delete=False)
+        ch.queue_declare(queue_name + ".dlq", durable=True, auto_delete=False)
+        ch.queue_bind(queue_name + ".dlq", queue_name + ".dlx", "")
+        ch.queue_declare(queue_name, durable=True, auto_delete=False,
+                         arguments={"x-dead-letter-exchange": queue_name + ".dlx"})
+        ch.exchange_declare(queue_name + ".in", "direct", durable=True, auto_delete=False)
+        ch.queue_bind(queue_name, queue_name + ".in", "k")
+    app = celery_app(queue_name)
+    app.conf.task_queues = [Queue(queue_name, Exchange(queue_name + ".in"), routing_key="k",
+                                  queue_arguments={"x-dead-letter-exchange": queue_name + ".dlx"})]
+    r = app.send_task("celeriac.retry", (1,), {"countdown": 0}, exchange=queue_name + ".in", routing_key="k")
+    wait_until(lambda: queue_depth(queue_name) == 1, 10, "the task queued")
+    with amqp_channel() as ch:
+        ch.queue_unbind(queue_name, queue_name + ".in", "k")
+    w = start_worker("-c", "1", "--acks-late")
+    w.wait_for_log("could not be re-published for retry", timeout=30)
+    line = next(l for l in w.log().splitlines() if "could not be re-published for retry" in l)
+    assert r.id in line and "unroutable" in line, line
+    wait_until(lambda: queue_depth(queue_name + ".dlq") == 1, 20, "the original dead-lettered")
+    app.close()
+    with amqp_channel() as ch:
+        ch.queue_delete(queue_name + ".dlq")
+        ch.exchange_delete(queue_name + ".dlx")
+        ch.exchange_delete(queue_name + ".in")
