@@ -334,7 +334,12 @@ async fn run(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry
                 Some(l)
             }
             Err(e) => {
-                error!("metrics endpoint disabled: cannot listen on {addr}: {e}");
+                let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+                    format!("; another process (a second worker on this host?) holds port {}: give each worker its own with --metrics-bind HOST:PORT (CELERIAC_METRICS_BIND), or --metrics-bind none", addr.port())
+                } else {
+                    String::new()
+                };
+                error!("metrics endpoint disabled: cannot listen on {addr}: {e}{hint}");
                 None
             }
         },

@@ -174,3 +174,22 @@ def test_celery_exporter_series_for_its_dashboards(start_worker, rpc_app, queue_
     assert found["celery_worker_up"] == [({"hostname": add["hostname"]}, 1.0)]
     # The worker's own families still add up per task, whatever the queue.
     assert sample(text, "celeriac_tasks_total", task="celeriac.add", outcome="succeeded") == 3
+
+
+def test_a_taken_metrics_port_says_what_to_set(start_worker, redis_app):
+    """A second worker on the same host finds the port taken: the one line
+    names the setting that gives it a port of its own, and the worker still
+    runs tasks."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = holder.getsockname()[1]
+    try:
+        w = start_worker("-c", "1", "--metrics-bind", f"127.0.0.1:{port}", "--result-backend",
+                         redis_app.conf.result_backend)
+        w.wait_for_log("metrics endpoint disabled")
+        line = next(l for l in w.log().splitlines() if "metrics endpoint disabled" in l)
+        assert f"holds port {port}" in line and "--metrics-bind" in line and "CELERIAC_METRICS_BIND" in line, line
+        assert redis_app.send_task("celeriac.add", (1, 2)).get(timeout=20) == 3
+    finally:
+        holder.close()
