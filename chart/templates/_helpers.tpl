@@ -103,13 +103,30 @@ Path of the private CA bundle for amqps:// (SSL_CERT_FILE), or empty when none i
 {{- end -}}
 
 {{/*
-nodeSelector. Under spot the agentpool key is dropped: a nodeSelector is ANDed with node
-affinity, and the pool named there is normally a regular (non-spot) pool. The pool choice
-then lives in the generated node affinity.
+The pool named by workers.nodeSelector (its kubernetes.azure.com/agentpool value), or empty.
+*/}}
+{{- define "celeriac.nodeSelectorPool" -}}
+{{- get (default (dict) .Values.workers.nodeSelector) "kubernetes.azure.com/agentpool" -}}
+{{- end -}}
+
+{{/*
+The spot node pool under spot: workers.spot.agentPool, or when empty the pool named by
+workers.nodeSelector (the seed's layout: its spot pool is that pool). Empty when neither is set
+(celeriac.validate refuses that).
+*/}}
+{{- define "celeriac.spotPool" -}}
+{{- default (include "celeriac.nodeSelectorPool" .) .Values.workers.spot.agentPool -}}
+{{- end -}}
+
+{{/*
+nodeSelector. A nodeSelector is ANDed with node affinity, so under spot the agentpool key is
+dropped when it names another pool than the spot pool (normally the regular pool, which is then
+the fallback of the preferred mode); the pool choice lives in the generated node affinity. When
+the spot pool is the nodeSelector's own pool the key is kept, as in the seed.
 */}}
 {{- define "celeriac.nodeSelector" -}}
 {{- $sel := deepCopy (default (dict) .Values.workers.nodeSelector) -}}
-{{- if .Values.workers.spot.enabled -}}
+{{- if and .Values.workers.spot.enabled (ne (include "celeriac.spotPool" .) (include "celeriac.nodeSelectorPool" .)) -}}
 {{- $_ := unset $sel "kubernetes.azure.com/agentpool" -}}
 {{- end -}}
 {{- if $sel -}}
@@ -119,11 +136,12 @@ then lives in the generated node affinity.
 
 {{/*
 Affinity: workers.affinity plus, under spot, the generated node affinity. Spot nodes are only
-ever those of the named pool (workers.spot.agentPool): the pods tolerate the spot taint, so
-without the pool term they could land on any spot pool of the cluster.
-  required:  the named spot pool only.
-  preferred: the named spot pool, preferred; else the regular pool named by nodeSelector's
-             agentpool key, or (without one) any node that is not a spot node.
+ever those of the spot pool (celeriac.spotPool): the pods tolerate the spot taint, so without
+the pool term they could land on any spot pool of the cluster.
+  required:  the spot pool only.
+  preferred: the spot pool, preferred; else the regular pool named by nodeSelector's agentpool
+             key, or (without one) any node that is not a spot node. The spot pool must then be
+             another pool than the regular one (celeriac.validate).
 */}}
 {{- define "celeriac.affinity" -}}
 {{- $w := .Values.workers -}}
@@ -134,13 +152,13 @@ without the pool term they could land on any spot pool of the cluster.
 {{- end -}}
 {{- $spotExprs := list
       (dict "key" "kubernetes.azure.com/scalesetpriority" "operator" "In" "values" (list "spot"))
-      (dict "key" "kubernetes.azure.com/agentpool" "operator" "In" "values" (list $w.spot.agentPool)) -}}
+      (dict "key" "kubernetes.azure.com/agentpool" "operator" "In" "values" (list (include "celeriac.spotPool" .))) -}}
 {{- $spotTerm := dict "matchExpressions" $spotExprs -}}
 {{- $nodeAff := dict -}}
 {{- if eq $w.spot.mode "required" -}}
 {{- $_ := set $nodeAff "requiredDuringSchedulingIgnoredDuringExecution" (dict "nodeSelectorTerms" (list $spotTerm)) -}}
 {{- else -}}
-{{- $regularPool := get (default (dict) $w.nodeSelector) "kubernetes.azure.com/agentpool" -}}
+{{- $regularPool := include "celeriac.nodeSelectorPool" . -}}
 {{- $fallback := dict "matchExpressions" (list (dict "key" "kubernetes.azure.com/scalesetpriority" "operator" "NotIn" "values" (list "spot"))) -}}
 {{- if $regularPool -}}
 {{- $fallback = dict "matchExpressions" (list (dict "key" "kubernetes.azure.com/agentpool" "operator" "In" "values" (list $regularPool))) -}}
@@ -183,8 +201,14 @@ Cross-field checks the JSON schema cannot express (or expresses with poor messag
 {{- define "celeriac.validate" -}}
 {{- $w := .Values.workers -}}
 {{- $ac := .Values.appConfiguration -}}
-{{- if and $w.spot.enabled (not $w.spot.agentPool) -}}
-{{- fail "workers.spot.agentPool is required when workers.spot.enabled: name the AKS spot node pool the pods may run on (the value of its kubernetes.azure.com/agentpool label)" -}}
+{{- if $w.spot.enabled -}}
+{{- $spotPool := include "celeriac.spotPool" . -}}
+{{- if not $spotPool -}}
+{{- fail "workers.spot.enabled needs the name of the AKS spot node pool the pods may run on (its kubernetes.azure.com/agentpool label): set workers.spot.agentPool, or name that pool in workers.nodeSelector's kubernetes.azure.com/agentpool key" -}}
+{{- end -}}
+{{- if and (eq $w.spot.mode "preferred") (eq $spotPool (include "celeriac.nodeSelectorPool" .)) -}}
+{{- fail (printf "workers.spot.mode=preferred falls back to the regular pool named in workers.nodeSelector (%s), so the spot pool must be another one: set workers.spot.agentPool to the spot pool's name, or use workers.spot.mode=required to run on %s alone" $spotPool $spotPool) -}}
+{{- end -}}
 {{- end -}}
 {{- include "celeriac.validateExtensions" . -}}
 {{- include "celeriac.validateBrokerAuth" . -}}

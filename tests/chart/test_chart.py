@@ -135,7 +135,7 @@ def arg_after(args: list[str], flag: str) -> str:
 
 # The values matrix: defaults plus every example under chart/ci/.
 CASES = {"defaults": ()} | {p.name.removesuffix("-values.yaml"): (p.name,) for p in sorted(CI_VALUES.glob("*-values.yaml"))}
-REQUIRED_CASES = {"defaults", "spot", "keda", "appconfig", "identity", "podmonitor", "extensions"}
+REQUIRED_CASES = {"defaults", "spot", "spot-seed", "keda", "appconfig", "identity", "podmonitor", "extensions"}
 
 
 def test_matrix_covers_the_required_cases():
@@ -155,10 +155,8 @@ def test_helm_lint_strict(helm, case):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("kube", KUBE_VERSIONS)
-@pytest.mark.parametrize("case", CASES)
-def test_rendered_objects_validate(helm, case, kube, tmp_path):
-    docs = render(helm, *CASES[case], kube=kube)
+def validate_rendered(docs: list[dict], kube: str, tmp_path: Path) -> None:
+    """kubernetes-validate --strict for the built-in kinds, crd_schemas/ for the CRD kinds."""
     assert docs, "nothing rendered"
     unknown = {d["kind"] for d in docs} - BUILTIN_KINDS - CRD_KINDS
     assert not unknown, f"no schema for rendered kinds {unknown}: add one to crd_schemas/ or BUILTIN_KINDS"
@@ -181,6 +179,12 @@ def test_rendered_objects_validate(helm, case, kube, tmp_path):
         if doc["kind"] in CRD_KINDS:
             schema = json.loads((CRD_SCHEMAS / f"{doc['kind']}.json").read_text())
             jsonschema.Draft7Validator(schema).validate(doc)
+
+
+@pytest.mark.parametrize("kube", KUBE_VERSIONS)
+@pytest.mark.parametrize("case", CASES)
+def test_rendered_objects_validate(helm, case, kube, tmp_path):
+    validate_rendered(render(helm, *CASES[case], kube=kube), kube, tmp_path)
 
 
 def test_crd_schemas_reject_misspelled_fields():
@@ -465,17 +469,36 @@ def test_workload_identity_label_can_be_disabled(helm):
 
 
 SPOT_ON = ("workers.spot.enabled=true", "workers.spot.agentPool=workersspot")
-# The named spot pool: spot nodes of that pool only, never any other spot pool of the cluster.
-SPOT_POOL_TERM = {"matchExpressions": [SPOT_EXPR, {"key": AGENTPOOL, "operator": "In", "values": ["workersspot"]}]}
+
+
+def spot_pool_term(pool: str) -> dict:
+    """Spot nodes of that pool only, never any other spot pool of the cluster."""
+    return {"matchExpressions": [SPOT_EXPR, {"key": AGENTPOOL, "operator": "In", "values": [pool]}]}
+
+
+def required_on(pool: str) -> dict:
+    return {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [spot_pool_term(pool)]}}
+
+
+SPOT_POOL_TERM = spot_pool_term("workersspot")
 NOT_SPOT_TERM = {"matchExpressions": [{"key": "kubernetes.azure.com/scalesetpriority", "operator": "NotIn", "values": ["spot"]}]}
 
 SPOT_CASES = {
     "off": ((), {AGENTPOOL: "workers"}, None),
-    "required-named-spot-pool": (
-        SPOT_ON,
-        None,
-        {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [SPOT_POOL_TERM]}},
+    # The seed: the toggle alone makes the nodeSelector's pool the spot pool, and the selector stays.
+    "toggle-alone-is-the-seed": (("workers.spot.enabled=true",), {AGENTPOOL: "workers"}, required_on("workers")),
+    "named-pool-equal-to-the-selectors": (
+        ("workers.spot.enabled=true", "workers.spot.agentPool=workers"),
+        {AGENTPOOL: "workers"},
+        required_on("workers"),
     ),
+    "toggle-alone-custom-selector-pool": (
+        ("workers.spot.enabled=true", "workers.nodeSelector.kubernetes\\.azure\\.com/agentpool=batch"),
+        {AGENTPOOL: "batch"},
+        required_on("batch"),
+    ),
+    # A different named spot pool: the selector's pool would conflict, so its key is dropped.
+    "required-named-spot-pool": (SPOT_ON, None, required_on("workersspot")),
     "preferred-with-regular-fallback": (
         (*SPOT_ON, "workers.spot.mode=preferred"),
         None,
@@ -502,7 +525,12 @@ SPOT_CASES = {
     "required-keeps-other-selector-keys": (
         (*SPOT_ON, "workers.nodeSelector.kubernetes\\.io/os=linux"),
         {"kubernetes.io/os": "linux"},
-        {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [SPOT_POOL_TERM]}},
+        required_on("workersspot"),
+    ),
+    "toggle-alone-keeps-other-selector-keys": (
+        ("workers.spot.enabled=true", "workers.nodeSelector.kubernetes\\.io/os=linux"),
+        {AGENTPOOL: "workers", "kubernetes.io/os": "linux"},
+        required_on("workers"),
     ),
     "off-custom-pool": (("workers.nodeSelector.kubernetes\\.azure\\.com/agentpool=batch",), {AGENTPOOL: "batch"}, None),
 }
@@ -519,8 +547,15 @@ def test_spot_scheduling(helm, case):
     else:
         assert spec["affinity"] == {"nodeAffinity": node_affinity}
         assert spec["tolerations"] == [SPOT_TOLERATION]
-        # The conflict the chart resolves: never AND a pool selector with a spot-only affinity.
-        assert AGENTPOOL not in (spec.get("nodeSelector") or {})
+        # The conflict the chart resolves: never AND a pool selector with an affinity on another
+        # pool. A selector's pool is the spot pool itself, named by every required term.
+        selector_pool = (spec.get("nodeSelector") or {}).get(AGENTPOOL)
+        if selector_pool is not None:
+            for term in _spot_node_terms(spec):
+                assert {"key": AGENTPOOL, "operator": "In", "values": [selector_pool]} in term["matchExpressions"], term
+
+
+SPOT_EXAMPLES = [("spot-seed-values.yaml",), ("spot-values.yaml",), ("spot-preferred-values.yaml",), ("all-features-values.yaml",)]
 
 
 def _spot_node_terms(spec: dict) -> list[dict]:
@@ -528,7 +563,7 @@ def _spot_node_terms(spec: dict) -> list[dict]:
     return spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
 
 
-@pytest.mark.parametrize("files", [("spot-values.yaml",), ("spot-preferred-values.yaml",), ("all-features-values.yaml",)])
+@pytest.mark.parametrize("files", SPOT_EXAMPLES)
 def test_every_spot_term_names_the_pool(helm, files):
     """A term that admits spot nodes must also name the pool: whichever example, no required
     term lets the pods (which tolerate the spot taint) onto another spot pool."""
@@ -549,19 +584,88 @@ def test_spot_example_file(helm):
     assert _spot_node_terms(spec) == [SPOT_POOL_TERM]
 
 
-def test_spot_without_a_pool_name_is_refused(helm):
-    # The schema refuses it first, naming the value...
-    err = render_fails(helm, sets=("workers.spot.enabled=true",))
-    assert "agentPool" in err and "schema" in err, err
-    # ...and the template says why when the schema is skipped (helm --skip-schema-validation).
-    proc = subprocess.run(
-        [helm, "template", "celeriac", str(CHART), "--skip-schema-validation", "--set", "workers.spot.enabled=true"],
+def test_spot_toggle_alone_renders_the_seeds_scheduling(helm, tmp_path):
+    """`--set workers.spot.enabled=true` and nothing else: the seed's Deployment, whose spot pool is
+    the pool of its nodeSelector. Valid for the schema, helm lint and kubernetes-validate."""
+    sets = ("workers.spot.enabled=true",)
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    values["workers"]["spot"]["enabled"] = True
+    jsonschema.Draft7Validator(json.loads((CHART / "values.schema.json").read_text())).validate(values)
+    lint = subprocess.run(
+        [helm, "lint", "--strict", str(CHART), "--kube-version", RENDER_KUBE, "--set", sets[0]],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert proc.returncode != 0
-    assert "workers.spot.agentPool is required when workers.spot.enabled" in proc.stderr, proc.stderr
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    for kube in KUBE_VERSIONS:
+        docs = render(helm, sets=sets, kube=kube)
+        spec = pod_spec(docs)
+        assert spec["nodeSelector"] == {AGENTPOOL: "workers"}
+        assert spec["tolerations"] == [SPOT_TOLERATION]
+        assert spec["affinity"] == {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {
+                            "matchExpressions": [
+                                {"key": "kubernetes.azure.com/scalesetpriority", "operator": "In", "values": ["spot"]},
+                                {"key": AGENTPOOL, "operator": "In", "values": ["workers"]},
+                            ]
+                        }
+                    ]
+                }
+            }
+        }
+        args = container(docs)["args"]
+        assert arg_after(args, "--shutdown-timeout") == "20" and "--acks-late" in args
+        validate_rendered(docs, kube, tmp_path)
+    # The example file says the same.
+    assert pod_spec(render(helm, "spot-seed-values.yaml")) == pod_spec(render(helm, sets=sets))
+
+
+SPOT_POOL_MISSING = (
+    "workers.spot.enabled needs the name of the AKS spot node pool the pods may run on (its "
+    "kubernetes.azure.com/agentpool label): set workers.spot.agentPool, or name that pool in "
+    "workers.nodeSelector's kubernetes.azure.com/agentpool key"
+)
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ("workers.spot.enabled=true", "workers.nodeSelector=null"),
+        (
+            "workers.spot.enabled=true",
+            "workers.nodeSelector.kubernetes\\.azure\\.com/agentpool=null",
+            "workers.nodeSelector.kubernetes\\.io/os=linux",
+        ),
+        ("workers.spot.enabled=true", "workers.nodeSelector=null", "workers.spot.mode=preferred"),
+    ],
+)
+def test_spot_without_any_pool_name_is_refused(helm, sets):
+    """Without a pool the pods, which tolerate the spot taint, could run on any spot pool: the
+    template refuses, in one sentence saying what to set (the schema no longer requires agentPool)."""
+    err = render_fails(helm, sets=sets)
+    assert SPOT_POOL_MISSING in err, err
+    assert "schema" not in err, err
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ("workers.spot.enabled=true", "workers.spot.mode=preferred"),
+        ("workers.spot.enabled=true", "workers.spot.mode=preferred", "workers.spot.agentPool=workers"),
+    ],
+)
+def test_preferred_spot_needs_a_pool_other_than_the_fallback(helm, sets):
+    """An AKS pool is spot or regular: preferring the spot pool "workers" and falling back to the
+    regular pool "workers" would name one pool twice, so the render says what to set."""
+    err = render_fails(helm, sets=sets)
+    assert (
+        "workers.spot.mode=preferred falls back to the regular pool named in workers.nodeSelector (workers), "
+        "so the spot pool must be another one: set workers.spot.agentPool"
+    ) in err, err
 
 
 def test_spot_keeps_user_tolerations_and_pod_affinity(helm):
@@ -635,7 +739,7 @@ def test_shutdown_timeout_must_fit_the_grace_period(helm, sets):
 SPOT_NOTICE_SECONDS = 30
 
 
-@pytest.mark.parametrize("files", [("spot-values.yaml",), ("spot-preferred-values.yaml",), ("all-features-values.yaml",)])
+@pytest.mark.parametrize("files", SPOT_EXAMPLES)
 def test_spot_defaults_lose_nothing_when_the_vm_is_reclaimed(helm, files):
     """The defaults under spot: --acks-late (a running task's message stays unacknowledged, so the
     broker redelivers it whenever the VM dies, drain finished or not), and a drain deadline that
@@ -685,16 +789,17 @@ def test_early_ack_on_spot_accepts_acks_late_given_in_extra_args(helm):
     assert args.count("--acks-late") == 1
 
 
-def test_spot_notes_name_the_pool_and_the_ack_mode(helm):
+@pytest.mark.parametrize(("sets", "pool"), [(SPOT_ON, "workersspot"), (("workers.spot.enabled=true",), "workers")])
+def test_spot_notes_name_the_pool_and_the_ack_mode(helm, sets, pool):
     proc = subprocess.run(
-        [helm, "install", "celeriac", str(CHART), "--dry-run=client", "-n", "workers-blue", *sum((["--set", s] for s in SPOT_ON), [])],
+        [helm, "install", "celeriac", str(CHART), "--dry-run=client", "-n", "workers-blue", *sum((["--set", s] for s in sets), [])],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     notes = proc.stdout.split("NOTES:", 1)[1]
-    assert "spot pool workersspot" in notes and "--acks-late" in notes, notes
+    assert f"spot pool {pool}:" in notes and "--acks-late" in notes, notes
 
 
 def test_a_python_app_is_the_seeds_command_with_celery_replaced(helm):
@@ -1039,6 +1144,7 @@ def test_as_a_subchart_with_globals(helm, tmp_path):
         (("workers.podMonitor.apiVersion=v1",), "apiVersion"),
         (("workers.namespace=Workers_Blue",), "namespace"),
         (("workers.spot.acksLate=maybe",), "acksLate"),
+        (("workers.spot.agentPool=Spot_Pool",), "agentPool"),
         (("json:global=[]",), "global"),
         (("workers.extraVolumes=data",), "extraVolumes"),
         (('json:workers.extraVolumes=[{"emptyDir":{}}]',), "name"),
