@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test celeriac has, on a fresh machine too:
 #   1. makes sure RabbitMQ (127.0.0.1:5672) and Redis (127.0.0.1:6379) answer,
-#      installing them from Debian's packages and starting them if needed, and
+#      installing them from Debian's packages and starting them if needed, that
+#      PostgreSQL's binaries are installed (the Django tests run a cluster of their own), and
 #      that a RabbitMQ 4.x installation exists for the tests that start a 4.x
 #      node of their own (tests/setup/rabbitmq4.sh: a Debian trixie root);
 #   2. creates the Python venv (.venv) with Celery, Flower and the test tools;
@@ -92,6 +93,17 @@ ensure_venv() {
     echo "$want" >"$stamp"
 }
 
+ensure_postgres() {
+    # PostgreSQL's server binaries for the Django tests: tests/interop/private_postgres.py runs
+    # a cluster of its own (initdb into a temporary directory, a free port on 127.0.0.1), so
+    # nothing is started here. Debian's packages put them in /usr/lib/postgresql/<version>/bin.
+    local bin
+    for bin in /usr/lib/postgresql/*/bin; do
+        [[ -x "$bin/initdb" && -x "$bin/postgres" ]] && return 0
+    done
+    apt_install postgresql
+}
+
 ensure_promtool() {
     command -v promtool >/dev/null && return 0
     # Debian's prometheus package carries promtool; its server is not wanted.
@@ -102,6 +114,7 @@ ensure_promtool() {
 ensure_rabbitmq
 ensure_rabbitmq4
 ensure_redis
+ensure_postgres
 ensure_promtool
 ensure_venv
 HELM="$(tests/setup/helm.sh)"
