@@ -111,8 +111,14 @@ ensure_promtool() {
     pkill -x prometheus 2>/dev/null || true
 }
 
+ensure_gnu_time() {
+    # GNU time measures the probes' peak RSS (test_python_package.py).
+    [[ -x /usr/bin/time ]] || apt_install time
+}
+
 ensure_rabbitmq
 ensure_rabbitmq4
+ensure_gnu_time
 ensure_redis
 ensure_postgres
 ensure_promtool

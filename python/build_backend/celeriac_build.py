@@ -27,18 +27,16 @@ SCRIPTS.mkdir(parents=True, exist_ok=True)
 
 def _build_probes():
     target = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
-    # Stripped, as maturin strips the extension (`strip = true`): the
-    # release profile keeps line tables for the standalone binary's backtraces.
-    env = dict(os.environ, CARGO_PROFILE_RELEASE_STRIP="symbols")
+    # The workspace's `probes` profile: release, stripped, panic=abort (see
+    # Cargo.toml), in a directory of its own.
     subprocess.run(
-        ["cargo", "build", "--release", "--locked", "-p", "celeriac-probes"],
+        ["cargo", "build", "--profile", "probes", "--locked", "-p", "celeriac-probes"],
         cwd=ROOT,
-        env=env,
         check=True,
     )
     SCRIPTS.mkdir(parents=True, exist_ok=True)
     for name in PROBES:
-        shutil.copy2(target / "release" / name, SCRIPTS / name)
+        shutil.copy2(target / "probes" / name, SCRIPTS / name)
 
 
 def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):

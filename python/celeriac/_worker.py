@@ -107,10 +107,18 @@ def _threads_check(source, known):
     supervisor (it forks task processes at any time, and a fork keeps only
     the forking thread). Returns the Python threads now alive."""
     import threading
+    import time
 
     current = threading.main_thread()
-    alive = {t for t in threading.enumerate() if t is not current}
     extra = _os_threads() - 1
+    # A thread just joined (a connection pool closed before the fork) is
+    # still listed by the kernel for a moment after join() returns: give
+    # such threads up to a second to go.
+    deadline = time.monotonic() + 1.0
+    while extra > 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+        extra = _os_threads() - 1
+    alive = {t for t in threading.enumerate() if t is not current}
     if extra <= 0:
         return alive
     new = sorted(t.name for t in alive - known)

@@ -1250,22 +1250,26 @@ def _stages() -> list[list[tuple[str, str]]]:
     return stages
 
 
-def _cargo_build(run: str) -> list[str]:
+def _cargo_builds(run: str) -> list[list[str]]:
+    out = []
     for command in re.split(r"&&|;", run):
         tokens = shlex.split(command)
         if tokens[:2] == ["cargo", "build"]:
-            return tokens[2:]
-    return []
+            out.append(tokens[2:])
+    return out
 
 
 def test_dockerfile_builds_the_named_packages():
-    builds = [_cargo_build(rest) for stage in _stages() for word, rest in stage if word == "RUN"]
-    builds = [b for b in builds if b]
-    assert len(builds) == 1, "expected exactly one `cargo build`"
-    args = builds[0]
-    assert "--release" in args and "--locked" in args
-    packages = {args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-p", "--package")}
-    assert packages == {"celeriac", "celeriac-probes"}
+    builds = [b for stage in _stages() for word, rest in stage if word == "RUN" for b in _cargo_builds(rest)]
+    packages = {}
+    for args in builds:
+        assert "--locked" in args
+        profile = "release" if "--release" in args else args[args.index("--profile") + 1]
+        for i, a in enumerate(args[:-1]):
+            if a in ("-p", "--package"):
+                packages[args[i + 1]] = profile
+    # The worker in release; the probes in the small `probes` profile (Cargo.toml).
+    assert packages == {"celeriac": "release", "celeriac-probes": "probes"}
 
 
 def test_dockerfile_binaries_match_the_chart(helm):
@@ -1291,7 +1295,8 @@ def test_dockerfile_binaries_match_the_chart(helm):
         assert path in copies, f"{path} is used by the chart but not copied into the runtime image"
         name = Path(path).name
         assert Path(copies[path]).name == name
-        assert f"target/release/{name}" in build_runs, f"{name} is not taken from the cargo build output"
+        built = f"target/{'release' if name == 'celeriac' else 'probes'}/{name}"
+        assert built in build_runs, f"{name} is not taken from the cargo build output"
 
     entrypoint = [rest for word, rest in final if word == "ENTRYPOINT"]
     assert len(entrypoint) == 1

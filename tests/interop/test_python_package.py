@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import thread_count, wait_until
+from conftest import probe, thread_count, wait_until
 
 VENV_BIN = pathlib.Path(sys.executable).parent
 CELERIAC = VENV_BIN / "celeriac"
@@ -69,3 +69,20 @@ def test_installed_worker_runs_tasks_probes_and_drains(start_worker, rpc_app):
     assert w.stop(signal.SIGTERM) == 0, w.log()[-2000:]
     code, line = run_probe("worker-readiness", w.state_dir)
     assert code == 1, line
+
+
+def test_the_installed_probes_peak_under_2_mib(start_worker):
+    """kubelet runs the probes every few seconds in every pod: the shipped
+    binaries (the `probes` profile) stay under 2 MiB of peak RSS against a
+    live worker's state file. Measured by GNU time (tests/run.sh installs
+    it): a child forked from this test's interpreter would report the
+    interpreter's own peak from before its exec."""
+    w = start_worker("-c", "1")
+    wait_until(lambda: probe("worker-readiness", w.state_dir)[0] == 0, 30, "readiness")
+    env = {k: v for k, v in os.environ.items() if k != "BROKER_REQUESTS_QUEUE"}
+    for name in ("worker-readiness", "worker-liveness"):
+        p = subprocess.run(["/usr/bin/time", "-f", "peak-kib=%M", str(VENV_BIN / name), "--state-dir", w.state_dir],
+                           capture_output=True, text=True, timeout=10, env=env)
+        assert p.returncode == 0, p.stdout + p.stderr
+        peak = int(re.search(r"peak-kib=(\d+)", p.stderr).group(1))
+        assert peak <= 2048, f"{name}: peak RSS {peak} KiB"
