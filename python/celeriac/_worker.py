@@ -298,13 +298,17 @@ def _options(app, given):
         if conf.get(key):
             words.append(flag)
 
+    from celeriac import _settings
+
     if conf.broker_url:
-        words.append(f"--broker={conf.broker_url}")
+        # With the heartbeat and connect timeout the settings give, in its query.
+        words.append(f"--broker={_settings.broker_url(conf)}")
     backend = conf.result_backend
     if backend and str(backend).split(":", 1)[0].lower() in ("rpc", "redis", "rediss"):
         words.append(f"--result-backend={backend}")
     value("--concurrency", "worker_concurrency")
-    value("--prefetch-multiplier", "worker_prefetch_multiplier")
+    if conf.get("worker_prefetch_multiplier") not in (None, ""):
+        words.append(f"--prefetch-multiplier={conf.worker_prefetch_multiplier}")  # 0: no limit, as Celery
     value("--time-limit", "task_time_limit")
     value("--soft-time-limit", "task_soft_time_limit")
     value("--max-tasks-per-child", "worker_max_tasks_per_child")
@@ -314,6 +318,7 @@ def _options(app, given):
     flag("--track-started", "task_track_started")
     flag("--reject-on-worker-lost", "task_reject_on_worker_lost")
     flag("--task-events", "worker_send_task_events")
+    words += _settings.words(conf)
     if not given["queues_given"]:
         names = list(app.amqp.queues.consume_from or app.amqp.queues)
         if names:
@@ -348,13 +353,10 @@ def load(options_json):
 
     hostname = options["hostname"]
     try:
-        pool = app.conf.get("worker_pool")
-        if pool not in (None, "prefork", "processes"):
-            raise LoadError(f"the app sets worker_pool={pool!r}: celeriac runs the prefork pool only")
-        _serializer_check(app.conf)
-        from celeriac._settings import refusal
+        from celeriac._settings import refusal, task_refusal
 
-        reason = refusal(app.conf)
+        # Every setting celeriac does not serve, in one line (worker_pool and the serializers too).
+        reason = refusal(app.conf, options, getattr(app, "namespace", None))
         if reason:
             raise LoadError(reason)
         signals.celeryd_init.send(sender=hostname, instance=None, conf=app.conf, options=options)
@@ -365,6 +367,9 @@ def load(options_json):
             for module in includes:
                 app.loader.import_task_module(module)
         app.finalize(auto=True)
+        reason = task_refusal(app, getattr(app, "namespace", None))
+        if reason:
+            raise LoadError(reason)
         trace.setup_worker_optimizations(app, hostname)
         queues = app.amqp.queues
         if options.get("queues"):
