@@ -310,7 +310,7 @@ async fn declare_exchange_adopting(
 /// does. When the broker already holds the queue with other arguments (for
 /// example a quorum queue Python declared), it falls back to a passive
 /// declare and uses the queue as it is. An existing exchange of another
-/// type is adopted (see [`declare_exchange_adopting`]). Uses channels of
+/// type is adopted (found by declaring it with each type in turn). Uses channels of
 /// its own so a refused declare cannot close a consuming channel. Returns
 /// the type the queue's exchange really has.
 pub async fn declare_queue(

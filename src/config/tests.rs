@@ -1,6 +1,9 @@
 //! Command-line and environment validation.
 
+use std::time::Duration;
+
 use super::*;
+use crate::broker::QueueSpec;
 
 fn worker(args: &[&str], env: &dyn Env) -> Result<WorkerConfig, ConfigError> {
     let mut argv = vec!["celeriac", "worker"];
