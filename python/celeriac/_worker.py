@@ -35,8 +35,6 @@ _app = None
 _hostname = None
 _worker = None
 
-_JSON_NAMES = {"json", "application/json"}
-
 
 class LoadError(Exception):
     """Why the app cannot be loaded, as one line."""
@@ -142,28 +140,6 @@ def _close_before_fork(app):
             continue
         worker_fixup._close_database()
         worker_fixup.close_cache()
-
-
-def _serializer_check(conf):
-    """celeriac speaks JSON only: refuse pickle (and the rest) at startup."""
-    bad = []
-    for key in ("accept_content", "result_accept_content"):
-        values = conf.get(key) or ()
-        if isinstance(values, str):
-            values = (values,)
-        others = [v for v in values if v not in _JSON_NAMES]
-        if others:
-            bad.append(f"{key}={list(values)!r}")
-    for key in ("task_serializer", "result_serializer"):
-        value = conf.get(key)
-        if value and value not in _JSON_NAMES:
-            bad.append(f"{key}={value!r}")
-    if bad:
-        raise LoadError(
-            "celeriac accepts JSON messages only, and the app is configured with "
-            + ", ".join(bad)
-            + ": set accept_content=['json'], task_serializer='json' and result_serializer='json'"
-        )
 
 
 def _per_second(rate):
