@@ -590,7 +590,7 @@ def settle_elsewhere(name, task_id, payload):
 
     task = _app.tasks.get(name)
     if task is None:
-        return False
+        return _unregistered(name, task_id, loads(payload))
     req = loads(payload)
     end, store = req.pop("end"), req.pop("store_result")
     request, args, kwargs = _request(req)
@@ -615,6 +615,31 @@ def settle_elsewhere(name, task_id, payload):
             signum=end["signum"],
             expired=end["reason"] == "expired",
         )
+    return True
+
+
+def _unregistered(name, task_id, req):
+    """What Celery's consumer does with a task the app does not know: a
+    FAILURE (``NotRegistered``) stored by the app's backend, with none of the
+    message's errbacks or chord."""
+    from celery.app.task import Context
+
+    end = req.get("end") or {}
+    if end.get("kind") != "failed":
+        return False
+    headers = req.get("headers") or {}
+    properties = req.get("properties") or {}
+    request = Context(
+        id=task_id,
+        task=name,
+        name=name,
+        chord=None,
+        errbacks=None,
+        root_id=headers.get("root_id"),
+        correlation_id=properties.get("correlation_id") or task_id,
+        reply_to=properties.get("reply_to"),
+    )
+    _app.backend.mark_as_failure(task_id, _rebuilt(end), request=request)
     return True
 
 

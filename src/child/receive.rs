@@ -31,14 +31,30 @@ impl Child {
         let shared = Arc::clone(&self.shared);
         let Some(task) = shared.registry.get(&job.msg.task) else {
             let exc = ExceptionInfo::not_registered(&job.msg.task);
-            let mut doc = shared.document(
-                &job.msg,
-                TaskState::Failure,
-                serde_json::to_value(&exc).unwrap_or_default(),
-            );
-            doc.traceback = None;
             TaskHappening::Unregistered { msg: &job.msg }.emit(&shared, &job.queue);
-            shared.store(&job.msg, doc).await;
+            // A Python app stores the FAILURE with its own backend, as
+            // Celery's consumer does (its key prefix, expiry, any backend).
+            let stored_by_app = match shared.registry.host() {
+                Some(host) => {
+                    host.settle_elsewhere(crate::task::Elsewhere {
+                        msg: Arc::clone(&job.msg),
+                        delivery: job.delivery.clone(),
+                        store_result: true,
+                        end: crate::task::End::Failed(exc.clone()),
+                    })
+                    .await
+                }
+                None => false,
+            };
+            if !stored_by_app {
+                let mut doc = shared.document(
+                    &job.msg,
+                    TaskState::Failure,
+                    serde_json::to_value(&exc).unwrap_or_default(),
+                );
+                doc.traceback = None;
+                shared.store(&job.msg, doc).await;
+            }
             reject(&job.acker, &job.msg.id, false).await;
             return;
         };

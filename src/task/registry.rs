@@ -280,6 +280,16 @@ impl Registry {
         self.tasks.get(name)
     }
 
+    /// The handler of hosted tasks (a Python app's), if any: it settles, in
+    /// the app's own result backend, what happens to a task the app does not
+    /// know (see [`TaskHandler::settle_elsewhere`]).
+    pub fn host(&self) -> Option<Arc<dyn TaskHandler>> {
+        self.tasks
+            .values()
+            .find(|t| t.settles_itself)
+            .map(|t| Arc::clone(&t.handler))
+    }
+
     /// The registered names, sorted.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tasks.keys().map(String::as_str)

@@ -22,6 +22,7 @@ import time
 import uuid
 
 import pytest
+import redis as redis_lib
 from celery import Celery
 from kombu import Exchange, Queue
 
@@ -218,3 +219,41 @@ def test_a_retry_no_queue_would_take_is_logged_and_dead_lettered_not_dropped(sta
         ch.queue_delete(queue_name + ".dlq")
         ch.exchange_delete(queue_name + ".dlx")
         ch.exchange_delete(queue_name + ".in")
+
+
+@pytest.mark.parametrize("side", ["celery", "celeriac"])
+def test_an_unregistered_task_is_stored_by_the_apps_backend(side, tmp_path):
+    """Celery's consumer stores NotRegistered with the app's backend: here a
+    Redis backend with a key prefix of its own, which only the app knows."""
+    queue = f"unreg-{side}-{uuid.uuid4().hex[:6]}"
+    prefix = f"pfx{uuid.uuid4().hex[:4]}_"
+    env = clean_env()
+    env.update(SETTINGSAPP_BROKER=BROKER, SETTINGSAPP_BACKEND=REDIS_URL, SETTINGSAPP_QUEUE=queue,
+               SETTINGSAPP_CONF=json.dumps({"result_backend_transport_options": {"global_keyprefix": prefix}}),
+               CELERIAC_STATE_DIR=str(tmp_path / "state"))
+    argv = ["-A", "settingsapp", "--workdir", str(APPS), "worker", "--pool", "prefork", "-c", "1", "-l", "INFO",
+            "-Q", queue, "-n", f"{queue}@%h", "--without-mingle", "--without-gossip"]
+    if side == "celeriac":
+        argv += ["--metrics-bind", "none"]
+    w = AppWorker(PROGRAMS[side], argv, env, tmp_path / f"{side}.log", cwd=str(APPS))
+    client = Celery("client", broker=BROKER, backend=REDIS_URL)
+    client.conf.task_default_queue = queue
+    client.conf.result_backend_transport_options = {"global_keyprefix": prefix}
+    r = redis_lib.Redis.from_url(REDIS_URL)
+    try:
+        wait_until(lambda: w.alive() and queue in {c["queue_name"] for c in rabbitmqctl("list_consumers",
+                                                                                        "queue_name")},
+                   60, f"{side} consuming")
+        res = client.send_task("settingsapp.nowhere", (1,))
+        key = f"{prefix}celery-task-meta-{res.id}"
+        wait_until(lambda: r.exists(key), 20, f"{key} stored")
+        meta = json.loads(r.get(key))
+        assert meta["status"] == "FAILURE" and meta["result"]["exc_type"] == "NotRegistered", meta
+        assert meta["result"]["exc_message"] == ["settingsapp.nowhere"], meta
+        assert not r.exists(f"celery-task-meta-{res.id}"), "stored without the app's prefix"
+    finally:
+        w.stop(signal.SIGTERM)
+        client.close()
+        with amqp_channel() as ch:
+            ch.queue_delete(queue)
+            ch.exchange_delete(queue)
