@@ -5,11 +5,16 @@
 #      PostgreSQL's binaries are installed (the Django tests run a cluster of their own), and
 #      that a RabbitMQ 4.x installation exists for the tests that start a 4.x
 #      node of their own (tests/setup/rabbitmq4.sh: a Debian trixie root);
-#   2. creates the Python venv (.venv) with Celery, Flower and the test tools;
-#   3. fetches helm for the chart tests;
-#   4. builds the workspace and the Python package (pip install . into .venv),
-#      runs the Rust tests (unit + fixture tests), then the interop tests
-#      against real Python Celery and the chart tests.
+#   2. creates the Python venv (.venv) with Celery, Flower and the test tools,
+#      and a CPython 3.13 for the Python-task tests (tests/setup/python313.sh:
+#      a Debian trixie root, built once);
+#   3. fetches helm for the chart tests; lints the release workflow;
+#   4. builds the workspace and, once, the portable wheel users install (the
+#      recipe's wheel stage: zig, manylinux2014, abi3), checks its tags and
+#      linked libraries and installs that same wheel into .venv; runs the Rust
+#      tests (unit + fixture tests), the image recipe with that wheel, the
+#      interop tests against real Python Celery and the chart tests, then the
+#      Python-task tests again on CPython 3.13 with the same wheel.
 # Usage: tests/run.sh [extra pytest args]
 set -euo pipefail
 
@@ -116,6 +121,39 @@ ensure_gnu_time() {
     [[ -x /usr/bin/time ]] || apt_install time
 }
 
+ensure_wheel_tools() {
+    # auditwheel (and its pyelftools) for tests/wheel_check.py, in a venv of their own.
+    local venv=target/tools/wheel-venv want="auditwheel>=6.1,<7"
+    if [[ -x "$venv/bin/python" && "$(cat "$venv/.requirements" 2>/dev/null)" == "$want" ]]; then return 0; fi
+    say "creating $venv with $want"
+    rm -rf "$venv"
+    .venv/bin/python -m venv "$venv"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check "$want" >&2
+    echo "$want" >"$venv/.requirements"
+}
+
+ensure_python313() {
+    # CPython 3.13 for the Python-task tests: Debian trixie's python3.13 in a root that
+    # tests/setup/python313.sh builds once (about 40 s) and reuses, with a venv of the test tools.
+    # If the setup fails, the other tests still run and the 3.13 step fails with its message.
+    local out errors
+    errors="$(mktemp)"
+    say "CPython 3.13: tests/setup/python313.sh"
+    if out="$(tests/setup/python313.sh </dev/null 2>"$errors")"; then
+        cat "$errors" >&2
+        PY313_ERROR=""
+        while IFS='=' read -r key value; do
+            case "$key" in PY313_*) printf -v "$key" '%s' "$value" ;; esac
+        done <<<"$out"
+        say "CPython 3.13: Python ${PY313_VERSION:-?} in a Debian trixie root"
+    else
+        cat "$errors" >&2
+        PY313_ERROR="$(tail -n 1 "$errors")"
+        PY313_ERROR="${PY313_ERROR:-tests/setup/python313.sh failed}"
+    fi
+    rm -f "$errors"
+}
+
 ensure_rabbitmq
 ensure_rabbitmq4
 ensure_gnu_time
@@ -123,15 +161,29 @@ ensure_redis
 ensure_postgres
 ensure_promtool
 ensure_venv
+ensure_wheel_tools
+ensure_python313
 HELM="$(tests/setup/helm.sh)"
 export HELM
+
+say "the release workflow: actionlint and yamllint (tests/setup/actionlint.sh)"
+tests/setup/actionlint.sh
 
 say "building"
 cargo build --workspace --all-targets --locked
 export CELERIAC_BIN="$root/target/debug/celeriac"
 
-say "the Python package: pip install . into .venv"
-.venv/bin/python -m pip install -q --disable-pip-version-check --force-reinstall --no-deps . >&2
+# The one wheel every Python test below installs: the image recipe's wheel stage
+# (examples/python-app/Dockerfile's `pip wheel` line, maturin with --zig --compatibility
+# manylinux2014, in the build context .dockerignore leaves; cargo output in target/zig).
+say "the portable wheel: the Python image recipe's wheel stage (tests/python_image_recipe.py build)"
+wheel="$(.venv/bin/python tests/python_image_recipe.py build target/zig/wheelhouse)"
+
+say "the wheel's tags and linked libraries (tests/wheel_check.py)"
+target/tools/wheel-venv/bin/python tests/wheel_check.py "$wheel"
+
+say "the Python package: that wheel, pip install --no-deps into .venv"
+.venv/bin/python -m pip install -q --disable-pip-version-check --force-reinstall --no-deps "$wheel" >&2
 
 say "Rust tests"
 cargo test --workspace --locked
@@ -139,8 +191,25 @@ cargo test --workspace --locked
 say "the Dockerfile's build stage, in its own build context"
 .venv/bin/python tests/docker_context_build.py
 
-say "the Python image recipe (examples/python-app/Dockerfile), without a Docker engine"
-.venv/bin/python tests/python_image_recipe.py
+say "the Python image recipe's app stage with that wheel: a fresh venv with Celery alone, without a Docker engine"
+.venv/bin/python tests/python_image_recipe.py run "$wheel"
 
+status=0
 say "interop and chart tests"
-.venv/bin/python -m pytest -q -p no:cacheprovider tests/interop tests/chart "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider tests/interop tests/chart "$@" || status=$?
+
+# The same wheel on CPython 3.13: the differential suite, the Python worker's own tests and the
+# installed package's. Not the probes' 2 MiB peak-RSS bound: the probes run no Python, and their
+# peak depends on the C library (trixie's glibc 2.41 maps about 250 KiB more than bookworm's
+# 2.36); the 3.11 run above asserts it.
+say "CPython 3.13: the Python-task tests with the same wheel"
+if [[ -n "${PY313_ERROR:-}" ]]; then
+    echo "CPython 3.13: $PY313_ERROR" >&2
+    status=1
+else
+    "$PY313_RUN" "$PY313_PYTHON" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps "$wheel" >&2
+    "$PY313_RUN" "$PY313_PYTHON" -m pytest -q -p no:cacheprovider \
+        tests/interop/test_python_tasks.py tests/interop/test_python_worker.py tests/interop/test_python_package.py \
+        --deselect tests/interop/test_python_package.py::test_the_installed_probes_peak_under_2_mib || status=$?
+fi
+exit "$status"
