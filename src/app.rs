@@ -234,7 +234,7 @@ enum StateDirError {
 }
 
 /// Makes the state directory if needed and writes and removes a file in it,
-/// as the supervisor will every second: a directory the probe file cannot
+/// as the supervisor will every 2 s: a directory the probe file cannot
 /// be written in is refused before anything forks.
 fn check_state_dir(dir: &Path) -> Result<(), StateDirError> {
     let shown = || dir.display().to_string();

@@ -1,8 +1,8 @@
 //! The worker's state file and the two checks kubelet runs against it.
 //!
-//! The celeriac supervisor rewrites `<state-dir>/state.json` every second
+//! The celeriac supervisor rewrites `<state-dir>/state.json` every 2 s
 //! (atomically: a temporary file, then rename), from its own timer, whether
-//! or not the broker answers. The probe binaries read it and exit 0 or 1
+//! or not the broker answers, and at once when a task process changes state. The probe binaries read it and exit 0 or 1
 //! with a one-line reason on stdout. They never touch the broker, never fork
 //! and start no runtime, so a probe costs a few milliseconds.
 

@@ -76,6 +76,12 @@ impl Consumers {
         }
     }
 
+    /// Whether a consumer delivered ETA tasks since it was started (it is
+    /// then replaced, see [`Child::rotate_consumers`]).
+    pub(super) fn hold_eta(&self) -> bool {
+        self.list.iter().any(|c| c.eta_since_rotation > 0)
+    }
+
     /// Takes every consumer's tag, leaving none.
     pub(super) fn take_tags(&mut self) -> Vec<ShortString> {
         self.list.drain(..).map(|c| c.tag).collect()
@@ -130,7 +136,7 @@ impl Child {
             }
             self.consume(&spec).await?;
         }
-        self.link.slot().set_state(ChildState::Consuming);
+        self.link.set_state(ChildState::Consuming);
         info!(queues = ?self.shared.config.queues.iter().map(|q| q.name.as_str()).collect::<Vec<_>>(), prefetch = self.prefetch, "consuming");
         Ok(())
     }

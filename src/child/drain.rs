@@ -24,7 +24,7 @@ impl Child {
         rx: &mut mpsc::UnboundedReceiver<Incoming>,
         stop: Stop,
     ) -> Result<Exit, ChildError> {
-        self.link.slot().set_state(ChildState::Draining);
+        self.link.set_state(ChildState::Draining);
         let timeout = match stop {
             Stop::Cold => Duration::ZERO,
             Stop::Warm => self.shared.config.shutdown_timeout,

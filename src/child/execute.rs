@@ -161,6 +161,11 @@ pub(super) async fn execute(shared: Arc<Shared>, job: Job, state: Arc<RunState>)
         exchange: crate::inspect::plain(&job.delivery.exchange),
         routing_key: crate::inspect::plain(&job.delivery.routing_key),
     });
+    // The supervisor enforces the hard limit; if it would not look at the
+    // slots again before the deadline, tell it about this one now.
+    if hard_ms > 0 && shared.link.shm.supervisor_wakes_after(now + hard_ms) {
+        crate::signals::ring(shared.link.supervisor as u32);
+    }
 
     let outcome = runner::run(task, ctx, msg, limits).await;
 

@@ -52,7 +52,7 @@ use crate::config::WorkerConfig;
 use crate::exit;
 use crate::host::TaskHost;
 use crate::shm::{ChildState, SharedState, Slot};
-use crate::signals::ProcessSignals;
+use crate::signals::{Doorbell, ProcessSignals};
 use crate::task::Registry;
 use consumers::Consumers;
 use execute::{Finished, RunState};
@@ -118,9 +118,18 @@ impl Link {
         &self.shm.slots()[self.index]
     }
 
+    /// Publishes the process's state and rings the supervisor (probe file,
+    /// readiness) and the control process (a hosted app's `worker_ready`).
+    pub fn set_state(&self, state: ChildState) {
+        self.slot().set_state(state);
+        crate::signals::ring(self.supervisor as u32);
+        crate::signals::ring(self.shm.control_slot().pid());
+    }
+
     /// Whether the supervisor is gone. Its death is signalled (SIGTERM by
     /// pdeathsig), but a signal that arrives before the process's handlers
-    /// exist is lost, so the process also looks every second.
+    /// exist is lost, so the process looks once it listens, and then at
+    /// every heartbeat.
     pub fn orphaned(&self) -> bool {
         nix::unistd::getppid().as_raw() != self.supervisor
     }
@@ -145,7 +154,7 @@ pub fn main(
         supervisor: nix::unistd::getppid().as_raw(),
     };
     crate::logging::set_process_name(format!("ForkPoolWorker-{}", index + 1));
-    link.slot().set_state(ChildState::Booting);
+    link.set_state(ChildState::Booting);
     let Some(host) = host else {
         return run_process(link, config, registry);
     };
@@ -213,6 +222,11 @@ struct Child {
     tasks_run: u64,
     recycle: bool,
     signals: ProcessSignals,
+    /// Rung when the shared memory holds news for this process (lost tasks
+    /// to settle, queue changes).
+    doorbell: Doorbell,
+    /// How often the idle loop beats ([`crate::shm::beat_period`]).
+    beat_every: std::time::Duration,
     received: u64,
     queued: QueuedLines,
     /// This process's broker token, with OAuth 2 (`--broker-auth`).
@@ -307,6 +321,8 @@ async fn run(
         tasks_run: 0,
         recycle: false,
         signals: ProcessSignals::install().map_err(ChildError::Runtime)?,
+        doorbell: Doorbell::install(),
+        beat_every: crate::shm::beat_period(config.child_heartbeat_timeout),
         received: 0,
         queued: QueuedLines::default(),
         tokens,

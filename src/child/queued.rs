@@ -27,19 +27,29 @@ impl Default for QueuedLines {
 /// Lines of each list written at most.
 const LINES: usize = 16;
 
+/// Under load, the lines are rewritten at most this often.
+const EVERY: Duration = Duration::from_millis(100);
+
 impl Child {
-    /// Writes the held tasks to the slot when they changed. Under load this
-    /// runs at most every 100 ms (the heartbeat tick forces it), to keep it
-    /// off the per-task path.
-    pub(super) fn publish_queued(&mut self, force: bool) {
-        let signature = (
+    fn queued_signature(&self) -> (usize, usize, u64) {
+        (
             self.held.ready_len(),
             self.held.scheduled_len(),
             self.received,
-        );
-        if signature == self.queued.signature
-            || (!force && self.queued.at.elapsed() < Duration::from_millis(100))
-        {
+        )
+    }
+
+    /// When the lines held back by [`EVERY`] are due, if some are.
+    pub(super) fn queued_due(&self) -> Option<Instant> {
+        (self.queued_signature() != self.queued.signature).then(|| self.queued.at + EVERY)
+    }
+
+    /// Writes the held tasks to the slot when they changed. Under load this
+    /// runs at most every 100 ms (the loop wakes for what was held back,
+    /// see [`Child::queued_due`]), to keep it off the per-task path.
+    pub(super) fn publish_queued(&mut self, force: bool) {
+        let signature = self.queued_signature();
+        if signature == self.queued.signature || (!force && self.queued.at.elapsed() < EVERY) {
             return;
         }
         self.queued.signature = signature;

@@ -1,5 +1,7 @@
 //! The task process's loop: deliveries, finished tasks, signals, the
-//! once-a-second tick, ETA timers and consumer rotation, one at a time.
+//! doorbell, the heartbeat, ETA timers and consumer rotation, one at a time.
+//! Idle, it sleeps until the broker, a signal or the doorbell wakes it, or
+//! its next heartbeat ([`crate::shm::beat_period`]) is due.
 
 use std::time::Duration;
 
@@ -10,8 +12,16 @@ use tracing::{debug, error, warn};
 
 use super::consumers::Incoming;
 use super::execute::Finished;
+use super::session::next_happening;
 use super::{Child, ChildError, Exit};
 use crate::signals::Stop;
+
+/// How soon consumers holding ETA tasks are replaced (several ETA tasks
+/// arriving together are handled by one replacement).
+const ROTATION: Duration = Duration::from_millis(250);
+
+/// How often the loop looks while a publishing channel is closed.
+const REPAIR_EVERY: Duration = Duration::from_secs(1);
 
 impl Child {
     /// Serves until a shutdown (`Ok`) or a lost connection (`Err`).
@@ -19,13 +29,19 @@ impl Child {
         &mut self,
         rx: &mut mpsc::UnboundedReceiver<Incoming>,
     ) -> Result<Exit, ChildError> {
-        let mut rotation = tokio::time::interval(Duration::from_millis(250));
-        rotation.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
+        // The first look is at once: news rung before the doorbell was
+        // listened to, and a SIGTERM sent before the handlers existed.
+        let mut next_tick = Instant::now();
+        let mut rotation_at: Option<Instant> = None;
         loop {
             let next_eta = self.next_eta_instant().unwrap_or(far);
+            if !self.consumers.hold_eta() {
+                rotation_at = None;
+            } else if rotation_at.is_none() {
+                rotation_at = Some(Instant::now() + ROTATION);
+            }
+            let queued_due = self.queued_due();
             tokio::select! {
                 stop = self.signals.recv() => return self.shutdown(rx, stop).await,
                 Some(done) = self.running.join_next_with_id(), if !self.running.is_empty() => {
@@ -36,8 +52,9 @@ impl Child {
                     }
                     self.resume_after_timeout().await?;
                 }
-                _ = heartbeat.tick() => {
+                () = tokio::time::sleep_until(next_tick) => {
                     self.tick().await;
+                    next_tick = Instant::now() + self.tick_every();
                     // A SIGTERM sent before our handlers existed was lost:
                     // the shared flag still says the worker is draining, or
                     // the supervisor is gone (its pdeathsig came too early).
@@ -49,6 +66,15 @@ impl Child {
                         return self.shutdown(rx, Stop::Warm).await;
                     }
                 }
+                // News in the shared memory: look now.
+                () = self.doorbell.rung() => next_tick = Instant::now(),
+                Some(happening) = next_happening(&mut self.session) => {
+                    if let lapin::Event::Error(e) = happening {
+                        debug!("connection event: {e}");
+                        self.repair_channels().await;
+                        next_tick = next_tick.min(Instant::now() + self.tick_every());
+                    }
+                }
                 incoming = rx.recv(), if !self.recycle => {
                     self.incoming(incoming).await?;
                     // Take what else has arrived before dispatching: fewer wake-ups under load.
@@ -58,7 +84,12 @@ impl Child {
                     }
                 }
                 () = tokio::time::sleep_until(next_eta), if next_eta != far => self.held.release_due(Utc::now()),
-                _ = rotation.tick() => self.rotate_consumers().await?,
+                () = tokio::time::sleep_until(rotation_at.unwrap_or(far)), if rotation_at.is_some() => {
+                    rotation_at = None;
+                    self.rotate_consumers().await?;
+                }
+                // The held tasks changed since `inspect reserved` last saw them.
+                () = tokio::time::sleep_until(queued_due.unwrap_or(far)), if queued_due.is_some() => {}
             }
             self.dispatch();
             self.publish_queued(false);
@@ -67,6 +98,16 @@ impl Child {
             self.shared
                 .events
                 .set_idle(rx.is_empty() && self.running.is_empty());
+        }
+    }
+
+    /// When the loop looks next: at the next heartbeat, or in a second while
+    /// a publishing channel is closed.
+    fn tick_every(&self) -> Duration {
+        if self.channels_closed() {
+            REPAIR_EVERY.min(self.beat_every)
+        } else {
+            self.beat_every
         }
     }
 
@@ -119,8 +160,9 @@ impl Child {
         }
     }
 
-    /// Once a second: tell the supervisor we are alive, apply queue
-    /// changes, and settle tasks whose process died.
+    /// At every heartbeat and when the doorbell rings: tell the supervisor
+    /// we are alive, apply queue changes, settle tasks whose process died,
+    /// and reopen publishing channels the broker closed.
     pub(super) async fn tick(&mut self) {
         self.link.slot().beat();
         self.publish_queued(true);

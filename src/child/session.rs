@@ -32,9 +32,25 @@ pub(super) struct Session {
     pub(super) events: Channel,
     /// The token generation awaited before reopening closed channels.
     renewal: Option<u64>,
+    /// The connection's events: a channel the broker closes is an error
+    /// there, which starts [`Child::repair_channels`] at once.
+    pub(super) happenings: ConnectionEvents,
     /// The configured queues whose exchange the broker holds as a
     /// non-direct one (configured so, or found so when declaring).
     pub(super) routed_exchanges: Vec<String>,
+}
+
+/// A connection's event stream (`Connection::events_listener`).
+pub(super) type ConnectionEvents =
+    std::pin::Pin<Box<dyn futures_lite::Stream<Item = lapin::Event> + Send>>;
+
+/// The next event of the session's connection (never, without a session).
+pub(super) async fn next_happening(session: &mut Option<Session>) -> Option<lapin::Event> {
+    use futures_lite::StreamExt;
+    match session {
+        Some(s) => s.happenings.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Connects (with a fresh token when the broker takes OAuth 2 tokens),
@@ -54,6 +70,7 @@ pub(super) async fn open(
                 message: token.to_string(),
             },
         })?;
+    let happenings: ConnectionEvents = Box::pin(conn.events_listener());
     let mut routed_exchanges = Vec::new();
     for spec in &config.queues {
         if declare_queue(&conn, spec).await? != ExchangeType::Direct {
@@ -77,6 +94,7 @@ pub(super) async fn open(
         results,
         events,
         renewal: None,
+        happenings,
         routed_exchanges,
     })
 }
@@ -113,7 +131,7 @@ impl Child {
     /// on; acknowledging them on the dead channel fails (logged), and the
     /// broker redelivers acks-late ones.
     pub(super) fn lose_session(&mut self) {
-        self.link.slot().set_state(ChildState::Reconnecting);
+        self.link.set_state(ChildState::Reconnecting);
         self.consumers.clear();
         // A new connection consumes at once (its channel is new too).
         self.timed_out = false;
@@ -183,12 +201,24 @@ impl Child {
         }
     }
 
-    /// Once a second: when the broker closed a publishing channel (results,
-    /// confirms, events) on a live connection — with OAuth 2 tokens, 403
-    /// ACCESS_REFUSED once the token has expired — gets a fresh token pushed
-    /// first, then reopens the closed channels, without reconnecting and
-    /// without touching the consumers. A closed consumer channel takes the
-    /// reconnect path instead.
+    /// Whether a publishing channel of a live connection is closed: the
+    /// loop then looks every second until it is open again.
+    pub(super) fn channels_closed(&self) -> bool {
+        let Some(session) = self.session.as_ref() else {
+            return false;
+        };
+        let open = |c: &Channel| c.status().connected();
+        session.conn.status().connected()
+            && !(open(&session.confirmed) && open(&session.results) && open(&session.events))
+    }
+
+    /// When the connection reports an error, then every second while a
+    /// channel stays closed (and at every heartbeat): when the broker
+    /// closed a publishing channel (results, confirms, events) on a live
+    /// connection — with OAuth 2 tokens, 403 ACCESS_REFUSED once the token
+    /// has expired — gets a fresh token pushed first, then reopens the
+    /// closed channels, without reconnecting and without touching the
+    /// consumers. A closed consumer channel takes the reconnect path instead.
     pub(super) async fn repair_channels(&mut self) {
         let Some(session) = self.session.as_mut() else {
             return;

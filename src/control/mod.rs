@@ -26,7 +26,7 @@ use crate::config::WorkerConfig;
 use crate::events::Events;
 use crate::protocol::events::{self as ev, EventSource, HEARTBEAT_FREQ};
 use crate::shm::{ChildState, SharedState};
-use crate::signals::ProcessSignals;
+use crate::signals::{Doorbell, ProcessSignals};
 use crate::task::Registry;
 use crate::token::{ConnectError, TokenKeeper};
 pub use pidbox::{addressed_to, Effect, Pidbox};
@@ -61,18 +61,22 @@ pub fn main(
     if let Some(host) = &host {
         let (host, announced) = (Arc::clone(host), Arc::clone(&announced));
         runtime.spawn(async move {
+            // A task process that starts consuming, and the supervisor
+            // when the drain begins, ring the doorbell; listening before
+            // looking, no ring is missed.
+            let mut doorbell = Doorbell::install();
             let consuming = || {
                 shm.task_slots()
                     .iter()
                     .any(|s| s.state() == ChildState::Consuming)
             };
             while !consuming() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                doorbell.rung().await;
             }
             host.worker_ready();
             announced.store(1, Ordering::Release);
             while !shm.draining() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                doorbell.rung().await;
             }
             if announced.swap(2, Ordering::AcqRel) == 1 {
                 host.worker_shutting_down();
@@ -96,9 +100,30 @@ struct Session {
     events: Channel,
     replies: Channel,
     requests: Consumer,
+    /// The connection's events: a channel the broker closes is an error
+    /// there, which starts [`repair_channels`] at once.
+    happenings: std::pin::Pin<Box<dyn futures_lite::Stream<Item = lapin::Event> + Send>>,
     /// The token generation awaited before reopening closed channels.
     renewal: Option<u64>,
 }
+
+impl Session {
+    /// Whether a publishing channel of the live connection is closed: the
+    /// loop then looks every second until it is open again.
+    fn channels_closed(&self) -> bool {
+        self.conn.status().connected()
+            && !(self.events.status().connected() && self.replies.status().connected())
+    }
+}
+
+/// What woke the loop on the broker's side.
+enum FromBroker {
+    Request(Option<lapin::Result<Box<lapin::message::Delivery>>>),
+    Happening(lapin::Event),
+}
+
+/// How often the loop looks while a channel is closed.
+const REPAIR_EVERY: Duration = Duration::from_secs(1);
 
 /// When the broker closed the events or replies channel on a live
 /// connection (with OAuth 2 tokens: 403 once the token expired), gets a
@@ -234,6 +259,7 @@ async fn open_session(
         std::process::id()
     );
     let conn = crate::token::connect(&config.broker_url, &name, tokens).await?;
+    let happenings = Box::pin(conn.events_listener());
     let events = conn
         .create_channel()
         .await
@@ -295,6 +321,7 @@ async fn open_session(
         events,
         replies,
         requests,
+        happenings,
         renewal: None,
     })
 }
@@ -368,7 +395,10 @@ async fn run(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry
     let mut lost = false;
     let mut attempt: u32 = 0;
     let mut next_connect = tokio::time::Instant::now();
-    let mut beat = tokio::time::interval(Duration::from_secs(1));
+    // The heartbeat the supervisor watches (as a task process's), and the
+    // safety nets: a drain or the supervisor's death whose signal was lost.
+    let beat_every = crate::shm::beat_period(config.child_heartbeat_timeout);
+    let mut next_beat = tokio::time::Instant::now();
     // --heartbeat-interval, or none at all with --without-heartbeat.
     let send_heartbeats = config.heartbeat_interval.is_some();
     let period = config
@@ -376,6 +406,7 @@ async fn run(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry
         .unwrap_or(Duration::from_secs_f64(HEARTBEAT_FREQ));
     let freq = period.as_secs_f64();
     let mut heartbeat = tokio::time::interval(period);
+    let beat_with_heartbeats = send_heartbeats && period <= beat_every;
     let mut delayed_reported = false;
     loop {
         if session.is_none() && tokio::time::Instant::now() >= next_connect {
@@ -423,35 +454,40 @@ async fn run(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry
             }
         }
         let connected = session.is_some();
-        let request = async {
+        // While worker-heartbeats go out at least as often, the beat rides
+        // on them: one wake-up instead of two timers.
+        let riding = connected
+            && beat_with_heartbeats
+            && !session.as_ref().is_some_and(Session::channels_closed);
+        let from_broker = async {
             match session.as_mut() {
-                Some(s) => s.requests.next().await,
+                Some(s) => tokio::select! {
+                    item = s.requests.next() => FromBroker::Request(item.map(|r| r.map(Box::new))),
+                    Some(happening) = s.happenings.next() => FromBroker::Happening(happening),
+                },
                 None => std::future::pending().await,
             }
         };
+        let mut beat_now = false;
         tokio::select! {
             _ = signals.recv() => break,
-            _ = beat.tick() => {
-                slot.beat();
-                // The supervisor stops the control process last; a drain
-                // whose signal arrived before our handlers still ends here.
-                if shm.draining() && shm.task_slots().iter().all(|s| s.pid() == 0) {
-                    break;
-                }
-                // A supervisor killed before our handlers existed: its
-                // SIGTERM (pdeathsig) was lost, so look.
-                if nix::unistd::getppid().as_raw() != supervisor {
-                    warn!("the supervisor is gone: stopping");
-                    break;
-                }
-                if let Some(s) = session.as_mut() {
-                    repair_channels(s, tokens.as_ref(), &events).await;
-                }
+            () = tokio::time::sleep_until(next_beat), if !riding => beat_now = true,
+            _ = heartbeat.tick(), if connected && send_heartbeats => {
+                events.worker("worker-heartbeat", status(&shm, freq)).await;
+                beat_now = riding;
             }
-            _ = heartbeat.tick(), if connected && send_heartbeats => events.worker("worker-heartbeat", status(&shm, freq)).await,
             () = tokio::time::sleep_until(next_connect), if !connected => {}
-            item = request => match item {
-                Some(Ok(delivery)) => {
+            from_broker = from_broker => match from_broker {
+                FromBroker::Happening(happening) => {
+                    if let (lapin::Event::Error(e), Some(s)) = (happening, session.as_mut()) {
+                        debug!("control connection event: {e}");
+                        repair_channels(s, tokens.as_ref(), &events).await;
+                        if s.channels_closed() {
+                            next_beat = next_beat.min(tokio::time::Instant::now() + REPAIR_EVERY);
+                        }
+                    }
+                }
+                FromBroker::Request(Some(Ok(delivery))) => {
                     let replies = session.as_ref().map(|s| s.replies.clone());
                     if let Some(replies) = replies {
                         if handle_request(&delivery, &pidbox, &events, &shm, &config.hostname, &replies).await == Effect::Shutdown {
@@ -459,7 +495,7 @@ async fn run(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry
                         }
                     }
                 }
-                other => {
+                FromBroker::Request(other) => {
                     let why = match other {
                         Some(Err(e)) => e.to_string(),
                         _ => "the pidbox consumer was cancelled".to_owned(),
@@ -484,6 +520,30 @@ async fn run(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry
                     Err(e) => debug!("accept failed: {e}"),
                 }
             }
+        }
+        if beat_now {
+            slot.beat();
+            // The supervisor stops the control process last; a drain whose
+            // signal arrived before our handlers still ends here.
+            if shm.draining() && shm.task_slots().iter().all(|s| s.pid() == 0) {
+                break;
+            }
+            // A supervisor killed before our handlers existed: its SIGTERM
+            // (pdeathsig) was lost, so look.
+            if nix::unistd::getppid().as_raw() != supervisor {
+                warn!("the supervisor is gone: stopping");
+                break;
+            }
+            if let Some(s) = session.as_mut() {
+                repair_channels(s, tokens.as_ref(), &events).await;
+            }
+            let closed = session.as_ref().is_some_and(Session::channels_closed);
+            next_beat = tokio::time::Instant::now()
+                + if closed {
+                    REPAIR_EVERY.min(beat_every)
+                } else {
+                    beat_every
+                };
         }
     }
     if let Some(s) = session {

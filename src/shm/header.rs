@@ -7,7 +7,7 @@
 //! The header also holds the lost ring's next index (see `lost.rs`) and the
 //! queue-change generation (see `queues.rs`).
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 
 use super::SharedState;
 
@@ -25,6 +25,7 @@ shm_record! {
         started_ms: AtomicU64,
         pub(super) queues_gen: AtomicU64,
         target: AtomicU64,
+        supervisor_wake_ms: AtomicU64,
     }
 }
 
@@ -193,6 +194,26 @@ impl SharedState {
         self.header.started_ms.store(ms, Ordering::Relaxed);
     }
 
+    /// Supervisor only: when it looks at the slots next without being rung
+    /// (ms since the epoch, never before the real moment), set just before
+    /// it sleeps; 0 from when it wakes until then.
+    pub(crate) fn set_supervisor_wake_ms(&self, ms: u64) {
+        self.header.supervisor_wake_ms.store(ms, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+    }
+
+    /// A task process that has just published a task with a hard deadline
+    /// (ms since the epoch): whether the supervisor would look too late to
+    /// enforce it, so the process must ring it. The supervisor clears its
+    /// wake time before it reads the slots and publishes it after; with the
+    /// task published before this look, either it sees the task or this
+    /// says to ring.
+    pub fn supervisor_wakes_after(&self, deadline_ms: u64) -> bool {
+        fence(Ordering::SeqCst);
+        let wake = self.header.supervisor_wake_ms.load(Ordering::SeqCst);
+        wake == 0 || deadline_ms < wake
+    }
+
     /// Whether the worker is draining.
     pub fn draining(&self) -> bool {
         self.header.draining.load(Ordering::Acquire) != 0
@@ -207,6 +228,19 @@ impl SharedState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deadline_before_the_supervisors_next_look_rings_it() {
+        let shm = SharedState::map(1).unwrap();
+        // Awake (or not started): it looks at the slots anyway, but a
+        // process cannot tell whether it already has.
+        assert!(shm.supervisor_wakes_after(5_000));
+        shm.set_supervisor_wake_ms(10_000);
+        assert!(shm.supervisor_wakes_after(9_999));
+        assert!(!shm.supervisor_wakes_after(10_000));
+        shm.set_supervisor_wake_ms(0);
+        assert!(shm.supervisor_wakes_after(20_000));
+    }
 
     #[test]
     fn the_clock_ticks_and_moves_past_what_it_sees() {

@@ -5,6 +5,7 @@
 //! events) and task processes (`running_elsewhere`).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
 
 use super::seqtext::SeqText;
 use super::{now_ms, DETAIL_WORDS, ERROR_WORDS, QUEUED_WORDS, TEXT_WORDS};
@@ -86,6 +87,15 @@ impl TaskFlags {
     pub const REJECT_ON_WORKER_LOST: u64 = 2;
     /// No result is stored.
     pub const IGNORE_RESULT: u64 = 4;
+}
+
+/// How often an idle process beats ([`Slot::beat`]), given how long the
+/// supervisor lets an idle process stay silent (`--child-heartbeat-timeout`):
+/// a twelfth of it, between 1 s and 5 s (5 s for the default 60 s, six
+/// beats within the liveness probe's default `--child-stale` of 30 s).
+/// Starting and finishing a task beat too.
+pub fn beat_period(heartbeat_timeout: Duration) -> Duration {
+    (heartbeat_timeout / 12).clamp(Duration::from_secs(1), Duration::from_secs(5))
 }
 
 shm_record! {
@@ -284,6 +294,16 @@ impl Slot {
 mod tests {
     use super::super::SharedState;
     use super::*;
+
+    #[test]
+    fn idle_processes_beat_every_5_s_or_faster_for_a_short_timeout() {
+        let s = Duration::from_secs;
+        assert_eq!(beat_period(s(60)), s(5));
+        assert_eq!(beat_period(s(600)), s(5));
+        assert_eq!(beat_period(s(24)), s(2));
+        // --child-heartbeat-timeout is at least 2 s: still a beat a second.
+        assert_eq!(beat_period(s(2)), s(1));
+    }
 
     #[test]
     fn a_task_is_published_then_the_slot_is_reset() {

@@ -28,14 +28,21 @@ use signals::Signals;
 /// Refusals, with no child ever consuming, that stop the worker.
 pub const MAX_BOOT_FAILURES: u32 = 5;
 
-/// How often the loop wakes without a signal.
-const TICK: Duration = Duration::from_millis(100);
 /// Grace after the hard limit before the supervisor kills the child (the
 /// child aborts async tasks itself at the limit).
 const HARD_LIMIT_GRACE_MS: u64 = 1_000;
 
-/// How often the probe state file is rewritten.
-const STATE_EVERY: Duration = Duration::from_secs(1);
+/// How often the probe state file is rewritten: the probes take it as the
+/// supervisor's heartbeat and allow 10 s (`--max-age`). This is the only
+/// periodic wake-up of the loop, which otherwise sleeps until a signal (a
+/// child's exit, a shutdown, the doorbell) or its next deadline. A task
+/// process that starts a task whose hard limit falls before the loop's next
+/// look rings the doorbell (see `SharedState::supervisor_wakes_after`).
+const STATE_EVERY: Duration = Duration::from_secs(2);
+
+/// After the drain deadline, how often SIGKILL is sent again to the
+/// processes that are still there.
+const KILL_AGAIN: Duration = Duration::from_secs(1);
 
 /// One row of the process table: a role and the process that has it now.
 struct ChildEntry {
@@ -65,6 +72,7 @@ pub struct Supervisor {
     fatal: Option<String>,
     state_written: Option<Instant>,
     control_stopped: bool,
+    killed_at_deadline: bool,
     state_seen: Vec<(u32, crate::shm::ChildState)>,
 }
 
@@ -109,6 +117,7 @@ impl Supervisor {
             fatal: None,
             state_written: None,
             control_stopped: false,
+            killed_at_deadline: false,
             state_seen: Vec::new(),
         })
     }
@@ -130,7 +139,7 @@ impl Supervisor {
         if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
             debug!("cannot become a child subreaper: {e}");
         }
-        // Start the processes now rather than a tick from now.
+        // Start the processes now rather than at the first wake-up.
         if let Err(e) = self.spawn_missing() {
             error!("cannot start task processes: {e}");
             self.begin_drain(false);
@@ -138,7 +147,14 @@ impl Supervisor {
         }
         loop {
             self.write_state(false);
-            let pending = self.signals.wait(TICK);
+            let wake = self.next_wake();
+            let sleep = wake.saturating_duration_since(Instant::now());
+            // Rounded up, as the wait is: never before the real moment.
+            let sleep_ms = sleep.as_micros().div_ceil(1000) as u64 + 1;
+            self.shm.set_supervisor_wake_ms(now_ms() + sleep_ms);
+            let pending = self.signals.wait(sleep);
+            // Looking at the slots from now until the next sleep.
+            self.shm.set_supervisor_wake_ms(0);
             if pending.quit {
                 self.begin_drain(true);
             } else if pending.terminate {
@@ -166,8 +182,12 @@ impl Supervisor {
                     };
                 }
                 if Instant::now() >= deadline {
-                    error!("task processes did not stop in time; killing them");
+                    if !self.killed_at_deadline {
+                        error!("task processes did not stop in time; killing them");
+                        self.killed_at_deadline = true;
+                    }
                     self.signal_children(Signal::SIGKILL);
+                    self.drain_deadline = Some(Instant::now() + KILL_AGAIN);
                 }
                 continue;
             }
@@ -186,11 +206,59 @@ impl Supervisor {
         }
     }
 
-    /// Rewrites the probe state file once a second (or now, if `force`),
-    /// from the supervisor's own timer, whatever the broker does.
+    /// When the loop must look again without being signalled: the next
+    /// state-file rewrite, restart, drain or boot deadline, hard time
+    /// limit, or silent idle process, whichever comes first.
+    fn next_wake(&self) -> Instant {
+        let now = Instant::now();
+        let now_ms = now_ms();
+        // A deadline on the shared clock (ms since the epoch), a moment
+        // after it has passed.
+        let at_ms = |ms: u64| now + Duration::from_millis(ms.saturating_sub(now_ms) + 1);
+        let mut wake = self.state_written.map_or(now, |t| t + STATE_EVERY);
+        if let Some(deadline) = self.drain_deadline {
+            wake = wake.min(deadline);
+        } else {
+            let target = self.shm.target();
+            for entry in &self.children {
+                let wanted = match entry.role {
+                    Role::Task(n) => n < target,
+                    Role::Control => true,
+                };
+                if wanted && entry.pid.is_none() {
+                    wake = wake.min(entry.respawn_at);
+                }
+            }
+            if let (Some(since), false) = (self.unreachable_since, self.ever_consumed) {
+                wake = wake.min(since + self.config.boot_timeout);
+            }
+        }
+        let wedged_after_ms = self.config.child_heartbeat_timeout.as_millis() as u64;
+        let task_slots = self.shm.task_slots().len();
+        for entry in &self.children {
+            if entry.pid.is_none() || entry.killed_for.is_some() {
+                continue;
+            }
+            let slot = &self.shm.slots()[entry.role.slot(task_slots)];
+            match slot.running_task() {
+                Some(task) if task.deadline_ms > 0 => {
+                    wake = wake.min(at_ms(task.deadline_ms + HARD_LIMIT_GRACE_MS));
+                }
+                Some(_) => {}
+                None if slot.heartbeat_ms() > 0 => {
+                    wake = wake.min(at_ms(slot.heartbeat_ms() + wedged_after_ms));
+                }
+                None => {}
+            }
+        }
+        wake
+    }
+
+    /// Rewrites the probe state file every [`STATE_EVERY`] (or now, if
+    /// `force`), from the supervisor's own timer, whatever the broker does.
     fn write_state(&mut self, force: bool) {
-        // Also rewrite at once when a child changes state, so readiness
-        // follows consumption within a tick.
+        // Also rewrite at once when a child changes state (it rings the
+        // doorbell), so readiness follows consumption at once.
         let seen: Vec<_> = self
             .shm
             .task_slots()
@@ -265,6 +333,11 @@ impl Supervisor {
                 self.live_task_children()
             );
             self.shm.set_draining();
+            // A hosted app's `worker_shutting_down` runs in the control
+            // process, which is stopped last.
+            if let Some(pid) = self.control_pid() {
+                crate::signals::ring(pid.as_raw() as u32);
+            }
             self.drain_deadline =
                 Some(Instant::now() + self.config.shutdown_timeout + Duration::from_secs(10));
             // Readiness must fail at once.
@@ -291,10 +364,14 @@ impl Supervisor {
     }
 
     fn signal_control(&self, signal: Signal) {
-        let control = self.children.iter().find(|c| c.role == Role::Control);
-        if let Some(pid) = control.and_then(|c| c.pid) {
+        if let Some(pid) = self.control_pid() {
             let _ = kill(pid, signal);
         }
+    }
+
+    fn control_pid(&self) -> Option<Pid> {
+        let control = self.children.iter().find(|c| c.role == Role::Control);
+        control.and_then(|c| c.pid)
     }
 
     fn live_task_children(&self) -> usize {
@@ -375,6 +452,7 @@ impl Supervisor {
         let (code, signal) = (ended.code(), ended.signal());
         let cause = policy::classify(ended, self.drain_deadline.is_some(), entry.killed_for);
         self.shm.count_death(cause);
+        let mut lost = false;
         if let Some(task) = slot.running_task() {
             let reason = if entry.killed_for == Some(DeathCause::TimeLimit) {
                 LostReason::TimeLimit
@@ -391,11 +469,20 @@ impl Supervisor {
                 "Task {}[{}] lost: task process {} exited with {how} while running it ({} time(s))",
                 task.name, task.id, pid, deaths
             );
+            lost = true;
         }
         let boot_error = slot.error();
         slot.reset();
         slot.set_pid(0);
         let lived = entry.started.elapsed();
+        if lost {
+            // A live task process settles the record now (an early-acked
+            // task's FAILURE); a new process also looks when it starts.
+            let live = self.children.iter().filter(|c| c.role.is_task());
+            for pid in live.filter_map(|c| c.pid) {
+                crate::signals::ring(pid.as_raw() as u32);
+            }
+        }
         if self.drain_deadline.is_some() {
             debug!(pid = pid.as_raw(), "task process stopped with {how}");
             return;
@@ -459,8 +546,9 @@ impl Supervisor {
     }
 
     /// Gives up once the broker has been unreachable for `--boot-timeout`
-    /// without any task process ever consuming, checked every tick so the
-    /// deadline holds whatever the restart backoff is.
+    /// without any task process ever consuming, checked at every wake-up
+    /// (the deadline is one of them) so it holds whatever the restart
+    /// backoff is.
     fn check_boot_deadline(&mut self) {
         let Some(since) = self.unreachable_since else {
             return;

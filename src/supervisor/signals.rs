@@ -1,5 +1,7 @@
 //! Signals in the supervisor without threads: each handler sets a flag and
-//! writes a byte to a self-pipe that the main loop polls.
+//! writes a byte to a self-pipe that the main loop polls. The doorbell
+//! ([`crate::signals::DOORBELL`]) only wakes the loop, which then looks at
+//! the shared memory.
 
 use std::io::Read;
 use std::os::fd::AsFd;
@@ -11,6 +13,8 @@ use std::time::Duration;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use signal_hook::consts::{SIGCHLD, SIGINT, SIGQUIT, SIGTERM};
 use signal_hook::SigId;
+
+use crate::signals::DOORBELL;
 
 /// What arrived since the last look.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +58,10 @@ impl Signals {
                 notify.try_clone()?,
             )?);
         }
+        ids.push(signal_hook::low_level::pipe::register(
+            DOORBELL as i32,
+            notify.try_clone()?,
+        )?);
         Ok(Self {
             terminate,
             quit,
@@ -63,9 +71,11 @@ impl Signals {
         })
     }
 
-    /// Waits up to `timeout` for a signal, then reports (and clears) what arrived.
+    /// Waits up to `timeout` for a signal, then reports (and clears) what
+    /// arrived. The timeout is rounded up to whole milliseconds, so a
+    /// deadline is never woken for a little early (and then spun on).
     pub fn wait(&mut self, timeout: Duration) -> Pending {
-        let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        let ms = u16::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(u16::MAX);
         let mut fds = [PollFd::new(self.wake.as_fd(), PollFlags::POLLIN)];
         // EINTR is expected: a signal is exactly what we wait for.
         let _ = poll(&mut fds, PollTimeout::from(ms));

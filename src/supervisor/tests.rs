@@ -104,3 +104,75 @@ fn an_unknown_pid_is_an_orphan() {
     s.child_exited(Pid::from_raw(4_000_005), Ended::Code(1));
     assert!(DeathCause::ALL.iter().all(|c| deaths(&s, *c) == 0));
 }
+
+/// Every process running and the state file just written: the loop sleeps
+/// until the next rewrite, not on a short tick.
+fn settled(args: &[&str]) -> Supervisor {
+    let mut s = supervisor(args);
+    let roles: Vec<Role> = s.children.iter().map(|c| c.role).collect();
+    let target = s.shm.target();
+    for (n, role) in roles.into_iter().enumerate() {
+        if matches!(role, Role::Task(i) if i >= target) {
+            continue;
+        }
+        adopt(&mut s, role, 4_100_000 + n as i32);
+    }
+    s.state_written = Some(Instant::now());
+    s
+}
+
+fn wakes_in(s: &Supervisor) -> Duration {
+    s.next_wake().saturating_duration_since(Instant::now())
+}
+
+#[test]
+fn an_idle_supervisor_sleeps_until_the_state_file_is_due() {
+    let s = settled(&["-c", "2"]);
+    let wait = wakes_in(&s);
+    assert!(
+        wait > STATE_EVERY - Duration::from_millis(100) && wait <= STATE_EVERY,
+        "{wait:?}"
+    );
+    // Well within the probes' default --max-age (10 s).
+    assert!(STATE_EVERY * 5 <= Duration::from_secs(10));
+}
+
+#[test]
+fn the_supervisor_wakes_for_a_hard_limit_a_restart_and_the_drain() {
+    let mut s = settled(&["-c", "2"]);
+    // A task whose hard limit (plus the grace) falls due in about 200 ms.
+    let task = crate::shm::RunningTask {
+        id: "t".into(),
+        started_ms: now_ms() - 2_000,
+        deadline_ms: now_ms() + 200 - HARD_LIMIT_GRACE_MS,
+        ..Default::default()
+    };
+    s.shm.task_slots()[0].start_task(&task);
+    let wait = wakes_in(&s);
+    assert!(wait <= Duration::from_millis(202), "{wait:?}");
+    assert!(wait >= Duration::from_millis(100), "{wait:?}");
+    // Once killed for it, the task is no longer a reason to wake.
+    s.children[0].killed_for = Some(DeathCause::TimeLimit);
+    assert!(wakes_in(&s) > Duration::from_millis(500));
+    // A process to restart in 300 ms.
+    let pid = s.children[1].pid.unwrap();
+    s.child_exited(pid, Ended::Code(exit::RECYCLED));
+    s.children[1].respawn_at = Instant::now() + Duration::from_millis(300);
+    let wait = wakes_in(&s);
+    assert!(
+        wait <= Duration::from_millis(300) && wait > Duration::from_millis(200),
+        "{wait:?}"
+    );
+    // Draining: no restarts, but the deadline.
+    s.drain_deadline = Some(Instant::now() + Duration::from_millis(50));
+    assert!(wakes_in(&s) <= Duration::from_millis(50));
+}
+
+#[test]
+fn a_doorbell_wakes_the_supervisor() {
+    let mut signals = Signals::install().expect("signals");
+    let start = Instant::now();
+    crate::signals::ring(std::process::id());
+    signals.wait(Duration::from_secs(20));
+    assert!(start.elapsed() < Duration::from_secs(10));
+}

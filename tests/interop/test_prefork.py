@@ -14,8 +14,8 @@ import uuid
 import pytest
 from billiard.exceptions import TimeLimitExceeded, WorkerLostError
 
-from conftest import (consuming_pids, declare_with_dead_letters, queue_depth, task_pids, thread_count,
-                      wait_for_consuming, wait_until)
+from conftest import (child_pids, consuming_pids, declare_with_dead_letters, queue_depth, task_pids,
+                      thread_count, wait_for_consuming, wait_until)
 
 TEST = "--with-test-tasks"
 
@@ -240,3 +240,41 @@ def test_ctrl_c_reaches_only_the_supervisor(start_worker, rpc_app):
     assert running.get(timeout=5) == 1.5
     assert "did not finish before the deadline" not in w.log()
     assert "second shutdown signal" not in w.log()
+
+
+def voluntary_switches(pid):
+    """Times the threads of `pid` went to sleep (voluntary context switches):
+    each is a wake-up later."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                total += next(int(l.split()[1]) for l in f if l.startswith("voluntary_ctxt_switches"))
+        except (OSError, StopIteration):
+            continue
+    return total
+
+
+def test_an_idle_worker_sleeps(start_worker):
+    """Idle, nothing wakes on a short timer: the supervisor sleeps until a
+    signal, the doorbell or its next deadline (the state file, once a
+    second), a task process until the broker, a signal, the doorbell or its
+    heartbeat (every 5 s), the control process likewise (plus worker-heartbeat
+    events every 2 s). Counted as voluntary context switches, not time, so a
+    loaded machine does not make it fail: a 100 ms supervisor tick was 10 a
+    second, a task process's 250 ms consumer rotation 4 to 8."""
+    w = start_worker("-c", "2")
+    tasks = wait_for_consuming(w, 2)
+    control = [p for p in child_pids(w.pid) if p not in tasks]
+    assert len(control) == 1, (control, tasks)
+    time.sleep(1.0)  # past the start: first beats, first worker-heartbeat
+    procs = [w.pid, *tasks, *control]
+    before, start = {p: voluntary_switches(p) for p in procs}, time.monotonic()
+    time.sleep(11.0)  # two task-process heartbeats at least
+    after, took = {p: voluntary_switches(p) for p in procs}, time.monotonic() - start
+    rate = {p: (after[p] - before[p]) / took for p in procs}
+    assert task_pids(w) == tasks, "the processes measured lived throughout"
+    assert rate[w.pid] < 4, f"supervisor: {rate[w.pid]:.1f} wake-ups/s"
+    for p in tasks:
+        assert rate[p] < 2.5, f"task process {p}: {rate[p]:.1f} wake-ups/s"
+    assert rate[control[0]] < 6, f"control process: {rate[control[0]]:.1f} wake-ups/s"

@@ -221,7 +221,26 @@ impl Pidbox {
             "election" => Value::Null,
             other => nok(format!("KeyError('{other}')")),
         };
+        self.ring_after(method);
         (reply, Effect::None)
+    }
+
+    /// Rings those who act on what `method` changed in the shared memory
+    /// (see [`crate::signals::DOORBELL`]): the supervisor for the pool size
+    /// and the queues (its probe file lists them), the task processes for
+    /// the queues.
+    fn ring_after(&self, method: &str) {
+        let tasks = match method {
+            "pool_grow" | "pool_shrink" => false,
+            "add_consumer" | "cancel_consumer" => true,
+            _ => return,
+        };
+        crate::signals::ring(self.supervisor as u32);
+        if tasks {
+            for slot in self.shm.task_slots() {
+                crate::signals::ring(slot.pid());
+            }
+        }
     }
 }
 
