@@ -46,9 +46,14 @@ def main():
     patterns = [l.strip() for l in (ROOT / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")]
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     dockerfile = (ROOT / "Dockerfile").read_text()
-    run = re.search(r"^RUN (cargo build[^\n\\]*)", dockerfile, re.M)
-    assert run, "no `RUN cargo build` line in the Dockerfile"
-    command = run.group(1).strip()
+    # The build stage's RUN instruction, continuation lines joined: every
+    # `cargo build` in it runs here, and `cp target/<profile>/<name> /out/`
+    # says where each binary the image copies comes from.
+    joined = re.sub(r"\\\n\s*", " ", dockerfile)
+    run = next((l[4:] for l in joined.splitlines() if l.startswith("RUN ") and "cargo build" in l), None)
+    assert run, "no `RUN cargo build` instruction in the Dockerfile"
+    commands = [c.strip() for c in run.split("&&") if c.strip().startswith("cargo build")]
+    built_at = dict((pathlib.PurePosixPath(t).name, t) for t in re.findall(r"\btarget/(\S+/[^\s/]+)", run))
     copied = re.findall(r"^COPY --from=build /out/(\S+) (\S+)", dockerfile, re.M)
     with tempfile.TemporaryDirectory(prefix="celeriac-docker-context-") as context:
         for f in files:
@@ -57,13 +62,15 @@ def main():
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(ROOT / f, dest)
         env = dict(os.environ, CARGO_TARGET_DIR=str(ROOT / "target" / "docker-context"))
-        print(f"== in the Dockerfile's build context: {command}", flush=True)
-        subprocess.run(command, shell=True, cwd=context, env=env, check=True)
-    built = ROOT / "target" / "docker-context" / "release"
+        for command in commands:
+            print(f"== in the Dockerfile's build context: {command}", flush=True)
+            subprocess.run(command, shell=True, cwd=context, env=env, check=True)
+    target = ROOT / "target" / "docker-context"
     binaries = [src for src, _ in copied if src != "state"]
-    missing = [b for b in binaries if not (built / b).is_file()]
+    missing = [b for b in binaries if b not in built_at or not (target / built_at[b]).is_file()]
     assert binaries and not missing, f"the image copies binaries the build did not produce: {missing}"
-    unstripped = [b for b in binaries if section_names(built / b) & {".symtab", ".debug_info"}]
+    built = {b: target / built_at[b] for b in binaries}
+    unstripped = [b for b in binaries if section_names(built[b]) & {".symtab", ".debug_info"}]
     assert not unstripped, f"the image would ship unstripped binaries: {unstripped}"
     print(f"1 passed, 0 failed: the Dockerfile's build stage produces {', '.join(binaries)}, stripped")
 
