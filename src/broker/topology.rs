@@ -237,6 +237,20 @@ struct ExchangeDecl<'a> {
     arguments: &'a Map<String, Value>,
 }
 
+impl<'a> ExchangeDecl<'a> {
+    /// The queue's own exchange as configured.
+    fn of(spec: &'a QueueSpec) -> Self {
+        let d = &spec.declared;
+        Self {
+            name: &spec.exchange,
+            kind: spec.exchange_kind,
+            durable: d.exchange_durable,
+            auto_delete: d.exchange_auto_delete,
+            arguments: &d.exchange_arguments,
+        }
+    }
+}
+
 async fn try_exchange(channel: &Channel, e: &ExchangeDecl<'_>) -> Result<(), lapin::Error> {
     channel
         .exchange_declare(
@@ -321,14 +335,7 @@ pub async fn declare_queue(
     let mut channel = open(conn).await?;
     let mut kind = spec.exchange_kind;
     if !spec.exchange.is_empty() && !d.exchange_no_declare {
-        let exchange = ExchangeDecl {
-            name: &spec.exchange,
-            kind: spec.exchange_kind,
-            durable: d.exchange_durable,
-            auto_delete: d.exchange_auto_delete,
-            arguments: &d.exchange_arguments,
-        };
-        (kind, channel) = declare_exchange_adopting(conn, channel, &exchange).await?;
+        (kind, channel) = declare_exchange_adopting(conn, channel, &ExchangeDecl::of(spec)).await?;
     }
     for b in d.bindings.iter().filter(|b| !b.exchange_no_declare) {
         let exchange = ExchangeDecl {
@@ -424,16 +431,8 @@ pub async fn exchange_type_in_force(
     if spec.exchange.is_empty() {
         return Ok(ExchangeType::Direct);
     }
-    let d = &spec.declared;
-    let exchange = ExchangeDecl {
-        name: &spec.exchange,
-        kind: spec.exchange_kind,
-        durable: d.exchange_durable,
-        auto_delete: d.exchange_auto_delete,
-        arguments: &d.exchange_arguments,
-    };
     let channel = open(conn).await?;
-    let (kind, channel) = declare_exchange_adopting(conn, channel, &exchange).await?;
+    let (kind, channel) = declare_exchange_adopting(conn, channel, &ExchangeDecl::of(spec)).await?;
     close_quietly(&channel).await;
     Ok(kind)
 }
