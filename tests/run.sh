@@ -198,6 +198,12 @@ status=0
 say "interop and chart tests"
 .venv/bin/python -m pytest -q -p no:cacheprovider tests/interop tests/chart "$@" || status=$?
 
+# Celery's own integration suite (t/integration of the Celery 5.7.0 sdist, which it fetches with
+# pip into .cache/), run once against `celery worker` and once against celeriac: celeriac must
+# pass every test that Celery's worker passes (tests/celery_suite/README.md).
+say "Celery's integration suite against celery worker and celeriac (tests/celery_suite/run.py)"
+.venv/bin/python tests/celery_suite/run.py || status=$?
+
 # The same wheel on CPython 3.13: the differential suite, the Python worker's own tests and the
 # installed package's. Not the probes' 2 MiB peak-RSS bound: the probes run no Python, and their
 # peak depends on the C library (trixie's glibc 2.41 maps about 250 KiB more than bookworm's
