@@ -49,7 +49,8 @@ impl Shared {
     /// Records which queues' exchanges are not direct on the broker.
     pub fn set_routed_exchanges(&self, queues: &[String]) {
         if let Ok(mut list) = self.routed_exchanges.write() {
-            list.clone_from(&queues.to_vec());
+            list.clear();
+            list.extend_from_slice(queues);
         }
     }
 
