@@ -17,6 +17,8 @@
 //!   async runtime moving to a thread of its own; see
 //!   [`crate::task::main_thread`].
 
+use serde_json::{Map, Value};
+
 use crate::broker::QueueSpec;
 use crate::config::WorkerConfig;
 use crate::task::{Registry, TaskOptions};
@@ -103,4 +105,30 @@ pub trait TaskHost: Send + Sync {
     /// In the control process, when the worker has stopped (its task
     /// processes are gone).
     fn worker_stopped(&self) {}
+
+    /// Whether the app answers the remote-control command `method` itself
+    /// ([`TaskHost::control`]): its own `@control_command` and
+    /// `@inspect_command` handlers, and the commands that read the app
+    /// (its settings, its tasks' attributes, a bug report).
+    fn serves_control(&self, method: &str) -> bool {
+        let _ = method;
+        false
+    }
+
+    /// In the control process, which never forks: runs the app's handler of
+    /// `method` with `arguments`; the reply value (`{"error": …}` when the
+    /// handler raised). Called off the control loop's thread.
+    fn control(&self, method: &str, arguments: &Map<String, Value>) -> Value {
+        let _ = arguments;
+        serde_json::json!({"error": format!("KeyError('{method}')")})
+    }
+
+    /// In the control process: tasks a `revoke` names that no task process
+    /// runs, each with its name when a task process holds its message. The
+    /// app's result backend records them REVOKED unless their state says
+    /// they ended or another worker started them, as Celery's worker does.
+    /// Called off the control loop's thread, before the revoke is answered.
+    fn revoked_elsewhere(&self, tasks: &[(String, Option<String>)]) {
+        let _ = tasks;
+    }
 }

@@ -147,6 +147,31 @@ pub fn plain(text: &str) -> String {
     text[..end].replace(['\t', '\n', '\r', '\0'], " ")
 }
 
+/// The message's stamps as JSON text, `{"header": value}` for each of its
+/// `stamped_headers` (Celery's `Request.stamps`); "" when it has none.
+pub fn stamps(msg: &TaskMessage) -> String {
+    let Some(stamped) = msg.headers.get("stamped_headers").and_then(Value::as_array) else {
+        return String::new();
+    };
+    let stamps = msg.headers.get("stamps").and_then(Value::as_object);
+    let map: serde_json::Map<String, Value> = stamped
+        .iter()
+        .filter_map(Value::as_str)
+        .map(|h| {
+            let value = stamps
+                .and_then(|s| s.get(h))
+                .cloned()
+                .unwrap_or(Value::Null);
+            (h.to_owned(), value)
+        })
+        .collect();
+    if map.is_empty() {
+        String::new()
+    } else {
+        Value::Object(map).to_string()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

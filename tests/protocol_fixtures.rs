@@ -50,6 +50,10 @@ impl Captured {
             correlation_id: p["correlation_id"].as_str(),
             reply_to: p["reply_to"].as_str(),
             priority: p["priority"].as_u64().map(|p| p as u8),
+            properties: ["delivery_mode", "app_id"]
+                .iter()
+                .filter_map(|k| p.get(*k).map(|v| ((*k).to_owned(), v.clone())))
+                .collect(),
             body: self.body.as_bytes(),
         }
     }

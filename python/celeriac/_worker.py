@@ -343,6 +343,10 @@ def load(options_json):
             for module in includes:
                 app.loader.import_task_module(module)
         app.finalize(auto=True)
+        # What `celery worker` writes into the settings (`inspect conf` and the bug report show
+        # them): every task module in `include`, and the prefetch switch its command line has.
+        app.conf.worker_disable_prefetch = app.conf.worker_disable_prefetch
+        app.conf.include = tuple(set(app.conf.include or ()) | {type(t).__module__ for t in app.tasks.values()})
         reason = task_refusal(app, getattr(app, "namespace", None))
         if reason:
             raise LoadError(reason)
@@ -390,6 +394,7 @@ def load(options_json):
             "queues": [_queue_spec(q) for q in queues.consume_from.values()] if queues.consume_from else [],
             "tasks": tasks,
             "description": f"{app.main or '__main__'}:{id(app):#x}",
+            "control_commands": _control_commands(),
         }
         _app, _hostname = app, hostname
         _worker = _WorkerStandIn(app, hostname, options)
@@ -500,6 +505,70 @@ def process_ending(code):
                 pass
 
 
+# Remote-control commands that read the app: its settings, its tasks' attributes, a bug report.
+_APP_READING_COMMANDS = ("conf", "dump_conf", "report", "registered", "dump_tasks")
+
+
+def _control_commands():
+    """The remote-control commands the app answers in the control process: those that read the
+    app, and every handler registered with ``@control_command``/``@inspect_command`` outside
+    Celery's own module (by the app or a library it imports)."""
+    from celery.worker.control import Panel
+
+    names = set(_APP_READING_COMMANDS)
+    names.update(name for name, handler in Panel.data.items()
+                 if getattr(handler, "__module__", None) != "celery.worker.control")
+    return sorted(names)
+
+
+class _NoConsumer:
+    """``state.consumer`` in a remote-control handler: celeriac's worker has no Celery consumer."""
+
+    def __getattr__(self, name):
+        raise AttributeError(f"celeriac's worker has no Celery consumer: state.consumer.{name} "
+                             "is not available to remote-control handlers")
+
+    def __repr__(self):
+        return "<celeriac: no Celery consumer>"
+
+
+def control(method, arguments_json):
+    """Runs the remote-control handler ``method`` (in the control process, which never forks) as
+    Celery's worker does: ``handler(state, **arguments)``, an exception becoming ``{"error":
+    repr(exc)}`` and a log line with its traceback. Returns the reply as JSON."""
+    from celery.utils.collections import AttributeDict
+    from celery.worker.control import Panel
+    from kombu.utils.json import dumps
+
+    try:
+        handler = Panel.data[method]
+        state = AttributeDict(app=_app, hostname=_hostname, consumer=_NoConsumer(), tset=set)
+        reply = handler(state, **(json.loads(arguments_json) or {}))
+        return dumps(reply)
+    except Exception as exc:
+        logging.getLogger("kombu.pidbox").error("pidbox command error: %r", exc, exc_info=True)
+        return json.dumps({"error": repr(exc)})
+
+
+def revoked_elsewhere(tasks_json):
+    """Revoked tasks no task process runs (in the control process): as Celery's worker does, the
+    result backend (the task's own when its name is known) records each REVOKED unless its state
+    says it ended (a ready state) or another worker started it (any state but PENDING, RECEIVED,
+    RETRY and REJECTED)."""
+    waiting = (states.PENDING, states.RECEIVED, states.RETRY, states.REJECTED)
+    logger = logging.getLogger("celery.worker.control")
+    for task_id, name in json.loads(tasks_json):
+        task = _app.tasks.get(name) if name else None
+        backend = task.backend if task is not None else _app.backend
+        try:
+            state = backend.get_state(task_id)
+            if state in states.READY_STATES or state not in waiting:
+                continue
+            backend.mark_as_revoked(task_id, reason="revoked", store_result=True)
+        except Exception as exc:
+            logger.warning("Failed to mark task %s as revoked in backend: %s", task_id, exc)
+
+
 def worker_ready():
     from celery import signals
 
@@ -553,7 +622,8 @@ def _request(req):
     """Celery's request dict from the worker's JSON (see run())."""
     args, kwargs, embed = req.pop("args"), req.pop("kwargs"), req.pop("embed")
     request = req["headers"]
-    # Celery's message properties carry every header again.
+    # py-amqp names only the properties a message has; Celery's carry every header again.
+    req["properties"] = {k: v for k, v in req["properties"].items() if v is not None}
     req["properties"]["application_headers"] = dict(request)
     request.update(
         properties=req["properties"],

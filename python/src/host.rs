@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use celeriac::broker::{Binding, Declared, ExchangeType, QueueSpec};
 use celeriac::config::WorkerConfig;
@@ -26,6 +26,8 @@ use crate::fork::ForkGuard;
 #[derive(Default)]
 pub struct PythonHost {
     fork: Mutex<Option<ForkGuard>>,
+    /// The remote-control commands the app answers (set by `load`).
+    control_commands: OnceLock<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -34,6 +36,7 @@ struct Loaded {
     queues: Vec<QueueJson>,
     tasks: Vec<TaskJson>,
     description: String,
+    control_commands: Vec<String>,
 }
 
 /// A queue as kombu would declare it (`_worker._queue_spec`).
@@ -150,6 +153,7 @@ impl TaskHost for PythonHost {
         })?;
         let loaded: Loaded =
             serde_json::from_str(&text).map_err(|e| format!("the app's description: {e}"))?;
+        let _ = self.control_commands.set(loaded.control_commands);
         let queues = loaded
             .queues
             .into_iter()
@@ -282,6 +286,39 @@ impl TaskHost for PythonHost {
             }
         });
     }
+
+    fn serves_control(&self, method: &str) -> bool {
+        self.control_commands
+            .get()
+            .is_some_and(|names| names.iter().any(|n| n == method))
+    }
+
+    fn control(&self, method: &str, arguments: &Map<String, Value>) -> Value {
+        let arguments = Value::Object(arguments.clone()).to_string();
+        let reply = Python::attach(|py| {
+            bridge(py)
+                .and_then(|m| m.call_method1("control", (method, arguments)))
+                .and_then(|r| r.extract::<String>())
+                .map_err(|e| line(py, &e))
+        });
+        match reply.map(|text| serde_json::from_str::<Value>(&text)) {
+            Ok(Ok(value)) => value,
+            Ok(Err(e)) => json!({"error": format!("the reply of {method} is not JSON: {e}")}),
+            Err(e) => json!({"error": e}),
+        }
+    }
+
+    fn revoked_elsewhere(&self, tasks: &[(String, Option<String>)]) {
+        let tasks = serde_json::to_string(tasks).unwrap_or_default();
+        Python::attach(|py| {
+            if let Err(e) = bridge(py).and_then(|m| m.call_method1("revoked_elsewhere", (tasks,))) {
+                tracing::warn!(
+                    "recording revoked tasks in the result backend: {}",
+                    line(py, &e)
+                );
+            }
+        });
+    }
 }
 
 /// Every task of the app: run through Celery's tracer on the process's
@@ -386,15 +423,18 @@ struct Request<'a> {
 }
 
 /// The AMQP properties Celery's request carries (`application_headers`
-/// is added by the bridge from the headers).
+/// is added by the bridge from the headers): those decoded on their own,
+/// then the message's others as py-amqp names them (`app_id`,
+/// `delivery_mode`, `message_id`, ...).
 #[derive(Serialize)]
 struct Properties<'a> {
+    content_type: &'static str,
+    content_encoding: &'static str,
     correlation_id: Option<&'a str>,
     reply_to: Option<&'a str>,
     priority: Option<u8>,
-    delivery_mode: u8,
-    content_type: &'static str,
-    content_encoding: &'static str,
+    #[serde(flatten)]
+    other: &'a Map<String, Value>,
 }
 
 #[derive(Serialize)]
@@ -425,12 +465,12 @@ impl<'a> Request<'a> {
         Self {
             headers: headers(msg),
             properties: Properties {
+                content_type: "application/json",
+                content_encoding: "utf-8",
                 correlation_id: msg.correlation_id.as_deref(),
                 reply_to: msg.reply_to.as_deref(),
                 priority: msg.priority,
-                delivery_mode: 2,
-                content_type: "application/json",
-                content_encoding: "utf-8",
+                other: &msg.properties,
             },
             delivery_info: Delivered {
                 exchange: &d.exchange,

@@ -82,12 +82,17 @@ pub(super) async fn discard_revoked(
 
 /// Why `msg` must not run (revoked, terminated or expired), if so.
 pub(super) fn revoke_reason(shared: &Shared, msg: &TaskMessage) -> Option<RevokeReason> {
-    if let Some(r) = shared.link.shm.revoked(&msg.id) {
+    let shm = &shared.link.shm;
+    if let Some(r) = shm.revoked(&msg.id) {
         return Some(if r.signal != 0 {
             RevokeReason::Terminated
         } else {
             RevokeReason::Revoked
         });
+    }
+    if let Some((header, value)) = shm.revoked_stamp(&msg.headers) {
+        tracing::debug!(task_id = %msg.id, "task {}[{}] is revoked by header {header}={}", msg.task, msg.id, crate::repr::python_repr(&value));
+        return Some(RevokeReason::Revoked);
     }
     is_expired(msg).then_some(RevokeReason::Expired)
 }
@@ -160,6 +165,7 @@ pub(super) async fn execute(shared: Arc<Shared>, job: Job, state: Arc<RunState>)
         args: crate::inspect::ArgsText::of(msg),
         exchange: crate::inspect::plain(&job.delivery.exchange),
         routing_key: crate::inspect::plain(&job.delivery.routing_key),
+        stamps: crate::inspect::stamps(msg),
     });
     // The supervisor enforces the hard limit; if it would not look at the
     // slots again before the deadline, tell it about this one now.

@@ -2,6 +2,8 @@
 
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
+use lapin::BasicProperties;
+use serde_json::{Map, Value};
 use std::sync::Arc;
 
 use futures_lite::future::poll_once;
@@ -36,6 +38,31 @@ pub enum Decoded {
     },
 }
 
+/// The AMQP properties a message carries besides those decoded on their own
+/// (content type and encoding, headers, correlation id, reply-to, priority),
+/// by the names py-amqp gives them, for a Python task's `request.properties`.
+pub fn other_properties(p: &BasicProperties) -> Map<String, Value> {
+    let mut out = Map::new();
+    let mut text = |name: &str, v: &Option<lapin::types::ShortString>| {
+        if let Some(v) = v {
+            out.insert(name.to_owned(), v.as_str().into());
+        }
+    };
+    text("expiration", p.expiration());
+    text("message_id", p.message_id());
+    text("type", p.kind());
+    text("user_id", p.user_id());
+    text("app_id", p.app_id());
+    text("cluster_id", p.cluster_id());
+    if let Some(mode) = p.delivery_mode() {
+        out.insert("delivery_mode".into(), (*mode).into());
+    }
+    if let Some(at) = p.timestamp() {
+        out.insert("timestamp".into(), (*at).into());
+    }
+    out
+}
+
 /// Decodes a delivery consumed from `queue` into a [`Job`].
 pub fn decode(d: Delivery, queue: Arc<str>) -> Decoded {
     let headers = d
@@ -51,6 +78,7 @@ pub fn decode(d: Delivery, queue: Arc<str>) -> Decoded {
         correlation_id: d.properties.correlation_id().as_ref().map(|s| s.as_str()),
         reply_to: d.properties.reply_to().as_ref().map(|s| s.as_str()),
         priority: *d.properties.priority(),
+        properties: other_properties(&d.properties),
         body: &d.data,
     };
     let delivery = DeliveryInfo {
@@ -106,5 +134,27 @@ pub async fn requeue(acker: &Acker, id: &str) {
         .await
     {
         warn!(task_id = %id, "couldn't requeue {id}: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::ShortString;
+
+    #[test]
+    fn other_properties_are_named_as_py_amqp_names_them() {
+        let p = BasicProperties::default()
+            .with_app_id(ShortString::from("billing"))
+            .with_delivery_mode(2)
+            .with_timestamp(1_700_000_000)
+            .with_type(ShortString::from("invoice"))
+            .with_correlation_id(ShortString::from("not-here"));
+        let props = other_properties(&p);
+        assert_eq!(
+            Value::Object(props),
+            serde_json::json!({"app_id": "billing", "type": "invoice", "delivery_mode": 2, "timestamp": 1_700_000_000})
+        );
+        assert!(other_properties(&BasicProperties::default()).is_empty());
     }
 }

@@ -86,7 +86,7 @@ pub fn main(
             }
         });
     }
-    let code = runtime.block_on(run(shm, config, registry));
+    let code = runtime.block_on(run(shm, config, registry, host.clone()));
     if let Some(host) = host {
         // The drain may have been quicker than the watcher's next look.
         if announced.swap(2, Ordering::AcqRel) == 1 {
@@ -121,7 +121,12 @@ fn status(shm: &SharedState, freq: f64) -> Vec<(&'static str, Value)> {
     )
 }
 
-async fn run(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry>) -> i32 {
+async fn run(
+    shm: SharedState,
+    config: Arc<WorkerConfig>,
+    registry: Arc<Registry>,
+    host: Option<Arc<dyn crate::host::TaskHost>>,
+) -> i32 {
     let Ok(mut signals) = ProcessSignals::install() else {
         error!("cannot install signal handlers");
         return crate::exit::FAILED;
@@ -163,7 +168,7 @@ async fn run(shm: SharedState, config: Arc<WorkerConfig>, registry: Arc<Registry
     };
     // The refresh loop starts with the first connection's token.
     let mut refreshing = false;
-    let pidbox = Pidbox::new(shm, Arc::clone(&config), registry, supervisor);
+    let pidbox = Pidbox::new(shm, Arc::clone(&config), registry, supervisor, host);
     let slot = shm.control_slot();
     let mut session: Option<Session> = None;
     // Whether a connection was lost: the next one is then a reconnect.

@@ -3,6 +3,33 @@
 
 use super::*;
 
+/// How long the control loop waits for the app's code in one request
+/// before it goes on without it (the code keeps running on its thread).
+const APP_HANDLER_WAIT: Duration = Duration::from_secs(30);
+
+/// Runs `call` (the app's code) on a blocking thread, so the control loop
+/// is not the thread an interpreter runs on; `None` if it panicked or did
+/// not end within [`APP_HANDLER_WAIT`].
+async fn in_app<T: Send + 'static>(
+    method: &str,
+    call: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    match tokio::time::timeout(APP_HANDLER_WAIT, tokio::task::spawn_blocking(call)).await {
+        Ok(Ok(value)) => Some(value),
+        Ok(Err(e)) => {
+            error!("the app's handler of remote-control command {method} failed: {e}");
+            None
+        }
+        Err(_) => {
+            warn!(
+                "the app's handler of remote-control command {method} has run for {} s; answering without it",
+                APP_HANDLER_WAIT.as_secs()
+            );
+            None
+        }
+    }
+}
+
 /// Answers one pidbox request if it is addressed to this node.
 pub(super) async fn handle_request(
     delivery: &lapin::message::Delivery,
@@ -50,7 +77,24 @@ pub(super) async fn handle_request(
         .and_then(Value::as_object)
         .unwrap_or(&empty);
     debug!(method, "remote control");
-    let (value, effect) = pidbox.handle(method, args);
+    let (value, mut effect) = match pidbox.answered_by_app(method) {
+        Some(host) => {
+            let (host, name, arguments) = (Arc::clone(host), method.to_owned(), args.clone());
+            let answer = in_app(method, move || host.control(&name, &arguments)).await;
+            let answer = answer.unwrap_or_else(
+                || serde_json::json!({"error": format!("the app's {method} handler did not answer")}),
+            );
+            (answer, Effect::None)
+        }
+        None => pidbox.handle(method, args),
+    };
+    if let Effect::RevokedElsewhere(tasks) = &effect {
+        if let Some(host) = pidbox.host() {
+            let (host, tasks) = (Arc::clone(host), tasks.clone());
+            in_app(method, move || host.revoked_elsewhere(&tasks)).await;
+        }
+        effect = Effect::None;
+    }
     if effect == Effect::Heartbeat {
         events.worker("worker-heartbeat", ev::worker_wakeup()).await;
     }

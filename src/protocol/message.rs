@@ -32,6 +32,11 @@ pub struct RawMessage<'a> {
     pub reply_to: Option<&'a str>,
     /// The `priority` property.
     pub priority: Option<u8>,
+    /// The other AMQP properties the message came with, by the names
+    /// py-amqp gives them (`delivery_mode`, `app_id`, `message_id`,
+    /// `timestamp`, `type`, `user_id`, `expiration`, `cluster_id`): a
+    /// Python task's `request.properties`.
+    pub properties: Map<String, Value>,
     /// The message body.
     pub body: &'a [u8],
 }
@@ -141,6 +146,8 @@ pub struct TaskMessage {
     pub priority: Option<u8>,
     /// The original v2 headers (empty for v1), kept for re-publishing.
     pub headers: Map<String, Value>,
+    /// The other AMQP properties it came with ([`RawMessage::properties`]).
+    pub properties: Map<String, Value>,
 }
 
 impl TaskMessage {
@@ -330,6 +337,7 @@ fn decode_v2(raw: RawMessage<'_>, body: Value) -> Result<TaskMessage, DecodeErro
         correlation_id: raw.correlation_id.map(str::to_owned),
         priority: raw.priority,
         headers: raw.headers,
+        properties: raw.properties,
     })
 }
 
@@ -375,5 +383,6 @@ fn decode_v1(raw: &RawMessage<'_>, body: &Value) -> Result<TaskMessage, DecodeEr
         correlation_id: raw.correlation_id.map(str::to_owned),
         priority: raw.priority,
         headers: Map::new(),
+        properties: raw.properties.clone(),
     })
 }

@@ -5,8 +5,14 @@
 //! An open-addressing hash table on the task id (linear probing). An entry
 //! older than [`REVOKE_EXPIRES_MS`] counts as absent and is reused by the
 //! next revoke that probes it.
+//!
+//! Revoked stamps (`revoke_by_stamped_headers`) live in the same table,
+//! under a key no task id has: [`STAMP_MARK`], then hashes of the stamp's
+//! header and of its value's JSON text.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use serde_json::Value;
 
 use super::seqtext::SeqText;
 use super::{now_ms, SharedState};
@@ -47,14 +53,32 @@ pub struct Revoke {
     pub signal: u32,
 }
 
-fn id_hash(id: &str) -> usize {
+/// The first character of a revoked stamp's key (a control character, which
+/// Celery's task ids never hold).
+const STAMP_MARK: char = '\u{1}';
+
+fn fnv1a(text: &str) -> u64 {
     // FNV-1a: stable across processes (std's hasher is randomly keyed).
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in id.bytes() {
+    for b in text.bytes() {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    h as usize
+    h
+}
+
+fn id_hash(id: &str) -> usize {
+    fnv1a(id) as usize
+}
+
+/// The table key of stamp `header` = `value` (`value` compared as its JSON
+/// text: `4242` and `"4242"` are different stamps, as in Python).
+fn stamp_key(header: &str, value: &Value) -> String {
+    format!(
+        "{STAMP_MARK}{:016x}{:016x}",
+        fnv1a(header),
+        fnv1a(&value.to_string())
+    )
 }
 
 impl RevokedEntry {
@@ -120,7 +144,40 @@ impl SharedState {
             .filter(|e| e.state.load(Ordering::Acquire) == RevokeState::SET)
             .filter(|e| now.saturating_sub(e.at_ms.load(Ordering::Relaxed)) <= REVOKE_EXPIRES_MS)
             .filter_map(|e| e.id.read().into_iter().next())
+            .filter(|id| !id.starts_with(STAMP_MARK))
             .collect()
+    }
+
+    /// Control process only: remembers that tasks stamped `header` =
+    /// `value` are revoked (`revoke_by_stamped_headers`).
+    pub fn revoke_stamp(&self, header: &str, value: &Value) {
+        self.revoke(&stamp_key(header, value), 0);
+    }
+
+    /// Whether a task message stamped with `stamps` (its `stamped_headers`
+    /// and `stamps` headers) is revoked by one of them, as Celery's
+    /// request decides: a stamp's value, or any of its values when it is a
+    /// list, revoked under the same header. The first such stamp.
+    pub fn revoked_stamp(
+        &self,
+        headers: &serde_json::Map<String, Value>,
+    ) -> Option<(String, Value)> {
+        let stamped = headers.get("stamped_headers")?.as_array()?;
+        let stamps = headers.get("stamps").and_then(Value::as_object)?;
+        for header in stamped.iter().filter_map(Value::as_str) {
+            let values = match stamps.get(header) {
+                None | Some(Value::Null) => continue,
+                Some(Value::Array(values)) => values.iter().collect::<Vec<_>>(),
+                Some(value) => vec![value],
+            };
+            if let Some(hit) = values
+                .into_iter()
+                .find(|v| self.revoked(&stamp_key(header, v)).is_some())
+            {
+                return Some((header.to_owned(), hit.clone()));
+            }
+        }
+        None
     }
 }
 
@@ -133,6 +190,36 @@ mod tests {
         let e = shm.revoked.iter().find(|e| e.holds(id)).expect("stored");
         let long_ago = now_ms() - REVOKE_EXPIRES_MS - 1;
         e.at_ms.store(long_ago, Ordering::Relaxed);
+    }
+
+    #[test]
+    fn a_revoked_stamp_matches_a_value_or_a_list_holding_it_under_its_header_only() {
+        let shm = SharedState::map(1).unwrap();
+        let stamped = |header: &str, value: Value| {
+            let mut h = serde_json::Map::new();
+            h.insert("stamped_headers".into(), serde_json::json!([header]));
+            h.insert("stamps".into(), serde_json::json!({ header: value }));
+            h
+        };
+        shm.revoke_stamp("monitoring_id", &serde_json::json!("4242"));
+        shm.revoke_stamp("monitoring_id", &serde_json::json!(1234));
+        let hit = |h| shm.revoked_stamp(&h).map(|(k, v)| (k, v.to_string()));
+        assert_eq!(
+            hit(stamped("monitoring_id", serde_json::json!(["4242"]))),
+            Some(("monitoring_id".into(), "\"4242\"".into()))
+        );
+        assert!(hit(stamped("monitoring_id", serde_json::json!(1234))).is_some());
+        assert!(hit(stamped("monitoring_id", serde_json::json!(["x", 1234]))).is_some());
+        // 4242 is not "4242", another header is another stamp, null is no stamp.
+        assert_eq!(hit(stamped("monitoring_id", serde_json::json!(4242))), None);
+        assert_eq!(hit(stamped("other", serde_json::json!("4242"))), None);
+        assert_eq!(hit(stamped("monitoring_id", Value::Null)), None);
+        // A stamp not listed in stamped_headers does not count.
+        let mut unlisted = stamped("monitoring_id", serde_json::json!("4242"));
+        unlisted.insert("stamped_headers".into(), serde_json::json!([]));
+        assert_eq!(hit(unlisted), None);
+        // Stamps are not task ids.
+        assert!(shm.revoked_ids().is_empty());
     }
 
     #[test]

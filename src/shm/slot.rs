@@ -75,6 +75,10 @@ pub struct RunningTask {
     pub exchange: String,
     /// Its routing key (slots only).
     pub routing_key: String,
+    /// Its stamps as JSON, `{"header": value}` for each of its
+    /// `stamped_headers` ("" when it has none; slots only), for
+    /// `revoke_by_stamped_headers(terminate=True)`.
+    pub stamps: String,
 }
 
 /// Bits in [`RunningTask::flags`].
@@ -194,7 +198,7 @@ impl Slot {
     /// Publishes the task now running.
     pub fn start_task(&self, t: &RunningTask) {
         self.task
-            .write(&[&t.id, &t.name, &t.reply_to, &t.correlation_id]);
+            .write(&[&t.id, &t.name, &t.reply_to, &t.correlation_id, &t.stamps]);
         let [args, kwargs, argsrepr, kwargsrepr] = t.args.fields();
         self.detail.write(&[
             &t.exchange,
@@ -228,7 +232,7 @@ impl Slot {
         }
         let mut parts = self.task.read().into_iter();
         let mut next = || parts.next().unwrap_or_default();
-        let (id, name, reply_to, correlation_id) = (next(), next(), next(), next());
+        let (id, name, reply_to, correlation_id, stamps) = (next(), next(), next(), next(), next());
         let detail = self.detail.read();
         let mut route = detail.iter().cloned();
         let (exchange, routing_key) = (
@@ -243,6 +247,7 @@ impl Slot {
             name,
             reply_to,
             correlation_id,
+            stamps,
             started_ms,
             deadline_ms: self.task_deadline_ms.load(Ordering::Relaxed),
             hard_limit_ms: self.task_hard_limit_ms.load(Ordering::Relaxed),

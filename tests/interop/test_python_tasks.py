@@ -422,7 +422,7 @@ def _(o):
 @case()
 def case_request_dump(run):
     r = run.send(WHOAMI, (1, "x"), {"when": AWARE}, countdown=0.2, expires=60,
-                 headers={"x_proj_tenant": "acme"}, priority=3)
+                 headers={"x_proj_tenant": "acme"}, priority=3, app_id="proj-client")
     run.settle()
     dump = r.get(timeout=5)
     eta, expires = (datetime.datetime.fromisoformat(dump[k]) for k in ("eta", "expires"))
@@ -447,8 +447,9 @@ def _(o):
         "headers": {"x_proj_tenant": "acme"}, "argsrepr": "(1, 'x')", "kwargsrepr": f"{{'when': {AWARE!r}}}",
         "lang": "py", "utc": None, "stamps": {}, "stamped_headers": None, "replaced_task_nesting": 0,
         "delivery_mode": "<missing>", "custom_header_attr": "acme",
-        "properties": {"content_type": "application/json", "content_encoding": "utf-8", "delivery_mode": 2,
-                       "priority": 3, "correlation_id": "<id0>", "reply_to": "<id1>"},
+        "properties": {"app_id": "proj-client", "content_encoding": "utf-8", "content_type": "application/json",
+                       "correlation_id": "<id0>", "delivery_mode": 2, "expiration": "60000", "priority": 3,
+                       "reply_to": "<id1>"},
         "current_task_is_self": True,
     }, d
     assert d["origin"].startswith("gen<pid>@"), "the client's origin: this test process"

@@ -6,7 +6,8 @@ use nix::unistd::Pid;
 use serde_json::{Map, Value};
 use tracing::info;
 
-use super::{ids_of, nok, ok, Pidbox};
+use super::{ids_of, nok, ok, truthy, Pidbox};
+use crate::inspect::Queued;
 
 impl Pidbox {
     pub(super) fn add_consumer(&self, args: &Map<String, Value>) -> Value {
@@ -105,44 +106,40 @@ impl Pidbox {
     /// `terminate`, the process running it is stopped: TERM, INT and QUIT
     /// would make a task process drain instead of stop, so those become
     /// SIGKILL; the requested signal is what the `task-revoked` event reports.
-    pub(super) fn revoke(&self, args: &Map<String, Value>, force_terminate: bool) -> Value {
+    ///
+    /// Also returns the ids no task process runs, with the task's name when
+    /// a task process holds its message: the app's backend records them
+    /// (see [`super::Effect::RevokedElsewhere`]).
+    pub(super) fn revoke(
+        &self,
+        args: &Map<String, Value>,
+        force_terminate: bool,
+    ) -> (Value, Vec<(String, Option<String>)>) {
         let ids = ids_of(args.get("task_id"));
         let terminate = force_terminate
             || args
                 .get("terminate")
                 .and_then(Value::as_bool)
                 .unwrap_or(false);
-        let requested = args
-            .get("signal")
-            .and_then(Value::as_str)
-            .map(|s| {
-                if s.starts_with("SIG") {
-                    s.to_owned()
-                } else {
-                    format!("SIG{s}")
-                }
-            })
-            .and_then(|s| s.parse::<Signal>().ok())
-            .unwrap_or(Signal::SIGTERM);
+        let requested = requested_signal(args);
         let mut terminated = Vec::new();
+        let mut elsewhere = Vec::new();
         for id in &ids {
             let running = self
                 .shm
                 .task_slots()
                 .iter()
                 .find(|s| s.running_task().is_some_and(|t| &t.id == id));
+            if running.is_none() {
+                elsewhere.push((id.clone(), self.held_task_name(id)));
+            }
             if terminate && running.is_some() {
                 self.shm.revoke(id, requested as u32);
             } else {
                 self.shm.revoke(id, 0);
             }
             if let (true, Some(slot)) = (terminate, running) {
-                let signal = match requested {
-                    Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT => Signal::SIGKILL,
-                    other => other,
-                };
-                info!(task_id = %id, "terminating task {id} (process {}, {signal:?})", slot.pid());
-                let _ = kill(Pid::from_raw(slot.pid() as i32), signal);
+                kill_running(slot.pid(), id, requested);
                 terminated.push(id.clone());
             }
         }
@@ -153,7 +150,7 @@ impl Pidbox {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        if terminate {
+        let reply = if terminate {
             if terminated.is_empty() {
                 ok("terminate: tasks unknown")
             } else {
@@ -161,8 +158,137 @@ impl Pidbox {
             }
         } else {
             ok(format!("tasks {set} flagged as revoked"))
-        }
+        };
+        (reply, elsewhere)
     }
+
+    /// The name of task `id` if a task process holds its message (reserved
+    /// or scheduled).
+    fn held_task_name(&self, id: &str) -> Option<String> {
+        self.shm.task_slots().iter().find_map(|slot| {
+            slot.queued()
+                .lines()
+                .filter_map(Queued::parse)
+                .find(|q| q.id == id)
+                .map(|q| q.name)
+        })
+    }
+
+    /// `revoke_by_stamped_headers`: tasks stamped with one of `headers`'
+    /// values (a map of header to value or list of values, or Celery's
+    /// `["header=value", …]` form) are discarded when they arrive or are
+    /// about to start; with `terminate`, running tasks stamped so are
+    /// terminated as `terminate` does.
+    pub(super) fn revoke_by_stamped_headers(&self, args: &Map<String, Value>) -> Value {
+        let headers: Map<String, Value> = match args.get("headers") {
+            Some(Value::Object(map)) => map.clone(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(Value::as_str)
+                .filter_map(|item| item.split_once('='))
+                .map(|(k, v)| (k.to_owned(), Value::from(v)))
+                .collect(),
+            _ => return nok("revoke_by_stamped_headers needs headers"),
+        };
+        for (header, stamps) in &headers {
+            match stamps {
+                Value::Array(values) => {
+                    for value in values {
+                        self.shm.revoke_stamp(header, value);
+                    }
+                }
+                value => self.shm.revoke_stamp(header, value),
+            }
+        }
+        let shown = crate::repr::python_repr(&Value::Object(headers.clone()));
+        info!("tasks stamped with {shown} flagged as revoked");
+        if truthy(args.get("terminate")) {
+            let requested = requested_signal(args);
+            // Per header, the stamp values that matched a running task (Celery's reply shows them).
+            let mut matched: Vec<(String, Vec<Value>)> = Vec::new();
+            for slot in self.shm.task_slots() {
+                let Some(task) = slot.running_task() else {
+                    continue;
+                };
+                let Ok(Value::Object(stamps)) = serde_json::from_str::<Value>(&task.stamps) else {
+                    continue;
+                };
+                let mut hit = false;
+                for (header, wanted) in &headers {
+                    let Some(actual) = stamps.get(header).filter(|v| !v.is_null()) else {
+                        continue;
+                    };
+                    let wanted = as_list(wanted);
+                    for value in as_list(actual).into_iter().filter(|v| wanted.contains(v)) {
+                        hit = true;
+                        match matched.iter_mut().find(|(h, _)| h == header) {
+                            Some((_, values)) if values.contains(&value) => {}
+                            Some((_, values)) => values.push(value),
+                            None => matched.push((header.clone(), vec![value])),
+                        }
+                    }
+                }
+                if hit {
+                    self.shm.revoke(&task.id, requested as u32);
+                    kill_running(slot.pid(), &task.id, requested);
+                }
+            }
+            if matched.is_empty() {
+                return ok(format!("headers {shown} were not terminated"));
+            }
+            let sets: Vec<String> = matched
+                .iter()
+                .map(|(header, values)| {
+                    let values: Vec<String> = values.iter().map(crate::repr::python_repr).collect();
+                    format!("'{header}': {{{}}}", values.join(", "))
+                })
+                .collect();
+            return ok(format!(
+                "headers defaultdict(<class 'set'>, {{{}}}) revoked",
+                sets.join(", ")
+            ));
+        }
+        ok(format!(
+            "headers {shown} flagged as revoked, but not terminated"
+        ))
+    }
+}
+
+/// A value or each value of a list (Celery's `maybe_list`).
+fn as_list(value: &Value) -> Vec<Value> {
+    match value {
+        Value::Array(values) => values.clone(),
+        other => vec![other.clone()],
+    }
+}
+
+/// The signal a `revoke`/`terminate` asks for (`"KILL"`, `"SIGUSR1"`, …;
+/// SIGTERM when absent or unknown).
+fn requested_signal(args: &Map<String, Value>) -> Signal {
+    args.get("signal")
+        .and_then(Value::as_str)
+        .map(|s| {
+            if s.starts_with("SIG") {
+                s.to_owned()
+            } else {
+                format!("SIG{s}")
+            }
+        })
+        .and_then(|s| s.parse::<Signal>().ok())
+        .unwrap_or(Signal::SIGTERM)
+}
+
+/// Stops the task process `pid` running task `id`. TERM, INT and QUIT would
+/// make a task process drain instead of stop, so those become SIGKILL; the
+/// requested signal is what the revoke records and the `task-revoked`
+/// event reports.
+fn kill_running(pid: u32, id: &str, requested: Signal) {
+    let signal = match requested {
+        Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT => Signal::SIGKILL,
+        other => other,
+    };
+    info!(task_id = %id, "terminating task {id} (process {pid}, {signal:?})");
+    let _ = kill(Pid::from_raw(pid as i32), signal);
 }
 
 /// Celery's rate strings: `"10/s"`, `"100/m"`, `"1000/h"`, `"10"` (per

@@ -14,6 +14,7 @@ use serde_json::{json, Map, Value};
 use tracing::{info, warn};
 
 use crate::config::WorkerConfig;
+use crate::host::TaskHost;
 use crate::shm::SharedState;
 use crate::task::Registry;
 
@@ -22,6 +23,10 @@ use crate::task::Registry;
 pub enum Effect {
     /// Nothing.
     None,
+    /// Before replying, have the app's backend record these revoked tasks
+    /// that no task process runs (id, and name when a task process holds
+    /// the message): [`TaskHost::revoked_elsewhere`].
+    RevokedElsewhere(Vec<(String, Option<String>)>),
     /// Send a `worker-heartbeat` now (the `heartbeat` command).
     Heartbeat,
     /// Stop the worker (the `shutdown` command; no reply).
@@ -46,6 +51,7 @@ pub struct Pidbox {
     config: Arc<WorkerConfig>,
     registry: Arc<Registry>,
     supervisor: i32,
+    host: Option<Arc<dyn TaskHost>>,
 }
 
 /// Whether a request addressed by `destination`, `pattern` and `matcher` is for `hostname`.
@@ -116,19 +122,32 @@ fn ids_of(v: Option<&Value>) -> Vec<String> {
 }
 
 impl Pidbox {
-    /// Handlers reading `shm`; `supervisor` is the worker's main pid.
+    /// Handlers reading `shm`; `supervisor` is the worker's main pid;
+    /// `host` the hosted app, which answers the commands it serves.
     pub fn new(
         shm: SharedState,
         config: Arc<WorkerConfig>,
         registry: Arc<Registry>,
         supervisor: i32,
+        host: Option<Arc<dyn TaskHost>>,
     ) -> Self {
         Self {
             shm,
             config,
             registry,
             supervisor,
+            host,
         }
+    }
+
+    /// The hosted app, if any.
+    pub fn host(&self) -> Option<&Arc<dyn TaskHost>> {
+        self.host.as_ref()
+    }
+
+    /// The hosted app if it answers `method` itself ([`TaskHost::serves_control`]).
+    pub fn answered_by_app(&self, method: &str) -> Option<&Arc<dyn TaskHost>> {
+        self.host.as_ref().filter(|h| h.serves_control(method))
     }
 
     /// Runs `method` with `args`; returns the reply value and a side effect.
@@ -187,8 +206,14 @@ impl Pidbox {
                 let _ = kill(Pid::from_raw(self.supervisor), Signal::SIGTERM);
                 return (Value::Null, Effect::Shutdown);
             }
-            "revoke" => self.revoke(args, false),
-            "terminate" => self.revoke(args, true),
+            "revoke" | "terminate" => {
+                let (reply, elsewhere) = self.revoke(args, method == "terminate");
+                if !elsewhere.is_empty() && self.host.is_some() {
+                    return (reply, Effect::RevokedElsewhere(elsewhere));
+                }
+                reply
+            }
+            "revoke_by_stamped_headers" => self.revoke_by_stamped_headers(args),
             "time_limit" => self.time_limit(args),
             "add_consumer" => self.add_consumer(args),
             "pool_grow" | "pool_shrink" => {

@@ -37,9 +37,7 @@ def whoami(self, *args, **kwargs):
     dump = {name: jsonable(getattr(req, name, "<missing>")) for name in REQUEST_FIELDS}
     dump["custom_header_attr"] = jsonable(getattr(req, "x_proj_tenant", "<missing>"))
     props = getattr(req, "properties", None) or {}
-    dump["properties"] = {k: jsonable(props.get(k, "<missing>"))
-                          for k in ("content_type", "content_encoding", "delivery_mode", "priority",
-                                    "correlation_id", "reply_to")}
+    dump["properties"] = {k: jsonable(v) for k, v in sorted(props.items()) if k != "application_headers"}
     dump["current_task_is_self"] = app.current_task is not None and app.current_task.request.id == req.id
     return dump
 
