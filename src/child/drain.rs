@@ -109,6 +109,10 @@ impl Child {
                         warn!(task_id = %id, "Task {}[{}] did not finish before the deadline; re-published", run.job_msg.display_name(), id)
                     }
                     Err(e) => {
+                        self.shared
+                            .link
+                            .slot()
+                            .count_unpublished(crate::shm::Unpublished::HandBack);
                         error!(task_id = %id, "Task {}[{}] could not be re-published at shutdown: {e}", run.job_msg.display_name(), id)
                     }
                 }

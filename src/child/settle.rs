@@ -10,6 +10,7 @@ use super::job::{ack, reject, Job};
 use super::outcome::TaskHappening;
 use super::shared::Shared;
 use crate::protocol::{signature_message, ExceptionInfo, TaskMessage, TaskState};
+use crate::shm::Unpublished;
 use crate::task::{Retry, TaskError, TaskOptions};
 
 /// What settling one run needs to know.
@@ -170,6 +171,7 @@ impl Settle<'_> {
         let mut message = msg.retry_message(eta);
         message.route = self.delayed_route(countdown);
         if let Err(e) = shared.publish_task(&message, self.route()).await {
+            shared.link.slot().count_unpublished(Unpublished::Retry);
             error!(task_id = %msg.id, "Task {}[{}] could not be re-published for retry, rejecting it: {e}", msg.display_name(), msg.id);
             if !self.acked {
                 reject(&self.job.acker, &msg.id, false).await;
@@ -271,6 +273,7 @@ impl Settle<'_> {
         match signature_message(sig, arg, chain, parent, &shared.config.hostname, Utc::now()) {
             Ok(out) => {
                 if let Err(e) = shared.publish_task(&out, self.route()).await {
+                    shared.link.slot().count_unpublished(Unpublished::FollowUp);
                     error!(task_id = %parent.id, "could not send follow-up task {} of {}: {e}", out.id, parent.id);
                 }
             }

@@ -8,7 +8,9 @@ use prometheus::proto::{
 use prometheus::{Encoder, TextEncoder};
 
 use crate::config::WorkerConfig;
-use crate::shm::{ChildState, DeathCause, Outcome, SharedState, TaskStatSnapshot, RUNTIME_BUCKETS};
+use crate::shm::{
+    ChildState, DeathCause, Outcome, SharedState, TaskStatSnapshot, Unpublished, RUNTIME_BUCKETS,
+};
 
 mod celery_exporter;
 
@@ -207,6 +209,18 @@ pub fn render(shm: &SharedState, config: &WorkerConfig) -> String {
             vec![counter(&[], reconnects as f64)],
         ),
         family(
+            "celeriac_task_messages_unpublished_total",
+            "Task messages a task process had to send and could not (the broker refused, returned as unroutable or did not confirm them), by kind: a retry, a follow-up (callback, errback, chain step), a task handed back at the drain deadline. Each is logged with its task id.",
+            MetricType::COUNTER,
+            Unpublished::ALL
+                .iter()
+                .map(|kind| {
+                    let n: u64 = shm.slots().iter().map(|s| s.unpublished(*kind)).sum();
+                    counter(&[("kind", kind.label())], n as f64)
+                })
+                .collect(),
+        ),
+        family(
             "celeriac_consumer_timeouts_total",
             "Consumer channels the broker closed because a delivery was not acknowledged within its consumer_timeout.",
             MetricType::COUNTER,
@@ -316,6 +330,32 @@ mod tests {
         let line = r#"celeriac_tasks_total{task="proj.add",outcome="succeeded"} 1"#;
         assert!(text.contains(line), "{text}");
         assert!(!text.contains("celeriac_broker_token"), "{text}");
+    }
+
+    #[test]
+    fn unpublished_task_messages_are_counted_by_kind_across_processes() {
+        let shm = SharedState::map(2).unwrap();
+        let text = render(&shm, &config());
+        for kind in ["retry", "follow_up", "hand_back"] {
+            let line = format!("celeriac_task_messages_unpublished_total{{kind=\"{kind}\"}} 0\n");
+            assert!(text.contains(&line), "{text}");
+        }
+        shm.task_slots()[0].count_unpublished(Unpublished::Retry);
+        shm.task_slots()[1].count_unpublished(Unpublished::Retry);
+        shm.task_slots()[1].count_unpublished(Unpublished::HandBack);
+        let text = render(&shm, &config());
+        assert!(
+            text.contains("celeriac_task_messages_unpublished_total{kind=\"retry\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("celeriac_task_messages_unpublished_total{kind=\"hand_back\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("celeriac_task_messages_unpublished_total{kind=\"follow_up\"} 0\n"),
+            "{text}"
+        );
     }
 
     #[test]

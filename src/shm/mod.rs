@@ -97,7 +97,7 @@ pub use lost::{Lost, LostReason, LostRecord, LOST_RING};
 pub use overdue::{FirstRun, Overdue, OverdueRecord, OverdueTable, OVERDUE_RING};
 pub use queues::{QueueChange, QUEUE_CHANGES};
 pub use revoked::{Revoke, RevokedEntry, REVOKED_TABLE, REVOKE_EXPIRES_MS};
-pub use slot::{beat_period, ChildState, RunningTask, Slot, TaskFlags};
+pub use slot::{beat_period, ChildState, RunningTask, Slot, TaskFlags, Unpublished};
 pub use stats::{
     Outcome, RuntimeLimits, TaskStat, TaskStatSnapshot, OVERFLOW_NAME, RUNTIME_BUCKETS, TASK_STATS,
 };

@@ -50,6 +50,31 @@ impl ChildState {
     }
 }
 
+/// A task message a task process sends, by why it sends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unpublished {
+    /// A task's retry.
+    Retry = 0,
+    /// A callback, errback or chain step.
+    FollowUp = 1,
+    /// A task handed back to the broker at the drain deadline.
+    HandBack = 2,
+}
+
+impl Unpublished {
+    /// Every kind, in index order.
+    pub const ALL: [Unpublished; 3] = [Self::Retry, Self::FollowUp, Self::HandBack];
+
+    /// The metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Retry => "retry",
+            Self::FollowUp => "follow_up",
+            Self::HandBack => "hand_back",
+        }
+    }
+}
+
 /// The task a child is running, as published in its slot.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct RunningTask {
@@ -118,6 +143,7 @@ shm_record! {
         token_expires_ms: AtomicU64,
         token_failures: AtomicU64,
         secret_updates: AtomicU64,
+        unpublished: [AtomicU64; Unpublished::ALL.len()],
         task: SeqText<TEXT_WORDS>,
         error: SeqText<ERROR_WORDS>,
         queued: SeqText<QUEUED_WORDS>,
@@ -162,6 +188,15 @@ impl Slot {
     /// Counts a lost broker connection that this slot's process got back.
     pub fn count_reconnect(&self) {
         self.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Task messages of `kind` this slot's processes could not publish.
+    pub fn unpublished(&self, kind: Unpublished) -> u64 {
+        self.unpublished[kind as usize].load(Ordering::Relaxed)
+    }
+    /// Counts a task message of `kind` the broker refused, returned or did
+    /// not confirm (logged with its task id by the caller).
+    pub fn count_unpublished(&self, kind: Unpublished) {
+        self.unpublished[kind as usize].fetch_add(1, Ordering::Relaxed);
     }
     /// When the process's broker token expires (ms since epoch; 0: no token).
     pub fn token_expiry_ms(&self) -> u64 {

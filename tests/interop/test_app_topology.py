@@ -14,11 +14,13 @@
 import difflib
 import json
 import pathlib
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 
 import pytest
@@ -209,11 +211,16 @@ def test_a_retry_no_queue_would_take_is_logged_and_dead_lettered_not_dropped(sta
     wait_until(lambda: queue_depth(queue_name) == 1, 10, "the task queued")
     with amqp_channel() as ch:
         ch.queue_unbind(queue_name, queue_name + ".in", "k")
-    w = start_worker("-c", "1", "--acks-late")
+    w = start_worker("-c", "1", "--acks-late", "--metrics-bind", "127.0.0.1:0")
     w.wait_for_log("could not be re-published for retry", timeout=30)
     line = next(l for l in w.log().splitlines() if "could not be re-published for retry" in l)
     assert r.id in line and "unroutable" in line, line
     wait_until(lambda: queue_depth(queue_name + ".dlq") == 1, 20, "the original dead-lettered")
+    # ... and counted.
+    url = re.search(r"metrics on (http://\S+)", w.log()).group(1)
+    with urllib.request.urlopen(url, timeout=5) as scraped:
+        text = scraped.read().decode()
+    assert 'celeriac_task_messages_unpublished_total{kind="retry"} 1\n' in text, text
     app.close()
     with amqp_channel() as ch:
         ch.queue_delete(queue_name + ".dlq")
