@@ -42,6 +42,38 @@ impl RedisBackend {
         Ok(Self { conn, masked })
     }
 
+    /// The stored state of task `id` (`None`: nothing stored, Celery's PENDING).
+    pub async fn state(&self, id: &str) -> Result<Option<String>, BackendError> {
+        let mut conn = self.conn.clone();
+        let stored: Option<String> = redis::cmd("GET")
+            .arg(task_key(id))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| BackendError::Redis(format!("{}: {e}", self.masked)))?;
+        Ok(stored.and_then(|text| {
+            let doc: serde_json::Value = serde_json::from_str(&text).ok()?;
+            doc.get("status")?.as_str().map(str::to_owned)
+        }))
+    }
+
+    /// Celery 5.7's rule for a revoke of task `id` that no process of this
+    /// worker runs: stores REVOKED unless the stored state says it ended
+    /// or another worker started it (anything but PENDING, RECEIVED, RETRY
+    /// and REJECTED). Whether it stored.
+    pub async fn revoke_if_waiting(&self, id: &str) -> Result<bool, BackendError> {
+        let waiting = match self.state(id).await?.as_deref() {
+            None | Some("PENDING" | "RECEIVED" | "RETRY" | "REJECTED") => true,
+            Some(_) => false,
+        };
+        if waiting {
+            let exc = crate::protocol::ExceptionInfo::revoked("revoked");
+            let result = serde_json::to_value(&exc).unwrap_or_default();
+            let doc = ResultDocument::new(id, TaskState::Revoked, result, chrono::Utc::now());
+            self.store(&doc).await?;
+        }
+        Ok(waiting)
+    }
+
     /// Stores `doc`, never overwriting a stored SUCCESS (as Celery).
     pub async fn store(&self, doc: &ResultDocument) -> Result<(), BackendError> {
         let key = task_key(&doc.task_id);

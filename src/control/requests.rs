@@ -2,6 +2,8 @@
 //! this node, the reply published.
 
 use super::*;
+use crate::backend::RedisBackend;
+use crate::config::BackendUrl;
 
 /// How long the control loop waits for the app's code in one request
 /// before it goes on without it (the code keeps running on its thread).
@@ -26,6 +28,27 @@ async fn in_app<T: Send + 'static>(
                 APP_HANDLER_WAIT.as_secs()
             );
             None
+        }
+    }
+}
+
+/// Stores REVOKED for the revoked `tasks` no task process runs, in the
+/// worker's Redis backend, as Celery's worker does (see
+/// [`RedisBackend::revoke_if_waiting`]); a failure is one WARNING per task.
+async fn record_revoked(url: &str, tasks: &[(String, Option<String>)]) {
+    let backend = match RedisBackend::connect(url).await {
+        Ok(b) => b,
+        Err(e) => {
+            warn!(
+                "could not mark {} revoked task(s) in the result backend: {e}",
+                tasks.len()
+            );
+            return;
+        }
+    };
+    for (id, _) in tasks {
+        if let Err(e) = backend.revoke_if_waiting(id).await {
+            warn!(task_id = %id, "Failed to mark task {id} as revoked in backend: {e}");
         }
     }
 }
@@ -92,6 +115,8 @@ pub(super) async fn handle_request(
         if let Some(host) = pidbox.host() {
             let (host, tasks) = (Arc::clone(host), tasks.clone());
             in_app(method, move || host.revoked_elsewhere(&tasks)).await;
+        } else if let Some(BackendUrl::Redis(url)) = &pidbox.config().result_backend {
+            record_revoked(url, tasks).await;
         }
         effect = Effect::None;
     }

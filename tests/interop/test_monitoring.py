@@ -9,11 +9,12 @@ import socket
 import subprocess
 import time
 import urllib.request
+import uuid
 
 import celery.exceptions
 import pytest
 
-from conftest import BROKER, ROOT, task_pids, wait_until
+from conftest import BROKER, REDIS_URL, ROOT, task_pids, wait_until
 
 CELERY = str(ROOT / ".venv" / "bin" / "celery")
 
@@ -122,6 +123,29 @@ def test_revoke_and_terminate(start_worker, rpc_app):
     rpc_app.control.revoke(second.id, terminate=True, signal="SIGKILL")
     with pytest.raises(celery.exceptions.TaskRevokedError, match="terminated"):
         second.get(timeout=30)
+
+
+def test_a_revoke_records_revoked_in_redis_for_tasks_no_worker_started(start_worker, redis_app):
+    """Celery 5.7's rule, for Rust tasks: a revoked id no process of this worker runs is
+    stored REVOKED, unless its stored state says it ended or another worker started it."""
+    w = start_worker("-c", "1", "--result-backend", REDIS_URL)
+    backend = redis_app.backend
+    never_seen, started_elsewhere, done, retrying = (str(uuid.uuid4()) for _ in range(4))
+    backend.store_result(started_elsewhere, {"hostname": "other@host"}, "STARTED")
+    backend.store_result(done, 7, "SUCCESS")
+    backend.store_result(retrying, None, "RETRY")
+    reply = control(w, "revoke", never_seen, started_elsewhere, done, retrying)
+    assert "flagged as revoked" in reply["ok"], reply
+    assert backend.get_state(never_seen) == "REVOKED"
+    assert backend.get_state(retrying) == "REVOKED"
+    assert backend.get_state(started_elsewhere) == "STARTED"
+    assert backend.get_state(done) == "SUCCESS"
+    # The document Celery's mark_as_revoked writes (no request: no name, args, group).
+    raw = json.loads(backend.client.get(backend.get_key_for_task(never_seen)))
+    assert sorted(raw) == ["children", "date_done", "result", "status", "task_id", "traceback"], raw
+    assert raw["result"] == {"exc_type": "TaskRevokedError", "exc_message": ["revoked"],
+                             "exc_module": "celery.exceptions"}, raw
+    assert raw["traceback"] is None and raw["children"] == [], raw
 
 
 def test_remote_shutdown_drains_and_exits_0(start_worker, rpc_app):

@@ -13,7 +13,7 @@ use nix::unistd::Pid;
 use serde_json::{json, Map, Value};
 use tracing::{info, warn};
 
-use crate::config::WorkerConfig;
+use crate::config::{BackendUrl, WorkerConfig};
 use crate::host::TaskHost;
 use crate::shm::SharedState;
 use crate::task::Registry;
@@ -23,9 +23,10 @@ use crate::task::Registry;
 pub enum Effect {
     /// Nothing.
     None,
-    /// Before replying, have the app's backend record these revoked tasks
+    /// Before replying, have the result backend record these revoked tasks
     /// that no task process runs (id, and name when a task process holds
-    /// the message): [`TaskHost::revoked_elsewhere`].
+    /// the message): the app's ([`TaskHost::revoked_elsewhere`]), or
+    /// the worker's Redis backend.
     RevokedElsewhere(Vec<(String, Option<String>)>),
     /// Send a `worker-heartbeat` now (the `heartbeat` command).
     Heartbeat,
@@ -140,6 +141,11 @@ impl Pidbox {
         }
     }
 
+    /// The worker's configuration.
+    pub fn config(&self) -> &WorkerConfig {
+        &self.config
+    }
+
     /// The hosted app, if any.
     pub fn host(&self) -> Option<&Arc<dyn TaskHost>> {
         self.host.as_ref()
@@ -208,7 +214,9 @@ impl Pidbox {
             }
             "revoke" | "terminate" => {
                 let (reply, elsewhere) = self.revoke(args, method == "terminate");
-                if !elsewhere.is_empty() && self.host.is_some() {
+                let recorded = self.host.is_some()
+                    || matches!(self.config.result_backend, Some(BackendUrl::Redis(_)));
+                if !elsewhere.is_empty() && recorded {
                     return (reply, Effect::RevokedElsewhere(elsewhere));
                 }
                 reply
