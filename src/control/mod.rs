@@ -94,6 +94,9 @@ pub fn main(
         }
         host.worker_stopped();
     }
+    // An app's remote-control handler still running on a blocking thread
+    // must not hold the exit.
+    runtime.shutdown_timeout(Duration::from_secs(1));
     code
 }
 
