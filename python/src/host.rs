@@ -336,10 +336,14 @@ impl TaskHandler for PythonTask {
             ))
             .unwrap_or_default();
             let (name, id) = (ctx.message().task.clone(), ctx.id().to_owned());
-            let outcome =
-                on_main_thread("run", (name, id, payload), |r| r.extract::<String>()).await;
+            let outcome = on_main_thread("run", (name, id, payload), |r| {
+                r.extract::<(bool, Option<String>)>()
+            })
+            .await;
             match outcome {
-                Some(Ok(text)) => outcome_of(&text),
+                // Succeeded: the repr of its value.
+                Some(Ok((true, repr))) => Ok(Value::String(repr.unwrap_or_else(|| "None".into()))),
+                Some(Ok((false, text))) => outcome_of(text.as_deref().unwrap_or("")),
                 Some(Err(e)) => Err(TaskError::Exception(ExceptionInfo::builtin(
                     "RuntimeError",
                     format!("celeriac could not run the task: {e}"),
