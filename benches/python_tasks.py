@@ -1,134 +1,163 @@
-"""Python tasks: the same Celery app (benches/pyapp/benchapp.py) run by
-`celery -A benchapp worker -P prefork -c 2 -E` and by `celeriac -A benchapp
-worker -c 2 -E`, interleaved in one run: tasks/s and worker CPU per task for
-a no-op task and for a task doing about 1 ms of pure-Python work, PSS summed
-over the worker's processes (idle, and after the no-op run), and the time
-from launch to ready.
+"""Python tasks: the same Celery app run by `celery -A <app> worker -P prefork
+-c 2 -E` and by `celeriac -A <app> worker -c 2 -E`, interleaved in one run, as
+ratios. Two apps:
 
-Usage: .venv/bin/python benches/python_tasks.py [--tasks N] [--work-tasks M] [--repeat K]
-Needs RabbitMQ on 127.0.0.1:5672 and `celeriac` installed in the venv with
-a release build (`pip install .`).
+- benchapp (benches/pyapp/benchapp.py, imports tornado, jsonschema and yaml):
+  tasks/s and worker CPU per task for a no-op task and for a task doing about
+  1 ms of pure-Python work;
+- django (benches/djangoapp: Django + PostgreSQL, persistent connections:
+  CONN_MAX_AGE = 600 and CELERY_DB_REUSE_MAX, without which Celery 5.7's
+  Django fixup closes the connection before and after every task; set
+  BENCH_DB_REUSE_MAX=0 for that): a task reading one row through the ORM
+  (`Item.objects.get(pk=...)`, a different row each task), against a private
+  PostgreSQL cluster this script starts (initdb into a temporary directory).
+
+For each: PSS summed over the worker's processes (idle, and after the no-op
+run or the Django run), the app's own PSS (one plain Python process that
+imports the app, its task modules, and finalizes it, measured alone), the
+worker's tree PSS minus that ("what the worker adds above the app"), and the
+time from launch to ready. CPU is the worker's process tree only (not the
+PostgreSQL server's backends).
+
+Usage: .venv/bin/python benches/python_tasks.py [--apps benchapp,django] [--tasks N] [--work-tasks M]
+       [--django-tasks D] [--rows R] [--repeat K]
+Needs RabbitMQ on 127.0.0.1:5672, `celeriac` installed in the venv with a
+release build (`pip install .`), and for the Django app PostgreSQL's binaries
+(/usr/lib/postgresql/*/bin, or $POSTGRES_BIN_DIR), Django and psycopg.
+benches/python_memory.py breaks the memory down per process.
 """
 
 import argparse
-import os
 import pathlib
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import uuid
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import common  # noqa: E402
+import pyworkers  # noqa: E402
+from pyworkers import APPS, DONE, Worker  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-APP_DIR = ROOT / "benches" / "pyapp"
-VENV = pathlib.Path(sys.executable).parent
-
-
-def argv(kind, queue):
-    if kind == "celeriac":
-        return [str(VENV / "celeriac"), "-A", "benchapp", "worker", "-Q", queue, "-c", "2", "-E",
-                "-n", f"py-rs-{queue}@%h", "-l", "INFO", "--metrics-bind", "none",
-                "--state-dir", tempfile.mkdtemp(prefix="bench-state-")]
-    return [str(VENV / "celery"), "-A", "benchapp", "worker", "-P", "prefork", "-c", "2", "-E", "-Q", queue,
-            "-n", f"py-py-{queue}@%h", "-l", "INFO", "--without-mingle", "--without-gossip"]
+FOREIGN = set()  # other Celery/celeriac processes seen while measuring
 
 
-READY = {"celeriac": ("consuming", 2), "celery": (" ready.", 1)}
-DONE = "succeeded"
-
-
-def env():
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY", "CELERIAC", "BROKER"))}
-    e["PYTHONPATH"] = str(APP_DIR)
-    return e
-
-
-def start(kind, queue):
-    log_path = tempfile.mktemp(prefix=f"bench-py-{kind}-", suffix=".log")
-    log = open(log_path, "wb")
-    t0 = time.monotonic()
-    proc = subprocess.Popen(argv(kind, queue), stdout=log, stderr=subprocess.STDOUT, env=env(), cwd=APP_DIR)
-    return proc, common.LogWatch(log_path), t0, log_path
-
-
-def idle(kind):
+def idle(kind, app, extra_env=None):
     """Launch → ready, and PSS once idle."""
-    q = f"bench-py-{uuid.uuid4().hex[:8]}"
-    common.declare(q)
-    proc, watch, t0, path = start(kind, q)
-    try:
-        needle, count = READY[kind]
-        watch.wait(needle, count, 120, proc, poll=0.002)
-        ready = time.monotonic() - t0
+    with Worker(kind, app, extra_env) as w:
+        ready = w.wait_ready()
         time.sleep(2.0)
-        pss = common.pss_bytes(proc.pid)
-    finally:
-        common.stop(proc)
-        common.delete(q)
-        os.unlink(path)
+        pss = common.pss_bytes(w.proc.pid)
+        FOREIGN.update(pyworkers.foreign_workers(w.proc.pid))
     return {"ready_s": ready, "idle_pss_mb": pss / 2**20}
 
 
-def drain(kind, task, n):
+def drain(kind, app, task, n, args_of=lambda i: (), extra_env=None):
     """Drains n pre-filled tasks: tasks/s, CPU per task, PSS after."""
-    q = f"bench-py-{uuid.uuid4().hex[:8]}"
-    common.declare(q)
-    common.prefill(q, n, task=task)
-    proc, watch, t0, path = start(kind, q)
-    try:
-        watch.wait("received", 1, 120, proc, poll=0.002)
-        cpu0 = common.cpu_seconds(proc.pid)
-        lines = watch.wait(DONE, n, 900, proc)
-        cpu1 = common.cpu_seconds(proc.pid)
+    with Worker(kind, app, extra_env, prefill=lambda q: pyworkers.prefill(q, task, args_of, n)) as w:
+        w.watch.wait("received", 1, 120, w.proc, poll=0.002)
+        cpu0 = common.cpu_seconds(w.proc.pid)
+        lines = w.watch.wait(DONE, n, 900, w.proc)
+        cpu1 = common.cpu_seconds(w.proc.pid)
         time.sleep(1.0)
-        pss = common.pss_bytes(proc.pid)
-    finally:
-        common.stop(proc)
-        common.delete(q)
-        os.unlink(path)
+        pss = common.pss_bytes(w.proc.pid)
+        FOREIGN.update(pyworkers.foreign_workers(w.proc.pid))
     first = next(common.stamp_seconds(l) for l in lines if "received" in l)
     last = [common.stamp_seconds(l) for l in lines if DONE in l][-1]
     elapsed = max(last - first, 1e-6)
     return {"tasks_s": n / elapsed, "cpu_us": (cpu1 - cpu0) / n * 1e6, "pss_mb": pss / 2**20}
 
 
+def run_app(key, kind, a, db):
+    app = APPS[key]
+    extra = db.env if db else None
+    r = idle(kind, app, extra)
+    if key == "benchapp":
+        noop = drain(kind, app, "bench.noop", a.tasks)
+        work = drain(kind, app, "bench.work", a.work_tasks)
+        r.update({"noop_" + k: v for k, v in noop.items()})
+        r.update({"work_" + k: v for k, v in work.items()})
+        r["after_pss_mb"] = r["noop_pss_mb"]
+    else:
+        pks = db.pks
+        read = drain(kind, app, "djbench.read_row", a.django_tasks, lambda i: (pks[i % len(pks)],), extra)
+        r.update({"read_" + k: v for k, v in read.items()})
+        r["after_pss_mb"] = r["read_pss_mb"]
+    return r
+
+
+def rows_of(key, a):
+    if key == "benchapp":
+        load = [
+            ("no-op tasks/s", "noop_tasks_s", True),
+            ("no-op CPU µs/task", "noop_cpu_us", False),
+            ("1 ms task tasks/s", "work_tasks_s", True),
+            ("1 ms task CPU µs/task", "work_cpu_us", False),
+            ("PSS idle, MiB", "idle_pss_mb", False),
+            (f"PSS after {a.tasks:,} tasks, MiB", "noop_pss_mb", False),
+        ]
+        after = f"after {a.tasks:,} no-op tasks"
+    else:
+        load = [
+            ("one-row ORM read tasks/s", "read_tasks_s", True),
+            ("one-row ORM read CPU µs/task", "read_cpu_us", False),
+            ("PSS idle, MiB", "idle_pss_mb", False),
+            (f"PSS after {a.django_tasks:,} tasks, MiB", "read_pss_mb", False),
+        ]
+        after = f"after {a.django_tasks:,} tasks"
+    return load + [
+        ("launch → ready, s", "ready_s", False),
+        ("worker tree PSS − app PSS, idle, MiB", "above_idle_mb", False),
+        (f"worker tree PSS − app PSS, {after}, MiB", "above_after_mb", False),
+    ]
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--tasks", type=int, default=20000)
-    p.add_argument("--work-tasks", type=int, default=5000)
+    p.add_argument("--apps", default="benchapp,django",
+                   help="comma-separated: benchapp (benches/pyapp), django (benches/djangoapp + PostgreSQL)")
+    p.add_argument("--tasks", type=int, default=20000, help="benchapp: no-op tasks per run")
+    p.add_argument("--work-tasks", type=int, default=5000, help="benchapp: ~1 ms tasks per run")
+    p.add_argument("--django-tasks", type=int, default=10000, help="django: one-row read tasks per run")
+    p.add_argument("--rows", type=int, default=1000, help="django: rows in the table read")
     p.add_argument("--repeat", type=int, default=3)
     a = p.parse_args()
-    runs = {k: [] for k in ("celeriac", "celery")}
-    for i in range(a.repeat):
-        for kind in ("celeriac", "celery") if i % 2 == 0 else ("celery", "celeriac"):
-            r = idle(kind)
-            noop = drain(kind, "bench.noop", a.tasks)
-            work = drain(kind, "bench.work", a.work_tasks)
-            r.update({"noop_" + k: v for k, v in noop.items()})
-            r.update({"work_" + k: v for k, v in work.items()})
-            runs[kind].append(r)
-            print(kind, {k: round(v, 3) for k, v in r.items()}, flush=True)
-    med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
-    rows = [
-        ("no-op tasks/s", "noop_tasks_s", True),
-        ("no-op CPU µs/task", "noop_cpu_us", False),
-        ("1 ms task tasks/s", "work_tasks_s", True),
-        ("1 ms task CPU µs/task", "work_cpu_us", False),
-        ("PSS idle, MiB", "idle_pss_mb", False),
-        (f"PSS after {a.tasks:,} tasks, MiB", "noop_pss_mb", False),
-        ("launch → ready, s", "ready_s", False),
-    ]
-    print(f"\nmedians of {a.repeat} interleaved runs, -c 2 -E, app benches/pyapp/benchapp.py")
-    print(f"| | celeriac | Celery | ratio |\n|---|---:|---:|---:|")
-    for label, key, higher in rows:
-        c, p_ = med["celeriac"][key], med["celery"][key]
-        ratio = c / p_ if higher else p_ / c
-        word = "×" if higher else "× less"
-        print(f"| {label} | {c:,.1f} | {p_:,.1f} | {ratio:.1f}{word} |")
+    keys = [k.strip() for k in a.apps.split(",") if k.strip()]
+    for k in keys:
+        if k not in APPS:
+            p.error(f"unknown app {k!r} (known: {', '.join(APPS)})")
+    db = pyworkers.DjangoDatabase(a.rows) if "django" in keys else None
+    try:
+        runs = {k: {kind: [] for kind in ("celeriac", "celery")} for k in keys}
+        alone = {k: [] for k in keys}
+        for i in range(a.repeat):
+            for key in keys:
+                # The app alone, with no worker running (shared file pages would be split with it).
+                alone[key].append(pyworkers.app_alone_pss(APPS[key], db.env if db and key == "django" else None)
+                                  / 2**20)
+                print(key, "app alone", {"pss_mb": round(alone[key][-1], 3)}, flush=True)
+                for kind in ("celeriac", "celery") if i % 2 == 0 else ("celery", "celeriac"):
+                    r = run_app(key, kind, a, db if key == "django" else None)
+                    r["app_pss_mb"] = alone[key][-1]
+                    r["above_idle_mb"] = r["idle_pss_mb"] - r["app_pss_mb"]
+                    r["above_after_mb"] = r["after_pss_mb"] - r["app_pss_mb"]
+                    runs[key][kind].append(r)
+                    print(key, kind, {k: round(v, 3) for k, v in r.items()}, flush=True)
+    finally:
+        if db:
+            db.close()
+    for key in keys:
+        med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs[key].items()}
+        print(f"\nmedians of {a.repeat} interleaved runs, -c 2 -E, {APPS[key].label}")
+        print("| | celeriac | Celery | ratio |\n|---|---:|---:|---:|")
+        for label, k, higher in rows_of(key, a):
+            c, p_ = med["celeriac"][k], med["celery"][k]
+            ratio = c / p_ if higher else p_ / c
+            word = "×" if higher else "× less"
+            print(f"| {label} | {c:,.1f} | {p_:,.1f} | {ratio:.1f}{word} |")
+        print(f"| the app alone (import + finalize, one process), PSS MiB | {statistics.median(alone[key]):,.1f} | | |")
+    if FOREIGN:
+        print(f"\nnote: {len(FOREIGN)} other Celery/celeriac processes ran during the measurements: they took CPU, "
+              "and file pages they share with the workers lowered the workers' PSS")
 
 
 if __name__ == "__main__":
