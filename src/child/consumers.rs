@@ -57,6 +57,14 @@ impl Consumers {
     }
 
     /// Whether `tag` is one of the current consumers.
+    /// Each live consumer's queue and tag.
+    pub(super) fn consumed(&self) -> Vec<(std::sync::Arc<str>, ShortString)> {
+        self.list
+            .iter()
+            .map(|c| (std::sync::Arc::clone(&c.queue), c.tag.clone()))
+            .collect()
+    }
+
     pub(super) fn current(&self, tag: &ShortString) -> bool {
         self.list.iter().any(|c| &c.tag == tag)
     }

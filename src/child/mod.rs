@@ -228,6 +228,8 @@ struct Child {
     /// How often the idle loop beats ([`crate::shm::beat_period`]).
     beat_every: std::time::Duration,
     received: u64,
+    /// [`Child::received`] at the last idle check of the consumed queues.
+    received_at_check: u64,
     queued: QueuedLines,
     /// This process's broker token, with OAuth 2 (`--broker-auth`).
     tokens: Option<crate::token::TokenKeeper>,
@@ -324,6 +326,7 @@ async fn run(
         doorbell: Doorbell::install(),
         beat_every: crate::shm::beat_period(config.child_heartbeat_timeout),
         received: 0,
+        received_at_check: 0,
         queued: QueuedLines::default(),
         tokens,
         timed_out: false,

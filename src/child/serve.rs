@@ -14,7 +14,10 @@ use super::consumers::Incoming;
 use super::execute::Finished;
 use super::session::next_happening;
 use super::{Child, ChildError, Exit};
+use crate::shm::ChildState;
 use crate::signals::Stop;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
 
 /// How soon consumers holding ETA tasks are replaced (several ETA tasks
 /// arriving together are handled by one replacement).
@@ -54,6 +57,7 @@ impl Child {
                 }
                 () = tokio::time::sleep_until(next_tick) => {
                     self.tick().await;
+                    self.check_consumed_queues().await?;
                     next_tick = Instant::now() + self.tick_every();
                     // A SIGTERM sent before our handlers existed was lost:
                     // the shared flag still says the worker is draining, or
@@ -171,6 +175,56 @@ impl Child {
         }
         self.report_lost().await;
         self.repair_channels().await;
+    }
+
+    /// A consumer the broker cancelled without a notice that arrived would
+    /// leave the process alive and consuming nothing. So while idle
+    /// (nothing received since the last beat) each beat checks that every
+    /// consumed queue can still be consumed by this connection: a passive
+    /// declare, on a channel of its own. A queue that is gone (404) or held
+    /// exclusively by another connection (405) ends the session as a
+    /// cancelled consumer does: the queue is declared again and consumed.
+    pub(super) async fn check_consumed_queues(&mut self) -> Result<(), ChildError> {
+        let idle = self.received == self.received_at_check;
+        self.received_at_check = self.received;
+        if !idle || self.link.slot().state() != ChildState::Consuming {
+            return Ok(());
+        }
+        let Some(session) = self.session.as_mut() else {
+            return Ok(());
+        };
+        let channel = match session.check.take() {
+            Some(c) if c.status().connected() => c,
+            _ => match session.conn.create_channel().await {
+                Ok(c) => c,
+                Err(e) => {
+                    debug!("cannot open a channel to check the consumed queues: {e}");
+                    return Ok(());
+                }
+            },
+        };
+        for (queue, tag) in self.consumers.consumed() {
+            let options = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            let queue = queue.as_ref();
+            if let Err(e) = channel
+                .queue_declare(queue.into(), options, FieldTable::default())
+                .await
+            {
+                let text = e.to_string();
+                if text.contains("NOT_FOUND") || text.contains("RESOURCE_LOCKED") {
+                    return Err(ChildError::ConnectionLost(format!(
+                        "queue {queue} can no longer be consumed ({text}); its consumer {tag} is gone"
+                    )));
+                }
+                debug!("could not check queue {queue}: {e}");
+                return Ok(());
+            }
+        }
+        session.check = Some(channel);
+        Ok(())
     }
 
     fn next_eta_instant(&self) -> Option<Instant> {

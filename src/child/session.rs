@@ -38,6 +38,9 @@ pub(super) struct Session {
     /// The configured queues whose exchange the broker holds as a
     /// non-direct one (configured so, or found so when declaring).
     pub(super) routed_exchanges: Vec<String>,
+    /// The channel an idle process checks its consumed queues on
+    /// ([`Child::check_consumed_queues`]), opened when first needed.
+    pub(super) check: Option<Channel>,
 }
 
 /// A connection's event stream (`Connection::events_listener`).
@@ -89,6 +92,7 @@ pub(super) async fn open(
     crate::events::declare_exchange(&events).await?;
     Ok(Session {
         conn,
+        check: None,
         channel,
         confirmed,
         results,
