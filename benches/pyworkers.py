@@ -19,6 +19,7 @@ import uuid
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import common  # noqa: E402
+import idle  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 VENV = pathlib.Path(sys.executable).parent
@@ -41,7 +42,7 @@ APPS = {
                       "persistent connections (CONN_MAX_AGE = 600, CELERY_DB_REUSE_MAX)")),
 }
 
-READY = {"celeriac": ("consuming", 2), "celery": (" ready.", 1)}
+READY = idle.READY
 DONE = "succeeded"
 
 
@@ -85,17 +86,9 @@ class Worker:
         return time.monotonic() - self.t0
 
     def roles(self):
-        """[(role, pid)]: celery's main and pool processes; celeriac's supervisor, task and control processes."""
-        root = self.proc.pid
-        kids = [p for p in common.tree(root) if p != root]
-        if self.kind == "celery":
-            return [("main", root)] + [(f"pool {i + 1}", p) for i, p in enumerate(sorted(kids))]
-        with open(pathlib.Path(self.state_dir) / "state.json") as f:
-            tasks = [c["pid"] for c in json.load(f)["children"] if c["pid"]]
-        out = [("supervisor", root)]
-        out += [("control", p) for p in kids if p not in tasks]
-        out += [(f"task {i + 1}", p) for i, p in enumerate(sorted(tasks))]
-        return out
+        """[(role, pid)]: celery's main and pool processes; celeriac's supervisor, control and task processes."""
+        # idle.roles lists celeriac's task processes before its control process: put control first.
+        return sorted(idle.roles(self.kind, self.proc.pid, self.state_dir), key=lambda r: r[0].startswith("task "))
 
     def close(self):
         common.stop(self.proc)
