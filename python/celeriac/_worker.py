@@ -562,7 +562,7 @@ def revoked_elsewhere(tasks_json):
         backend = task.backend if task is not None else _app.backend
         try:
             state = backend.get_state(task_id)
-            if state in states.READY_STATES or state not in waiting:
+            if state not in waiting:  # ended (a ready state), or started by another worker
                 continue
             backend.mark_as_revoked(task_id, reason="revoked", store_result=True)
         except Exception as exc:
@@ -622,8 +622,7 @@ def _request(req):
     """Celery's request dict from the worker's JSON (see run())."""
     args, kwargs, embed = req.pop("args"), req.pop("kwargs"), req.pop("embed")
     request = req["headers"]
-    # py-amqp names only the properties a message has; Celery's carry every header again.
-    req["properties"] = {k: v for k, v in req["properties"].items() if v is not None}
+    # Celery's message properties carry every header again.
     req["properties"]["application_headers"] = dict(request)
     request.update(
         properties=req["properties"],

@@ -434,8 +434,12 @@ struct Request<'a> {
 struct Properties<'a> {
     content_type: &'static str,
     content_encoding: &'static str,
+    // py-amqp names only the properties a message has.
+    #[serde(skip_serializing_if = "Option::is_none")]
     correlation_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     reply_to: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     priority: Option<u8>,
     #[serde(flatten)]
     other: &'a Map<String, Value>,
@@ -552,8 +556,6 @@ impl From<ExcJson> for ExceptionInfo {
 #[derive(Deserialize)]
 #[serde(tag = "state")]
 enum Outcome {
-    #[serde(rename = "SUCCESS")]
-    Success { repr: Option<String> },
     #[serde(rename = "FAILURE")]
     Failure { exc: ExcJson },
     #[serde(rename = "RETRY")]
@@ -577,7 +579,6 @@ fn outcome_of(text: &str) -> Result<Value, TaskError> {
         TaskError::runtime_error(format!("celeriac could not read the task's outcome: {e}"))
     })?;
     match outcome {
-        Outcome::Success { repr } => Ok(Value::String(repr.unwrap_or_else(|| "None".into()))),
         Outcome::Failure { exc } => Err(TaskError::Exception(exc.into())),
         Outcome::Retry { countdown, exc } => Err(TaskError::Retry(celeriac::task::Retry {
             countdown,

@@ -56,7 +56,6 @@ impl Consumers {
         self.list.clear();
     }
 
-    /// Whether `tag` is one of the current consumers.
     /// Each live consumer's queue and tag.
     pub(super) fn consumed(&self) -> Vec<(std::sync::Arc<str>, ShortString)> {
         self.list
@@ -65,6 +64,7 @@ impl Consumers {
             .collect()
     }
 
+    /// Whether `tag` is one of the current consumers.
     pub(super) fn current(&self, tag: &ShortString) -> bool {
         self.list.iter().any(|c| &c.tag == tag)
     }

@@ -13,7 +13,7 @@ use nix::unistd::Pid;
 use serde_json::{json, Map, Value};
 use tracing::{info, warn};
 
-use crate::config::{BackendUrl, WorkerConfig};
+use crate::config::WorkerConfig;
 use crate::host::TaskHost;
 use crate::shm::SharedState;
 use crate::task::Registry;
@@ -26,7 +26,7 @@ pub enum Effect {
     /// Before replying, have the result backend record these revoked tasks
     /// that no task process runs (id, and name when a task process holds
     /// the message): the app's ([`TaskHost::revoked_elsewhere`]), or
-    /// the worker's Redis backend.
+    /// the worker's Redis backend; with neither (rpc://), nothing.
     RevokedElsewhere(Vec<(String, Option<String>)>),
     /// Send a `worker-heartbeat` now (the `heartbeat` command).
     Heartbeat,
@@ -214,9 +214,7 @@ impl Pidbox {
             }
             "revoke" | "terminate" => {
                 let (reply, elsewhere) = self.revoke(args, method == "terminate");
-                let recorded = self.host.is_some()
-                    || matches!(self.config.result_backend, Some(BackendUrl::Redis(_)));
-                if !elsewhere.is_empty() && recorded {
+                if !elsewhere.is_empty() {
                     return (reply, Effect::RevokedElsewhere(elsewhere));
                 }
                 reply
