@@ -27,15 +27,14 @@ VENV = pathlib.Path(sys.executable).parent
 
 @dataclasses.dataclass
 class App:
-    key: str
     module: str  # what -A names
     path: pathlib.Path  # PYTHONPATH and working directory
     label: str
 
 
 APPS = {
-    "benchapp": App("benchapp", "benchapp", ROOT / "benches" / "pyapp", "app benches/pyapp/benchapp.py"),
-    "django": App("django", "djbench", ROOT / "benches" / "djangoapp",
+    "benchapp": App("benchapp", ROOT / "benches" / "pyapp", "app benches/pyapp/benchapp.py"),
+    "django": App("djbench", ROOT / "benches" / "djangoapp",
                   "Django + PostgreSQL app benches/djangoapp, " + (
                       "a new connection per task (BENCH_DB_REUSE_MAX=0: Celery's Django fixup closes it "
                       "around every task)" if os.environ.get("BENCH_DB_REUSE_MAX") == "0" else
@@ -46,8 +45,8 @@ READY = idle.READY
 DONE = "succeeded"
 
 
-def argv(kind, app, queue, state_dir, concurrency=2):
-    c = str(concurrency)
+def argv(kind, app, queue, state_dir):
+    c = "2"
     if kind == "celeriac":
         return [str(VENV / "celeriac"), "-A", app.module, "worker", "-Q", queue, "-c", c, "-E",
                 "-n", f"py-rs-{queue}@%h", "-l", "INFO", "--metrics-bind", "none", "--state-dir", state_dir]
@@ -66,7 +65,7 @@ def env(app, extra=None):
 class Worker:
     """One worker on a fresh queue (declared here, deleted by close())."""
 
-    def __init__(self, kind, app, extra_env=None, prefill=None, concurrency=2):
+    def __init__(self, kind, app, extra_env=None, prefill=None):
         self.kind, self.app = kind, app
         self.queue = f"bench-py-{uuid.uuid4().hex[:8]}"
         common.declare(self.queue)
@@ -76,7 +75,7 @@ class Worker:
         self.log_path = tempfile.mktemp(prefix=f"bench-py-{kind}-", suffix=".log")
         with open(self.log_path, "wb") as log:
             self.t0 = time.monotonic()
-            self.proc = subprocess.Popen(argv(kind, app, self.queue, self.state_dir, concurrency), stdout=log,
+            self.proc = subprocess.Popen(argv(kind, app, self.queue, self.state_dir), stdout=log,
                                          stderr=subprocess.STDOUT, env=env(app, extra_env), cwd=app.path)
         self.watch = common.LogWatch(self.log_path)
 

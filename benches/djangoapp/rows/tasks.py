@@ -10,7 +10,3 @@ def read_row(pk):
     """One row through the ORM: SELECT ... WHERE id = %s on the process's persistent connection."""
     return Item.objects.get(pk=pk).stock
 
-
-@shared_task(name="djbench.noop", ignore_result=True)
-def noop():
-    return None
