@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::job::{self, reject, Job};
 use super::outcome::{RevokeReason, TaskHappening};
@@ -21,49 +21,56 @@ impl Child {
     /// broker will not bring them back). Runs every tick.
     pub(super) async fn report_lost(&mut self) {
         let shm = self.link.shm;
-        while let Some(lost) = shm.claim_report() {
-            let msg = lost_message(&lost);
-            let store_result = lost.task.flags & TaskFlags::IGNORE_RESULT == 0;
-            if let Some(revoke) = shm.revoked(&msg.id).filter(|r| r.signal != 0) {
-                TaskHappening::Terminated {
-                    msg: &msg,
-                    signal: revoke.signal as i32,
-                }
-                .emit(&self.shared, &lost.task.routing_key);
-                let end = End::Revoked {
-                    reason: RevokeReason::Terminated.as_str(),
-                    signal: Some(revoke.signal as i32),
-                };
-                let msg = Arc::new(msg);
-                if self
-                    .shared
-                    .settle_elsewhere(&msg, None, store_result, end)
-                    .await
-                {
-                    continue;
-                }
-                if store_result {
-                    let exc = ExceptionInfo::revoked("terminated");
-                    let doc = self.shared.document(
-                        &msg,
-                        TaskState::Revoked,
-                        serde_json::to_value(&exc).unwrap_or_default(),
-                    );
-                    self.shared.store(&msg, doc).await;
-                }
-                continue;
-            }
-            let exc = lost_exception(&lost);
-            TaskHappening::Lost {
+        while let Some(lost) = shm.claim_report(self.link.index) {
+            self.report_one(&lost).await;
+            shm.reported(lost.index, self.link.index);
+        }
+    }
+
+    /// Stores and announces one lost early-acked task's end.
+    async fn report_one(&self, lost: &Lost) {
+        let shm = self.link.shm;
+        let msg = lost_message(lost);
+        let store_result = lost.task.flags & TaskFlags::IGNORE_RESULT == 0;
+        if let Some(revoke) = shm.revoked(&msg.id).filter(|r| r.signal != 0) {
+            TaskHappening::Terminated {
                 msg: &msg,
-                exc: &exc,
+                signal: revoke.signal as i32,
             }
             .emit(&self.shared, &lost.task.routing_key);
+            let end = End::Revoked {
+                reason: RevokeReason::Terminated.as_str(),
+                signal: Some(revoke.signal as i32),
+            };
             let msg = Arc::new(msg);
-            let end = End::Failed(exc.clone());
-            if store_result && !self.shared.settle_elsewhere(&msg, None, true, end).await {
-                self.store_failure(&msg, &exc).await;
+            if self
+                .shared
+                .settle_elsewhere(&msg, None, store_result, end)
+                .await
+            {
+                return;
             }
+            if store_result {
+                let exc = ExceptionInfo::revoked("terminated");
+                let doc = self.shared.document(
+                    &msg,
+                    TaskState::Revoked,
+                    serde_json::to_value(&exc).unwrap_or_default(),
+                );
+                self.shared.store(&msg, doc).await;
+            }
+            return;
+        }
+        let exc = lost_exception(lost);
+        TaskHappening::Lost {
+            msg: &msg,
+            exc: &exc,
+        }
+        .emit(&self.shared, &lost.task.routing_key);
+        let msg = Arc::new(msg);
+        let end = End::Failed(exc.clone());
+        if store_result && !self.shared.settle_elsewhere(&msg, None, true, end).await {
+            self.store_failure(&msg, &exc).await;
         }
     }
 
@@ -91,6 +98,28 @@ impl Child {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         link.shm.find_lost(id)
+    }
+
+    /// A redelivered copy of an early-acknowledged task whose process died
+    /// before the acknowledgement reached the broker. Celery acknowledges
+    /// such a message before the pool runs it, so it never comes back there:
+    /// the task's failure is reported once (here, if no process has yet),
+    /// and the copy is acknowledged without running.
+    pub(super) async fn settle_early_copy(&mut self, job: &Job) {
+        self.report_lost().await;
+        let msg = &job.msg;
+        info!(
+            task_id = %msg.id,
+            queue = %job.queue,
+            "Task {}[{}] came back from the broker after its process died: its acknowledgement had not reached \
+             the broker. Its loss is reported; acknowledged the copy without running it",
+            msg.display_name(),
+            msg.id
+        );
+        // The record stays (the ring reuses it): this acknowledgement can be
+        // lost the same way if this process dies next, and the broker would
+        // deliver the copy once more.
+        job::ack(&job.acker, &msg.id).await;
     }
 
     /// Celery's WorkerLostError semantics for an acks-late message whose

@@ -61,13 +61,19 @@ impl Child {
         if job.delivery.redelivered && self.settle_overdue_copy(&job).await {
             return;
         }
+        let lost = match job.delivery.redelivered {
+            true => self.lost_record(&job.msg.id).await,
+            false => None,
+        };
+        if lost.as_ref().is_some_and(|l| l.early) {
+            self.settle_early_copy(&job).await;
+            return;
+        }
         self.received += 1;
         TaskHappening::Received { msg: &job.msg }.emit(&shared, &job.queue);
-        if job.delivery.redelivered {
-            if let Some(lost) = self.lost_record(&job.msg.id).await {
-                if self.settle_lost(&job, &lost).await {
-                    return;
-                }
+        if let Some(lost) = lost {
+            if self.settle_lost(&job, &lost).await {
+                return;
             }
         }
         if let Some(reason) = revoke_reason(&shared, &job.msg) {

@@ -9,14 +9,28 @@
 //!   FREE ───────────────┬──────────────────────────┐
 //!                       │ early ack                │ acks_late
 //!                       ▼                          ▼
-//!                    REPORT                 WAIT_REDELIVERY
-//!                       │ claim_report (CAS)       │ settle_lost
+//!    release_reports ┌▶ REPORT                 WAIT_REDELIVERY
+//!    (claimer died)  │    │ claim_report (CAS)    │
+//!                    │    ▼                       │
+//!                    └─ REPORTING                 │
+//!                         │ reported              │
+//!                         ▼                       │
+//!                    REPORTED                      │
+//!                       │ ring reuse               │ settle_lost
 //!                       ▼                          ▼
 //!                     DONE ◀───────────────────────┘
 //! ```
 //!
 //! * REPORT: the message was acknowledged before the task ran and will not
 //!   come back; whichever task process swaps first stores the failure.
+//! * REPORTING: a task process claimed it and is storing the failure. If that
+//!   process dies first (its next task may exit it before the store is
+//!   done), the supervisor puts the record back to REPORT.
+//! * REPORTED: that failure is stored. The record stays findable until the
+//!   ring reuses it, because the acknowledgement may not have left the dead
+//!   process: the broker then redelivers the message, and the process that
+//!   receives the copy acknowledges it without running it (`early` in
+//!   [`Lost`]) — as often as the copy comes back.
 //! * WAIT_REDELIVERY: the process the broker redelivers the message to finds
 //!   the record (`find_lost`) and fails, quarantines or reruns the task; a
 //!   rerun (`reject_on_worker_lost`) leaves the record live, so that the next
@@ -46,6 +60,16 @@ impl LostState {
     const WAIT_REDELIVERY: u32 = 2;
     /// Handled, or superseded by a newer record of the same task.
     const DONE: u32 = 3;
+    /// An early-acked task whose failure is stored; a redelivered copy (its
+    /// acknowledgement never reached the broker) is not to be run.
+    const REPORTED: u32 = 4;
+    /// An early-acked task whose failure a task process is storing: this
+    /// plus the process's task slot.
+    const REPORTING: u32 = 0x100;
+
+    fn reporting(slot: usize) -> u32 {
+        Self::REPORTING + slot as u32
+    }
 }
 
 /// Why a task's child went away.
@@ -88,6 +112,9 @@ pub struct Lost {
     pub signal: u32,
     /// Its exit code, when it exited (0 if killed by a signal).
     pub exit_code: u32,
+    /// The message was acknowledged before the task ran: its failure is
+    /// reported from the record, and a redelivered copy is not run.
+    pub early: bool,
 }
 
 impl SharedState {
@@ -139,6 +166,7 @@ impl SharedState {
 
     fn read_record(&self, index: usize) -> Lost {
         let r = &self.lost[index];
+        let state = r.state.load(Ordering::Acquire);
         let mut parts = r.task.read().into_iter();
         let mut next = || parts.next().unwrap_or_default();
         let (id, name, reply_to, correlation_id) = (next(), next(), next(), next());
@@ -164,6 +192,8 @@ impl SharedState {
             deaths: r.deaths.load(Ordering::Relaxed),
             signal: r.signal.load(Ordering::Relaxed),
             exit_code: r.exit_code.load(Ordering::Relaxed),
+            early: matches!(state, LostState::REPORT | LostState::REPORTED)
+                || state >= LostState::REPORTING,
         }
     }
 
@@ -174,20 +204,49 @@ impl SharedState {
             .find(|l| l.task.id == id)
     }
 
-    /// Claims one lost early-acked task whose failure nobody stored yet.
-    pub fn claim_report(&self) -> Option<Lost> {
+    /// Task slot `slot` claims one lost early-acked task whose failure nobody
+    /// stored yet; `reported` ends the claim once it is stored.
+    pub fn claim_report(&self, slot: usize) -> Option<Lost> {
         (0..LOST_RING).find_map(|i| {
-            let r = &self.lost[i];
-            r.state
+            self.lost[i]
+                .state
                 .compare_exchange(
                     LostState::REPORT,
-                    LostState::DONE,
+                    LostState::reporting(slot),
                     Ordering::AcqRel,
                     Ordering::Acquire,
                 )
                 .is_ok()
                 .then(|| self.read_record(i))
         })
+    }
+
+    /// The claimed failure is stored. The record stays findable (REPORTED)
+    /// for a redelivered copy.
+    pub fn reported(&self, index: usize, slot: usize) {
+        let _ = self.lost[index].state.compare_exchange(
+            LostState::reporting(slot),
+            LostState::REPORTED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
+    /// Supervisor only, after the process of task slot `slot` died: the
+    /// reports it claimed and did not finish go back to be claimed again.
+    /// Returns how many.
+    pub(crate) fn release_reports(&self, slot: usize) -> usize {
+        let claimed = |r: &&LostRecord| {
+            r.state
+                .compare_exchange(
+                    LostState::reporting(slot),
+                    LostState::REPORT,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+        };
+        self.lost.iter().filter(claimed).count()
     }
 
     /// Marks a record handled.
@@ -229,20 +288,26 @@ mod tests {
             shm.record_lost(&task("t1", 0), LostReason::TimeLimit, (9, 0)),
             1
         );
-        let lost = shm.claim_report().expect("claimable");
+        let lost = shm.claim_report(0).expect("claimable");
         assert_eq!(lost.task, task("t1", 0));
         assert_eq!(lost.reason, LostReason::TimeLimit);
         assert_eq!((lost.deaths, lost.signal), (1, 9));
-        assert_eq!(shm.claim_report(), None);
-        assert_eq!(shm.find_lost("t1"), None);
+        assert_eq!(shm.claim_report(1), None);
+        shm.reported(lost.index, 0);
+        assert_eq!(shm.release_reports(0), 0, "a finished report stays");
+        let kept = shm.find_lost("t1").expect("kept for a redelivered copy");
+        assert!(kept.early);
     }
 
     #[test]
     fn racing_claims_have_one_winner() {
         let shm = SharedState::map(1).unwrap();
         shm.record_lost(&task("t1", 0), LostReason::WorkerLost, (0, 3));
+        let shm = &shm;
         let won = std::thread::scope(|s| {
-            let claims: Vec<_> = (0..4).map(|_| s.spawn(|| shm.claim_report())).collect();
+            let claims: Vec<_> = (0..4)
+                .map(|n| s.spawn(move || shm.claim_report(n)))
+                .collect();
             claims.into_iter().filter_map(|c| c.join().unwrap()).count()
         });
         assert_eq!(won, 1);
@@ -253,12 +318,13 @@ mod tests {
         let shm = SharedState::map(1).unwrap();
         let t = task("t2", TaskFlags::ACKS_LATE);
         assert_eq!(shm.record_lost(&t, LostReason::WorkerLost, (0, 0)), 1);
-        assert_eq!(shm.claim_report(), None);
+        assert_eq!(shm.claim_report(0), None);
         assert_eq!(shm.record_lost(&t, LostReason::WorkerLost, (9, 0)), 2);
         let live: Vec<_> = (0..LOST_RING).filter_map(|i| shm.read_lost(i)).collect();
         assert_eq!(live.len(), 1, "the older record is superseded");
         let lost = shm.find_lost("t2").expect("live");
         assert_eq!((lost.deaths, lost.signal), (2, 9));
+        assert!(!lost.early);
         shm.settle_lost(lost.index);
         assert_eq!(shm.find_lost("t2"), None);
     }
@@ -271,7 +337,25 @@ mod tests {
         let copy = shm.find_overdue("t5").unwrap();
         assert!(shm.claim_overdue_copy(&copy));
         shm.record_lost(&t, LostReason::WorkerLost, (9, 0));
-        assert_eq!(shm.claim_report().map(|l| l.task.id), Some("t5".into()));
+        assert_eq!(shm.claim_report(0).map(|l| l.task.id), Some("t5".into()));
+    }
+
+    #[test]
+    fn a_report_whose_claimer_died_is_claimed_again() {
+        let shm = SharedState::map(2).unwrap();
+        shm.record_lost(&task("t6", 0), LostReason::WorkerLost, (0, 4));
+        let first = shm.claim_report(1).expect("claimable");
+        assert_eq!(
+            shm.release_reports(0),
+            0,
+            "another slot's claim is not released"
+        );
+        assert_eq!(shm.claim_report(0), None);
+        assert_eq!(shm.release_reports(1), 1);
+        let again = shm.claim_report(0).expect("claimable again");
+        assert_eq!(again.index, first.index);
+        shm.reported(again.index, 0);
+        assert!(shm.find_lost("t6").expect("kept").early);
     }
 
     #[test]

@@ -471,6 +471,11 @@ impl Supervisor {
             );
             lost = true;
         }
+        if let Role::Task(n) = entry.role {
+            // Failures it was storing for earlier lost tasks: another
+            // process stores them.
+            lost |= self.shm.release_reports(n) > 0;
+        }
         let boot_error = slot.error();
         slot.reset();
         slot.set_pid(0);

@@ -89,6 +89,25 @@ def test_a_task_that_exits_its_process_fails_with_its_exit_code_and_is_replaced(
     assert client.send_task("fixtureapp.tasks.add", (1, 1)).get(timeout=20) == 2
 
 
+def test_an_early_acked_task_whose_process_exits_at_once_runs_once(app_worker, client, tmp_path):
+    # The early acknowledgement may still be in the dead process's buffers: the broker then
+    # redelivers the message, and the copy must not run again (Celery acknowledges in its main
+    # process, so there the message never comes back).
+    w = app_worker("-c", "2")
+    wait_for_consuming(w, 2)
+    marks = [tmp_path / f"run-{i}" for i in range(8)]
+    results = [client.send_task("fixtureapp.tasks.mark_and_exit", (str(m), 4)) for m in marks]
+    for r in results:
+        with pytest.raises(Exception) as e:
+            r.get(timeout=60)
+        assert type(e.value).__name__ == "WorkerLostError", repr(e.value)
+    wait_for_consuming(w, 2)
+    assert client.send_task("fixtureapp.tasks.add", (1, 1)).get(timeout=20) == 2
+    runs = {m.name: m.read_text().count("ran") for m in marks}
+    assert set(runs.values()) == {1}, runs
+    print("copies acknowledged without running:", w.log().count("acknowledged the copy without running it"))
+
+
 def test_the_hard_limit_kills_only_that_process(app_worker, client):
     w = app_worker("-c", "2")
     pids = wait_for_consuming(w, 2)

@@ -37,6 +37,14 @@ def exit_with(code):
     os._exit(code)
 
 
+@shared_task
+def mark_and_exit(path, code):
+    """Appends a line to `path` (one per run), then exits the process at once."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.write(fd, b"ran\n")
+    os._exit(code)
+
+
 @shared_task(time_limit=1)
 def overrun():
     time.sleep(30)
