@@ -139,8 +139,9 @@ impl Link {
 /// runs it on its own single-threaded runtime and returns the exit code.
 ///
 /// With a `host` (tasks of a hosted app), the host starts its side of the
-/// process first, the runtime runs on a thread of its own and the main
-/// thread runs the hosted tasks ([`crate::task::main_thread`]).
+/// process first, and the main thread runs both the runtime and, in place,
+/// the hosted tasks ([`crate::task::main_thread`]; a watch thread drives the
+/// runtime while a task runs long).
 pub fn main(
     index: usize,
     shm: SharedState,
@@ -163,21 +164,35 @@ pub fn main(
         link.slot().set_error(&message);
         return exit::BOOT_REFUSED;
     }
-    let code = crate::task::main_thread::serve(move || run_process(link, config, registry));
+    let code = match runtime() {
+        Ok(runtime) => crate::task::main_thread::serve(runtime, async move {
+            exit_code(&link, run(config, registry, link).await)
+        }),
+        Err(e) => exit_code(&link, Err(ChildError::Runtime(e))),
+    };
     host.task_process_ending(code);
     code
 }
 
-/// Runs the process's loop on a current-thread runtime; the exit code.
-fn run_process(link: Link, config: Arc<WorkerConfig>, registry: Arc<Registry>) -> i32 {
-    let runtime = tokio::runtime::Builder::new_current_thread()
+/// The process's current-thread runtime.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(SLOTS + 2)
-        .build();
-    let result = match runtime {
+        .build()
+}
+
+/// Runs the process's loop on a current-thread runtime; the exit code.
+fn run_process(link: Link, config: Arc<WorkerConfig>, registry: Arc<Registry>) -> i32 {
+    let result = match runtime() {
         Ok(runtime) => runtime.block_on(run(config, registry, link)),
         Err(e) => Err(ChildError::Runtime(e)),
     };
+    exit_code(&link, result)
+}
+
+/// The exit code for how the process's loop ended.
+fn exit_code(link: &Link, result: Result<Exit, ChildError>) -> i32 {
     match result {
         Ok(Exit::Shutdown) => exit::DRAINED,
         Ok(Exit::Recycled) => exit::RECYCLED,

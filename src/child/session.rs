@@ -45,7 +45,7 @@ pub(super) struct Session {
 
 /// A connection's event stream (`Connection::events_listener`).
 pub(super) type ConnectionEvents =
-    std::pin::Pin<Box<dyn futures_lite::Stream<Item = lapin::Event> + Send>>;
+    std::pin::Pin<Box<dyn futures_lite::Stream<Item = lapin::Event> + Send + Sync>>;
 
 /// The next event of the session's connection (never, without a session).
 pub(super) async fn next_happening(session: &mut Option<Session>) -> Option<lapin::Event> {
