@@ -107,6 +107,20 @@ fn level_name(level: Level) -> &'static str {
 struct Fields {
     message: String,
     pairs: Vec<(&'static str, Value)>,
+    /// Text lines leave the task fields out: they are not even recorded.
+    skip_task_fields: bool,
+}
+
+impl Fields {
+    fn kept(&self, field: &Field) -> bool {
+        !(self.skip_task_fields && TASK_FIELDS.contains(&field.name()))
+    }
+
+    fn push(&mut self, field: &Field, value: impl Into<Value>) {
+        if self.kept(field) {
+            self.pairs.push((field.name(), value.into()));
+        }
+    }
 }
 
 impl Visit for Fields {
@@ -114,39 +128,41 @@ impl Visit for Fields {
         if field.name() == "message" {
             self.message = value.to_owned();
         } else {
-            self.pairs.push((field.name(), Value::from(value)));
+            self.push(field, value);
         }
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.pairs.push((field.name(), Value::from(value)));
+        self.push(field, value);
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.pairs.push((field.name(), Value::from(value)));
+        self.push(field, value);
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.pairs.push((field.name(), Value::from(value)));
+        self.push(field, value);
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.pairs.push((field.name(), Value::from(value)));
+        self.push(field, value);
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        let text = format!("{value:?}");
         if field.name() == "message" {
-            self.message = text;
-        } else {
-            self.pairs.push((field.name(), Value::from(text)));
+            self.message = format!("{value:?}");
+        } else if self.kept(field) {
+            self.push(field, format!("{value:?}"));
         }
     }
 }
 
 impl Fields {
-    fn of(event: &Event<'_>) -> Self {
-        let mut fields = Self::default();
+    fn of(event: &Event<'_>, skip_task_fields: bool) -> Self {
+        let mut fields = Self {
+            skip_task_fields,
+            ..Self::default()
+        };
         event.record(&mut fields);
         fields
     }
@@ -168,7 +184,7 @@ where
         mut w: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        let fields = Fields::of(event);
+        let fields = Fields::of(event, !self.json);
         let level = *event.metadata().level();
         if self.json {
             writeln!(
@@ -177,11 +193,10 @@ where
                 json_line(&utc_stamp(), level, process_name(), fields)
             )
         } else {
-            let stamp = chrono::Local::now().format("%Y-%m-%d %H:%M:%S,%3f");
             write!(
                 w,
                 "{}",
-                text_line(&stamp.to_string(), level, process_name(), &fields)
+                text_line(&local_stamp(), level, process_name(), &fields)
             )
         }
     }
@@ -220,6 +235,29 @@ fn json_head(stamp: &str, level: Level, process: &str) -> Map<String, Value> {
     object
 }
 
+/// Local time as Celery's text lines show it (`2026-12-07 03:16:11,349`).
+/// The part up to the second is formatted once per second and thread (time
+/// zone rules are looked up then), the milliseconds on every line.
+fn local_stamp() -> String {
+    thread_local! {
+        static SECOND: std::cell::RefCell<(i64, String)> = const { std::cell::RefCell::new((i64::MIN, String::new())) };
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let (secs, millis) = (now.as_secs() as i64, now.subsec_millis());
+    SECOND.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != secs {
+            let local = chrono::DateTime::from_timestamp(secs, 0)
+                .unwrap_or_default()
+                .with_timezone(&chrono::Local);
+            *cached = (secs, local.format("%Y-%m-%d %H:%M:%S").to_string());
+        }
+        format!("{},{millis:03}", cached.1)
+    })
+}
+
 fn utc_stamp() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
@@ -248,6 +286,7 @@ mod tests {
         Fields {
             message: message.into(),
             pairs: pairs.to_vec(),
+            skip_task_fields: false,
         }
     }
 
@@ -274,6 +313,24 @@ mod tests {
             shown(Level::WARN, &Level::ERROR, "lapinou"),
             "only whole names"
         );
+    }
+
+    #[test]
+    fn the_cached_local_stamp_is_the_local_time_to_the_millisecond() {
+        for _ in 0..3 {
+            let before = chrono::Local::now();
+            let stamp = local_stamp();
+            let after = chrono::Local::now();
+            let parsed = chrono::NaiveDateTime::parse_from_str(&stamp, "%Y-%m-%d %H:%M:%S,%3f")
+                .unwrap_or_else(|e| panic!("{stamp}: {e}"));
+            let (low, high) = (before.naive_local(), after.naive_local());
+            let low = low - chrono::Duration::milliseconds(1);
+            assert!(
+                low <= parsed && parsed <= high,
+                "{stamp} not within {low}..{high}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(400));
+        }
     }
 
     #[test]
