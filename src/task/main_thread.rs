@@ -28,7 +28,12 @@ use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFl
 use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, Notify};
 
-type Work = Box<dyn FnOnce() + Send>;
+/// A piece of work: runs on the main thread outside the runtime and returns
+/// what hands its result over, which the main thread calls inside its next
+/// turn of the runtime (a wake-up from there needs no write to the
+/// runtime's wake-up descriptor).
+type Work = Box<dyn FnOnce() -> Handover + Send>;
+type Handover = Box<dyn FnOnce() + Send>;
 
 static QUEUE: OnceLock<mpsc::UnboundedSender<Work>> = OnceLock::new();
 static MAIN: OnceLock<Pthread> = OnceLock::new();
@@ -49,7 +54,10 @@ pub async fn run<R: Send + 'static>(work: impl FnOnce() -> R + Send + 'static) -
     let (tx, rx) = tokio::sync::oneshot::channel();
     queue
         .send(Box::new(move || {
-            let _ = tx.send(work());
+            let result = work();
+            Box::new(move || {
+                let _ = tx.send(result);
+            })
         }))
         .ok()?;
     rx.await.ok()
@@ -80,8 +88,12 @@ pub(crate) fn serve(runtime: Runtime, body: impl Future<Output = i32> + Send + '
         }
     };
     let mut body = runtime.spawn(body);
+    let mut handover: Option<Handover> = None;
     loop {
         let next = runtime.block_on(async {
+            if let Some(hand) = handover.take() {
+                hand();
+            }
             tokio::select! {
                 biased;
                 work = queue.recv() => Ok(work),
@@ -92,7 +104,7 @@ pub(crate) fn serve(runtime: Runtime, body: impl Future<Output = i32> + Send + '
             Ok(Some(work)) => {
                 watch.calling();
                 // A panic drops the reply: the waiting task sees `None`.
-                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+                handover = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).ok();
                 watch.returned();
             }
             Ok(None) => return crate::exit::FAILED,
