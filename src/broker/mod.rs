@@ -17,8 +17,8 @@ use thiserror::Error;
 
 pub use fields::{json_to_table, json_to_value, table_to_json, value_to_json};
 pub use topology::{
-    declare_exchange, declare_queue, exchange_type_in_force, Binding, Declared, ExchangeType,
-    QueueSpec,
+    declare_exchange, declare_queue, exchange_type_in_force, refused_with, Binding, Declared,
+    ExchangeType, QueueSpec,
 };
 
 /// How long a publish may wait for the broker before it counts as failed.

@@ -441,7 +441,42 @@ async fn close_quietly(channel: &Channel) {
     let _ = channel.close(200, ShortString::from("declared")).await;
 }
 
+/// Whether the broker closed the channel with one of `codes` (soft errors:
+/// 404 NOT_FOUND, 405 RESOURCE_LOCKED, ...).
+pub fn refused_with(error: &lapin::Error, codes: &[lapin::protocol::AMQPSoftError]) -> bool {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(e) => {
+            matches!(e.kind(), lapin::protocol::AMQPErrorKind::Soft(s) if codes.contains(s))
+        }
+        _ => false,
+    }
+}
+
 /// Whether an error is a 406 PRECONDITION_FAILED from the broker.
 pub fn is_precondition_failed(error: &lapin::Error) -> bool {
     error.to_string().contains("PRECONDITION_FAILED") || error.to_string().contains("406")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::protocol::{AMQPError, AMQPErrorKind, AMQPHardError, AMQPSoftError};
+
+    fn closed(kind: AMQPErrorKind) -> lapin::Error {
+        lapin::ErrorKind::ProtocolError(AMQPError::new(kind, "closed".into())).into()
+    }
+
+    #[test]
+    fn refused_with_matches_the_brokers_soft_error_codes_only() {
+        let not_found = closed(AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND));
+        let codes = [AMQPSoftError::NOTFOUND, AMQPSoftError::RESOURCELOCKED];
+        assert!(refused_with(&not_found, &codes));
+        let denied = closed(AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED));
+        assert!(!refused_with(&denied, &codes));
+        let hard = closed(AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED));
+        assert!(!refused_with(&hard, &codes));
+        let io: lapin::Error =
+            lapin::ErrorKind::IOError(std::sync::Arc::new(std::io::Error::other("reset"))).into();
+        assert!(!refused_with(&io, &codes));
+    }
 }

@@ -61,9 +61,10 @@ impl Child {
         if job.delivery.redelivered && self.settle_overdue_copy(&job).await {
             return;
         }
-        let lost = match job.delivery.redelivered {
-            true => self.lost_record(&job.msg.id).await,
-            false => None,
+        let lost = if job.delivery.redelivered {
+            self.lost_record(&job.msg.id).await
+        } else {
+            None
         };
         if lost.as_ref().is_some_and(|l| l.early) {
             self.settle_early_copy(&job).await;

@@ -213,10 +213,10 @@ impl Child {
                 .queue_declare(queue.into(), options, FieldTable::default())
                 .await
             {
-                let text = e.to_string();
-                if text.contains("NOT_FOUND") || text.contains("RESOURCE_LOCKED") {
+                use lapin::protocol::AMQPSoftError::{NOTFOUND, RESOURCELOCKED};
+                if crate::broker::refused_with(&e, &[NOTFOUND, RESOURCELOCKED]) {
                     return Err(ChildError::ConnectionLost(format!(
-                        "queue {queue} can no longer be consumed ({text}); its consumer {tag} is gone"
+                        "queue {queue} can no longer be consumed ({e}); its consumer {tag} is gone"
                     )));
                 }
                 debug!("could not check queue {queue}: {e}");

@@ -5,7 +5,7 @@
 //! inside the running task. So in a process that hosts such tasks the main
 //! thread runs both: the process's current-thread runtime, and, between
 //! turns of it, the work submitted with [`run`], in place, one piece at a
-//! time. A quick task so costs no wake-up of another thread.
+//! time. A task so is not handed to another thread and back.
 //!
 //! While a piece of work runs the runtime is not driven by the main thread.
 //! If the work lasts longer than [`TAKE_OVER_AFTER`], a watch thread takes

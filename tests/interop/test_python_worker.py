@@ -105,7 +105,6 @@ def test_an_early_acked_task_whose_process_exits_at_once_runs_once(app_worker, c
     assert client.send_task("fixtureapp.tasks.add", (1, 1)).get(timeout=20) == 2
     runs = {m.name: m.read_text().count("ran") for m in marks}
     assert set(runs.values()) == {1}, runs
-    print("copies acknowledged without running:", w.log().count("acknowledged the copy without running it"))
 
 
 def test_the_hard_limit_kills_only_that_process(app_worker, client):
