@@ -116,6 +116,7 @@ impl Child {
             msg.display_name(),
             msg.id
         );
+        self.link.slot().count_copy_settled();
         // The record stays (the ring reuses it): this acknowledgement can be
         // lost the same way if this process dies next, and the broker would
         // deliver the copy once more.

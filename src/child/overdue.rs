@@ -180,6 +180,7 @@ impl Child {
             }
             info!(task_id = %msg.id, queue = %job.queue, "Task {}[{}] came back after its delivery timed out; its first run {how}: acknowledged the copy without running it", msg.display_name(), msg.id);
             ack(&job.acker, &msg.id).await;
+            self.link.slot().count_copy_settled();
             return true;
         }
     }

@@ -221,6 +221,15 @@ pub fn render(shm: &SharedState, config: &WorkerConfig) -> String {
                 .collect(),
         ),
         family(
+            "celeriac_redelivered_copies_total",
+            "Redelivered copies of tasks already handled, acknowledged without running: an early-acknowledged task whose process died before its acknowledgement reached the broker (its loss is reported once), or an acks-late task whose delivery timed out while it ran. Each is logged with its task id.",
+            MetricType::COUNTER,
+            vec![counter(
+                &[],
+                shm.slots().iter().map(|s| s.copies_settled()).sum::<u64>() as f64,
+            )],
+        ),
+        family(
             "celeriac_consumer_timeouts_total",
             "Consumer channels the broker closed because a delivery was not acknowledged within its consumer_timeout.",
             MetricType::COUNTER,
@@ -330,6 +339,23 @@ mod tests {
         let line = r#"celeriac_tasks_total{task="proj.add",outcome="succeeded"} 1"#;
         assert!(text.contains(line), "{text}");
         assert!(!text.contains("celeriac_broker_token"), "{text}");
+    }
+
+    #[test]
+    fn redelivered_copies_are_counted_across_processes() {
+        let shm = SharedState::map(2).unwrap();
+        let text = render(&shm, &config());
+        assert!(
+            text.contains("celeriac_redelivered_copies_total 0\n"),
+            "{text}"
+        );
+        shm.task_slots()[0].count_copy_settled();
+        shm.task_slots()[1].count_copy_settled();
+        let text = render(&shm, &config());
+        assert!(
+            text.contains("celeriac_redelivered_copies_total 2\n"),
+            "{text}"
+        );
     }
 
     #[test]

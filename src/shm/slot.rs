@@ -144,6 +144,7 @@ shm_record! {
         token_failures: AtomicU64,
         secret_updates: AtomicU64,
         unpublished: [AtomicU64; Unpublished::ALL.len()],
+        copies_settled: AtomicU64,
         task: SeqText<TEXT_WORDS>,
         error: SeqText<ERROR_WORDS>,
         queued: SeqText<QUEUED_WORDS>,
@@ -197,6 +198,16 @@ impl Slot {
     /// not confirm (logged with its task id by the caller).
     pub fn count_unpublished(&self, kind: Unpublished) {
         self.unpublished[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+    /// Redelivered copies of tasks already handled that this slot's
+    /// processes acknowledged without running.
+    pub fn copies_settled(&self) -> u64 {
+        self.copies_settled.load(Ordering::Relaxed)
+    }
+    /// Counts a redelivered copy acknowledged without running (logged with
+    /// its task id by the caller).
+    pub fn count_copy_settled(&self) {
+        self.copies_settled.fetch_add(1, Ordering::Relaxed);
     }
     /// When the process's broker token expires (ms since epoch; 0: no token).
     pub fn token_expiry_ms(&self) -> u64 {

@@ -9,11 +9,13 @@ compared with `celery worker` in test_python_tasks.py."""
 
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 from celery import Celery
@@ -93,7 +95,7 @@ def test_an_early_acked_task_whose_process_exits_at_once_runs_once(app_worker, c
     # The early acknowledgement may still be in the dead process's buffers: the broker then
     # redelivers the message, and the copy must not run again (Celery acknowledges in its main
     # process, so there the message never comes back).
-    w = app_worker("-c", "2")
+    w = app_worker("-c", "2", "--metrics-bind", "127.0.0.1:0")
     wait_for_consuming(w, 2)
     marks = [tmp_path / f"run-{i}" for i in range(8)]
     results = [client.send_task("fixtureapp.tasks.mark_and_exit", (str(m), 4)) for m in marks]
@@ -105,6 +107,12 @@ def test_an_early_acked_task_whose_process_exits_at_once_runs_once(app_worker, c
     assert client.send_task("fixtureapp.tasks.add", (1, 1)).get(timeout=20) == 2
     runs = {m.name: m.read_text().count("ran") for m in marks}
     assert set(runs.values()) == {1}, runs
+    # Each copy acknowledged without running is logged and counted.
+    url = re.search(r"metrics on (http://\S+)", w.log()).group(1)
+    with urllib.request.urlopen(url, timeout=5) as scraped:
+        text = scraped.read().decode()
+    copies = w.log().count("acknowledged the copy without running it")
+    assert f"celeriac_redelivered_copies_total {copies}\n" in text, (copies, text)
 
 
 def test_the_hard_limit_kills_only_that_process(app_worker, client):
