@@ -11,6 +11,7 @@ what the processes' totals hold beyond their live threads (threads that
 ended between the readings).
 
 Usage: .venv/bin/python benches/python_task_threads.py [N] [task] [C]
+With PERF_OUT=file, `perf record -g` samples the task and control processes during the drain.
 Needs RabbitMQ on 127.0.0.1:5672 and celeriac installed in the venv.
 """
 import os
@@ -78,6 +79,13 @@ def main():
         pids = [p.pid] + [int(x) for x in subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True,
                                                           text=True).stdout.split()]
         a_threads, a_procs = snap(pids)
+        perf = None
+        if os.environ.get("PERF_OUT"):
+            # `perf record -g` on the forked processes while they drain (an unstripped build
+            # shows Rust's symbols; docs/design/python-task-cost.md).
+            perf = subprocess.Popen(["perf", "record", *os.environ.get("PERF_ARGS", "-g").split(), "-o", os.environ["PERF_OUT"], "-p", ",".join(map(str, pids[1:]))],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.5)
         t0 = time.time()
         from celery import Celery
 
@@ -87,6 +95,9 @@ def main():
         watch.wait("succeeded", n, 600, p, poll=0.2)
         elapsed = time.time() - t0
         b_threads, b_procs = snap(pids)
+        if perf is not None:
+            perf.send_signal(2)
+            perf.wait()
     finally:
         p.terminate()
         p.wait()

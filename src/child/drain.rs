@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use super::consumers::Incoming;
-use super::job::{decode, requeue, Decoded};
+use super::job::{decode, Decoded};
 use super::{Child, ChildError, Exit};
 use crate::shm::ChildState;
 use crate::signals::Stop;
@@ -51,13 +51,13 @@ impl Child {
         let mut returned = 0usize;
         while let Ok(incoming) = rx.try_recv() {
             if let Incoming::Delivery(d, _) = incoming {
-                let id = match decode(*d, std::sync::Arc::from("")) {
+                let id = match decode(*d, std::sync::Arc::from(""), &self.channel) {
                     Decoded::Job(job) => {
-                        requeue(&job.acker, &job.msg.id).await;
+                        job.settler.requeue(&job.msg.id).await;
                         job.msg.id.clone()
                     }
-                    Decoded::Bad { id, acker, .. } => {
-                        requeue(&acker, &id).await;
+                    Decoded::Bad { id, settler, .. } => {
+                        settler.requeue(&id).await;
                         id
                     }
                 };
@@ -66,7 +66,7 @@ impl Child {
             }
         }
         for job in self.held.take_all() {
-            requeue(&job.acker, &job.msg.id).await;
+            job.settler.requeue(&job.msg.id).await;
             returned += 1;
         }
         if returned > 0 {
@@ -96,7 +96,7 @@ impl Child {
             run.abort.abort();
             let id = &run.job_msg.id;
             if run.acks_late || !run.state.acked.load(Ordering::Acquire) {
-                requeue(&run.acker, id).await;
+                run.settler.requeue(id).await;
                 warn!(task_id = %id, "Task {}[{}] did not finish before the deadline; requeued", run.job_msg.display_name(), id);
             } else {
                 let route = (run.route.0.as_str(), run.route.1.as_str());

@@ -9,7 +9,7 @@ use std::time::Instant;
 use chrono::Utc;
 use serde_json::{json, Value};
 
-use super::job::{ack, Job};
+use super::job::Job;
 use super::outcome::{RevokeReason, TaskHappening};
 use super::runner::{self, Limits};
 use super::settle::Settle;
@@ -64,7 +64,7 @@ pub(super) async fn discard_revoked(
         .settle_elsewhere(&job.msg, Some(job), !ignore_result, end)
         .await
     {
-        ack(&job.acker, &job.msg.id).await;
+        job.settler.ack(&job.msg.id).await;
         return;
     }
     if !ignore_result {
@@ -77,7 +77,7 @@ pub(super) async fn discard_revoked(
         doc.traceback = None;
         shared.store(&job.msg, doc).await;
     }
-    ack(&job.acker, &job.msg.id).await;
+    job.settler.ack(&job.msg.id).await;
 }
 
 /// Why `msg` must not run (revoked, terminated or expired), if so.
@@ -116,7 +116,7 @@ pub(super) async fn execute(shared: Arc<Shared>, job: Job, state: Arc<RunState>)
         return Finished { id };
     }
     if !acks_late {
-        ack(&job.acker, &id).await;
+        job.settler.ack(&id).await;
         state.acked.store(true, Ordering::Release);
     }
     // A task that settles itself stores its own STARTED.

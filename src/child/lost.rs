@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use super::job::{self, reject, Job};
+use super::job::Job;
 use super::outcome::{RevokeReason, TaskHappening};
 use super::Child;
 use crate::protocol::{ExceptionInfo, TaskMessage, TaskState};
@@ -120,7 +120,7 @@ impl Child {
         // The record stays (the ring reuses it): this acknowledgement can be
         // lost the same way if this process dies next, and the broker would
         // deliver the copy once more.
-        job::ack(&job.acker, &msg.id).await;
+        job.settler.ack(&msg.id).await;
     }
 
     /// Celery's WorkerLostError semantics for an acks-late message whose
@@ -148,7 +148,7 @@ impl Child {
             {
                 self.store_failure(msg, &exc).await;
             }
-            reject(&job.acker, &msg.id, false).await;
+            job.settler.reject(&msg.id, false).await;
             self.link.shm.settle_lost(lost.index);
             return true;
         }
@@ -168,7 +168,7 @@ impl Child {
         {
             self.store_failure(msg, &exc).await;
         }
-        job::ack(&job.acker, &msg.id).await;
+        job.settler.ack(&msg.id).await;
         self.link.shm.settle_lost(lost.index);
         true
     }

@@ -216,7 +216,7 @@ fn exit_code(link: &Link, result: Result<Exit, ChildError>) -> i32 {
 /// A task being run, as the loop tracks it.
 struct Running {
     job_msg: Arc<crate::protocol::TaskMessage>,
-    acker: lapin::Acker,
+    settler: job::Settler,
     acks_late: bool,
     state: Arc<RunState>,
     abort: AbortHandle,

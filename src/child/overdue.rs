@@ -19,7 +19,7 @@
 use lapin::options::BasicQosOptions;
 use tracing::{info, warn};
 
-use super::job::{ack, Job};
+use super::job::Job;
 use super::{Child, ChildError};
 use crate::broker::BrokerError;
 use crate::shm::FirstRun;
@@ -179,7 +179,7 @@ impl Child {
                 continue; // the first run ended meanwhile: decide again
             }
             info!(task_id = %msg.id, queue = %job.queue, "Task {}[{}] came back after its delivery timed out; its first run {how}: acknowledged the copy without running it", msg.display_name(), msg.id);
-            ack(&job.acker, &msg.id).await;
+            job.settler.ack(&msg.id).await;
             self.link.slot().count_copy_settled();
             return true;
         }

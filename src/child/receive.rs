@@ -6,7 +6,7 @@ use chrono::Utc;
 use lapin::types::ShortString;
 
 use super::execute::{discard_revoked, execute, revoke_reason, RunState};
-use super::job::{decode, reject, Decoded};
+use super::job::{decode, Decoded};
 use super::outcome::TaskHappening;
 use super::{Child, Running, SLOTS};
 use crate::protocol::{ExceptionInfo, TaskState};
@@ -16,15 +16,15 @@ impl Child {
     /// it (its process died, it was revoked or expired), or hold it.
     pub(super) async fn receive(&mut self, delivery: lapin::message::Delivery, tag: &ShortString) {
         let queue = self.consumers.queue_of(tag);
-        let job = match decode(delivery, std::sync::Arc::clone(&queue)) {
+        let job = match decode(delivery, std::sync::Arc::clone(&queue), &self.channel) {
             Decoded::Job(job) => *job,
-            Decoded::Bad { id, error, acker } => {
+            Decoded::Bad { id, error, settler } => {
                 TaskHappening::Invalid {
                     id: &id,
                     error: &error,
                 }
                 .emit(&self.shared, &queue);
-                reject(&acker, &id, false).await;
+                settler.reject(&id, false).await;
                 return;
             }
         };
@@ -55,7 +55,7 @@ impl Child {
                 doc.traceback = None;
                 shared.store(&job.msg, doc).await;
             }
-            reject(&job.acker, &job.msg.id, false).await;
+            job.settler.reject(&job.msg.id, false).await;
             return;
         };
         if job.delivery.redelivered && self.settle_overdue_copy(&job).await {
@@ -112,7 +112,7 @@ impl Child {
                 job.delivery.routing_key.clone(),
             );
             let job_msg = Arc::clone(&job.msg);
-            let acker = job.acker.clone();
+            let settler = job.settler.clone();
             let abort =
                 self.running
                     .spawn(execute(Arc::clone(&self.shared), job, Arc::clone(&state)));
@@ -120,7 +120,7 @@ impl Child {
                 abort.id(),
                 Running {
                     job_msg,
-                    acker,
+                    settler,
                     acks_late,
                     state,
                     abort,

@@ -6,7 +6,7 @@ use chrono::{Duration as ChronoDuration, Utc};
 use serde_json::{json, Value};
 use tracing::{error, warn};
 
-use super::job::{ack, reject, Job};
+use super::job::Job;
 use super::outcome::TaskHappening;
 use super::shared::Shared;
 use crate::protocol::{signature_message, ExceptionInfo, TaskMessage, TaskState};
@@ -74,7 +74,7 @@ impl Settle<'_> {
                 }
                 .emit(self.shared, &self.job.queue);
                 if !self.acked {
-                    ack(&self.job.acker, &self.msg().id).await;
+                    self.job.settler.ack(&self.msg().id).await;
                 }
             }
         }
@@ -92,7 +92,7 @@ impl Settle<'_> {
             }
             .emit(shared, &self.job.queue);
             if self.acks_late {
-                ack(&self.job.acker, &msg.id).await;
+                self.job.settler.ack(&msg.id).await;
             }
             return;
         }
@@ -120,7 +120,7 @@ impl Settle<'_> {
         }
         .emit(shared, &self.job.queue);
         if self.acks_late {
-            ack(&self.job.acker, &msg.id).await;
+            self.job.settler.ack(&msg.id).await;
         }
     }
 
@@ -136,7 +136,7 @@ impl Settle<'_> {
             }
             .emit(shared, &self.job.queue);
             if self.acks_late {
-                ack(&self.job.acker, &msg.id).await;
+                self.job.settler.ack(&msg.id).await;
             }
             return;
         }
@@ -174,7 +174,7 @@ impl Settle<'_> {
             shared.link.slot().count_unpublished(Unpublished::Retry);
             error!(task_id = %msg.id, "Task {}[{}] could not be re-published for retry, rejecting it: {e}", msg.display_name(), msg.id);
             if !self.acked {
-                reject(&self.job.acker, &msg.id, false).await;
+                self.job.settler.reject(&msg.id, false).await;
             }
             return;
         }
@@ -186,7 +186,7 @@ impl Settle<'_> {
         doc.children = vec![json!([[msg.id, null], null])];
         shared.store(msg, doc).await;
         if self.acks_late {
-            ack(&self.job.acker, &msg.id).await;
+            self.job.settler.ack(&msg.id).await;
         }
     }
 
@@ -235,7 +235,7 @@ impl Settle<'_> {
         }
         .emit(shared, &self.job.queue);
         if self.acks_late {
-            ack(&self.job.acker, &msg.id).await;
+            self.job.settler.ack(&msg.id).await;
         }
     }
 
@@ -264,7 +264,7 @@ impl Settle<'_> {
             shared.store(msg, doc).await;
         }
         if !self.acked {
-            reject(&self.job.acker, &msg.id, requeue).await;
+            self.job.settler.reject(&msg.id, requeue).await;
         }
     }
 
