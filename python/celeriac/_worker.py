@@ -713,12 +713,23 @@ def _unregistered(name, task_id, req):
 
 
 def run(name, task_id, payload):
-    """Runs one task through Celery's tracer. Returns ``(True, repr)`` when it
-    succeeded (``repr`` of its value, ``None`` when Celery gives none), else
-    ``(False, outcome as JSON)``."""
-    # kombu's object hook only changes mappings keyed "__type__" (its typed values): a
-    # payload without one decodes the same, faster, without it.
-    request, args, kwargs = _request(loads(payload) if '"__type__"' in payload else json.loads(payload))
+    """Runs one task whose request holds kombu typed values (mappings keyed
+    ``__type__``), given as JSON text: kombu's decoder turns them into the
+    objects Celery's worker would hand the task. See :func:`run_request`."""
+    return _run(name, task_id, _request(loads(payload)))
+
+
+def run_request(name, task_id, req):
+    """Runs one task through Celery's tracer, its request given as the
+    objects JSON decoding would give (built by the Rust side from the
+    decoded message). Returns ``(True, repr)`` when it succeeded (``repr`` of
+    its value, ``None`` when Celery gives none), else ``(False, outcome as
+    JSON)``."""
+    return _run(name, task_id, _request(req))
+
+
+def _run(name, task_id, prepared):
+    request, args, kwargs = prepared
     task = _app._tasks[name]
     try:
         R, I, T, Rstr = task.__trace__(task_id, args, kwargs, request)

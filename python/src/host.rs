@@ -328,16 +328,12 @@ struct PythonTask;
 impl TaskHandler for PythonTask {
     fn call(&self, ctx: Context, args: Vec<Value>, kwargs: Map<String, Value>) -> TaskFuture {
         Box::pin(async move {
-            let payload = serde_json::to_string(&Request::new(
-                ctx.message(),
-                ctx.delivery_info(),
-                &args,
-                &kwargs,
-            ))
-            .unwrap_or_default();
-            let (name, id) = (ctx.message().task.clone(), ctx.id().to_owned());
-            let outcome = on_main_thread("run", (name, id, payload), |r| {
-                r.extract::<(bool, Option<String>)>()
+            let outcome = main_thread::run(move || {
+                Python::attach(|py| {
+                    run_request(py, &ctx, &args, &kwargs)
+                        .and_then(|r| r.extract::<(bool, Option<String>)>())
+                        .map_err(|e| line(py, &e))
+                })
             })
             .await;
             match outcome {
@@ -412,6 +408,38 @@ async fn on_main_thread<T: Send + 'static>(
         })
     })
     .await
+}
+
+/// Runs one task through `celeriac._worker`: the request as Python objects
+/// built straight from the decoded message (`run_request`), or, when it
+/// holds a kombu typed value (a mapping keyed `__type__`, which kombu's JSON
+/// decoder turns into a `datetime`, `Decimal`, `UUID`, ...), as JSON text
+/// decoded by kombu (`run`).
+fn run_request<'py>(
+    py: Python<'py>,
+    ctx: &Context,
+    args: &[Value],
+    kwargs: &Map<String, Value>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let msg = ctx.message();
+    let request = Request::new(msg, ctx.delivery_info(), args, kwargs);
+    let bridge = bridge(py)?;
+    if request.has_typed_value() {
+        let payload = serde_json::to_string(&request).unwrap_or_default();
+        return bridge.call_method1("run", (&msg.task, &msg.id, payload));
+    }
+    let request = pythonize::pythonize(py, &request)
+        .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
+    bridge.call_method1("run_request", (&msg.task, &msg.id, request))
+}
+
+/// Whether `value` holds a mapping keyed `__type__` (kombu's typed values).
+fn typed(value: &Value) -> bool {
+    match value {
+        Value::Object(map) => map.contains_key("__type__") || map.values().any(typed),
+        Value::Array(list) => list.iter().any(typed),
+        _ => false,
+    }
 }
 
 /// What Celery's `Request` hands the tracer, serialized for the bridge
@@ -495,6 +523,23 @@ impl<'a> Request<'a> {
                 chord: msg.embed.chord.as_ref(),
             },
         }
+    }
+}
+
+impl Request<'_> {
+    /// Whether a kombu typed value is anywhere in what the tracer gets.
+    fn has_typed_value(&self) -> bool {
+        let lists = [
+            Some(self.args),
+            self.embed.callbacks,
+            self.embed.errbacks,
+            self.embed.chain,
+        ];
+        self.headers.values().any(typed)
+            || self.properties.other.values().any(typed)
+            || self.kwargs.values().any(typed)
+            || lists.into_iter().flatten().flatten().any(typed)
+            || self.embed.chord.is_some_and(typed)
     }
 }
 
