@@ -15,12 +15,14 @@ use celeriac::task::{
     TaskHandler, TaskOptions,
 };
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 use pyo3::sync::PyOnceLock;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::borrow::Cow;
 
 use crate::fork::ForkGuard;
+use crate::objects;
 
 /// The hosted app, as the supervisor loaded it (inherited by every fork).
 #[derive(Default)]
@@ -428,9 +430,11 @@ fn run_request<'py>(
         let payload = serde_json::to_string(&request).unwrap_or_default();
         return bridge.call_method1("run", (&msg.task, &msg.id, payload));
     }
-    let request = pythonize::pythonize(py, &request)
-        .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
-    bridge.call_method1("run_request", (&msg.task, &msg.id, request))
+    let request = request.to_python(py)?;
+    bridge.call_method1(
+        pyo3::intern!(py, "run_request"),
+        (&msg.task, &msg.id, request),
+    )
 }
 
 /// Whether `value` holds a mapping keyed `__type__` (kombu's typed values).
@@ -527,6 +531,55 @@ impl<'a> Request<'a> {
 }
 
 impl Request<'_> {
+    /// The request as Python objects: what `json.loads` of its JSON gives
+    /// (the same keys in the same order).
+    fn to_python<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        use pyo3::intern;
+        let opt_list = |list: Option<&[Value]>| -> PyResult<Bound<'py, PyAny>> {
+            match list {
+                Some(items) => Ok(objects::list(py, items)?.into_any()),
+                None => Ok(py.None().into_bound(py)),
+            }
+        };
+        let p = &self.properties;
+        let properties = PyDict::new(py);
+        properties.set_item(intern!(py, "content_type"), p.content_type)?;
+        properties.set_item(intern!(py, "content_encoding"), p.content_encoding)?;
+        if let Some(v) = p.correlation_id {
+            properties.set_item(intern!(py, "correlation_id"), v)?;
+        }
+        if let Some(v) = p.reply_to {
+            properties.set_item(intern!(py, "reply_to"), v)?;
+        }
+        if let Some(v) = p.priority {
+            properties.set_item(intern!(py, "priority"), v)?;
+        }
+        objects::insert_all(&properties, p.other)?;
+        let d = &self.delivery_info;
+        let delivery = PyDict::new(py);
+        delivery.set_item(intern!(py, "exchange"), d.exchange)?;
+        delivery.set_item(intern!(py, "routing_key"), d.routing_key)?;
+        delivery.set_item(intern!(py, "priority"), d.priority)?;
+        delivery.set_item(intern!(py, "redelivered"), d.redelivered)?;
+        let e = &self.embed;
+        let embed = PyDict::new(py);
+        embed.set_item(intern!(py, "callbacks"), opt_list(e.callbacks)?)?;
+        embed.set_item(intern!(py, "errbacks"), opt_list(e.errbacks)?)?;
+        embed.set_item(intern!(py, "chain"), opt_list(e.chain)?)?;
+        match e.chord {
+            Some(chord) => embed.set_item(intern!(py, "chord"), objects::value(py, chord)?)?,
+            None => embed.set_item(intern!(py, "chord"), py.None())?,
+        }
+        let out = PyDict::new(py);
+        out.set_item(intern!(py, "headers"), objects::dict(py, &self.headers)?)?;
+        out.set_item(intern!(py, "properties"), properties)?;
+        out.set_item(intern!(py, "delivery_info"), delivery)?;
+        out.set_item(intern!(py, "args"), objects::list(py, self.args)?)?;
+        out.set_item(intern!(py, "kwargs"), objects::dict(py, self.kwargs)?)?;
+        out.set_item(intern!(py, "embed"), embed)?;
+        Ok(out)
+    }
+
     /// Whether a kombu typed value is anywhere in what the tracer gets.
     fn has_typed_value(&self) -> bool {
         let lists = [

@@ -7,6 +7,7 @@
 
 mod fork;
 mod host;
+mod objects;
 
 use std::sync::Arc;
 

@@ -113,9 +113,10 @@ impl Child {
             );
             let job_msg = Arc::clone(&job.msg);
             let settler = job.settler.clone();
-            let abort =
-                self.running
-                    .spawn(execute(Arc::clone(&self.shared), job, Arc::clone(&state)));
+            // Boxed: the future is large, and tokio moves a task's future
+            // (and its output stage) by value when it spawns and completes it.
+            let run = Box::pin(execute(Arc::clone(&self.shared), job, Arc::clone(&state)));
+            let abort = self.running.spawn(run);
             self.running_info.insert(
                 abort.id(),
                 Running {
