@@ -15,8 +15,8 @@ use celeriac::task::{
     TaskHandler, TaskOptions,
 };
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
 use pyo3::sync::PyOnceLock;
+use pyo3::types::PyDict;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::borrow::Cow;
