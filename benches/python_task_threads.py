@@ -11,7 +11,8 @@ what the processes' totals hold beyond their live threads (threads that
 ended between the readings).
 
 Usage: .venv/bin/python benches/python_task_threads.py [N] [task] [C]
-With PERF_OUT=file, `perf record -g` samples the task and control processes during the drain.
+With PERF_OUT=file, `perf record` samples the task and control processes during the drain
+(PERF_ARGS, default `-g`; `--call-graph=dwarf` for stacks through libc and libpython).
 Needs RabbitMQ on 127.0.0.1:5672 and celeriac installed in the venv.
 """
 import os
