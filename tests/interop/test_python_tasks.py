@@ -1245,7 +1245,14 @@ def test_worker_lifecycle_signals(request):
     assert len(inits) >= 2 and set(inits) == {("worker_process_init", "child")}
     assert [r for r in celery["before_stop"] if r[0] != "worker_process_init"] == [
         ("worker_init", "main"), ("worker_ready", "main")]
-    assert celery["at_stop"] == [("worker_process_shutdown", "child", 0)] * 2 + [("worker_shutdown", "main", None)]
+    normal_stop = [("worker_process_shutdown", "child", 0)] * 2 + [("worker_shutdown", "main", None)]
+    # Celery's side of the stop is itself a race: on a loaded machine one of its two pool processes
+    # can be missing from worker_process_shutdown (seen once, in CI on CPython 3.13, 2026-12-07). The
+    # oracle may lose a process's record; celeriac is held to the normal stop.
+    assert celery["at_stop"] == normal_stop or (
+        celery["at_stop"][-1] == normal_stop[-1] and set(celery["at_stop"][:-1]) <= {normal_stop[0]}
+    ), celery["at_stop"]
+    celery["at_stop"] = normal_stop
     pair.sides["celeriac"].require()
     celeriac = results["celeriac"]
     # Intentional difference (docs/python-apps.md): worker_ready and worker_shutdown run in
