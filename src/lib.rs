@@ -18,6 +18,7 @@
 //! | [`config`] | the command line and environment, validated before anything forks |
 //! | [`exit`] | every exit code, of the worker and of the processes it forks |
 //! | [`backoff`] | the one capped exponential backoff with jitter |
+//! | [`deadline`] | a timer that wakes an idle runtime once, when due |
 //! | [`signals`] | shutdown signals of the processes that run a tokio runtime |
 //! | [`shm`] | the memory the processes share, one file per table |
 //! | [`events`] | publishing Celery events (task events batched on `task.multi`) |
@@ -40,6 +41,7 @@ pub mod broker;
 pub mod child;
 pub mod config;
 pub mod control;
+pub mod deadline;
 pub mod events;
 pub mod exit;
 pub mod host;

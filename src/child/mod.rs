@@ -242,6 +242,8 @@ struct Child {
     doorbell: Doorbell,
     /// How often the idle loop beats ([`crate::shm::beat_period`]).
     beat_every: std::time::Duration,
+    /// The loop's next look ([`Child::tick`]), one wake-up when due.
+    tick_timer: crate::deadline::Deadline,
     received: u64,
     /// [`Child::received`] at the last idle check of the consumed queues.
     received_at_check: u64,
@@ -340,6 +342,7 @@ async fn run(
         signals: ProcessSignals::install().map_err(ChildError::Runtime)?,
         doorbell: Doorbell::install(),
         beat_every: crate::shm::beat_period(config.child_heartbeat_timeout),
+        tick_timer: crate::deadline::Deadline::new(),
         received: 0,
         received_at_check: 0,
         queued: QueuedLines::default(),

@@ -1,7 +1,8 @@
 //! The task process's loop: deliveries, finished tasks, signals, the
 //! doorbell, the heartbeat, ETA timers and consumer rotation, one at a time.
 //! Idle, it sleeps until the broker, a signal or the doorbell wakes it, or
-//! its next heartbeat ([`crate::shm::beat_period`]) is due.
+//! its next heartbeat ([`crate::shm::beat_period`]) is due: one wake-up per
+//! heartbeat ([`crate::deadline`]).
 
 use std::time::Duration;
 
@@ -55,7 +56,7 @@ impl Child {
                     }
                     self.resume_after_timeout().await?;
                 }
-                () = tokio::time::sleep_until(next_tick) => {
+                () = self.tick_timer.until(next_tick) => {
                     self.tick().await;
                     self.check_consumed_queues().await?;
                     next_tick = Instant::now() + self.tick_every();

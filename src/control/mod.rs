@@ -188,7 +188,11 @@ async fn run(
         .heartbeat_interval
         .unwrap_or(Duration::from_secs_f64(HEARTBEAT_FREQ));
     let freq = period.as_secs_f64();
-    let mut heartbeat = tokio::time::interval(period);
+    // The worker-heartbeat events' and the beat's timers: one wake-up each
+    // when due (tokio's wheel would take two or three).
+    let mut next_heartbeat = tokio::time::Instant::now();
+    let mut heartbeat_timer = crate::deadline::Deadline::new();
+    let mut beat_timer = crate::deadline::Deadline::new();
     let beat_with_heartbeats = send_heartbeats && period <= beat_every;
     let mut delayed_reported = false;
     loop {
@@ -254,8 +258,14 @@ async fn run(
         let mut beat_now = false;
         tokio::select! {
             _ = signals.recv() => break,
-            () = tokio::time::sleep_until(next_beat), if !riding => beat_now = true,
-            _ = heartbeat.tick(), if connected && send_heartbeats => {
+            () = beat_timer.until(next_beat), if !riding => beat_now = true,
+            () = heartbeat_timer.until(next_heartbeat), if connected && send_heartbeats => {
+                // Every period; after a late one (a long reconnect), a period from now.
+                let now = tokio::time::Instant::now();
+                next_heartbeat += period;
+                if next_heartbeat <= now {
+                    next_heartbeat = now + period;
+                }
                 events.worker("worker-heartbeat", status(&shm, freq)).await;
                 beat_now = riding;
             }

@@ -257,10 +257,11 @@ def voluntary_switches(pid):
 
 def test_an_idle_worker_sleeps(start_worker):
     """Idle, nothing wakes on a short timer: the supervisor sleeps until a
-    signal, the doorbell or its next deadline (the state file, once a
-    second), a task process until the broker, a signal, the doorbell or its
-    heartbeat (every 5 s), the control process likewise (plus worker-heartbeat
-    events every 2 s). Counted as voluntary context switches, not time, so a
+    signal, the doorbell or its next deadline (the state file, every 2 s), a
+    task process until the broker, a signal, the doorbell or its heartbeat
+    (every 5 s, a timerfd: one wake-up, where tokio's timer wheel takes three),
+    the control process likewise (plus worker-heartbeat events every 2 s).
+    Counted as voluntary context switches, not time, so a
     loaded machine does not make it fail: a 100 ms supervisor tick was 10 a
     second, a task process's 250 ms consumer rotation 4 to 8."""
     w = start_worker("-c", "2")
