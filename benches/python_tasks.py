@@ -15,12 +15,17 @@ ratios. Two apps:
 For each: PSS summed over the worker's processes (idle, and after the no-op
 run or the Django run), the app's own PSS (one plain Python process that
 imports the app, its task modules, and finalizes it, measured alone), the
-worker's tree PSS minus that ("what the worker adds above the app"), and the
-time from launch to ready. CPU is the worker's process tree only (not the
-PostgreSQL server's backends).
+worker's tree PSS minus that ("what the worker adds above the app"), the
+time from launch to ready, and the idle cost: CPU (% of one core, time on a
+CPU from /proc/<pid>/task/<tid>/schedstat) and wake-ups per second (voluntary
+context switches of every thread) of the whole tree, connected and consuming
+an empty queue for --idle-seconds (benches/idle.py breaks it down per
+process and thread). CPU is the worker's process tree only (not the
+PostgreSQL server's backends). celeriac's probe state directory is made in
+--state-root (/dev/shm: the chart mounts it on tmpfs).
 
 Usage: .venv/bin/python benches/python_tasks.py [--apps benchapp,django] [--tasks N] [--work-tasks M]
-       [--django-tasks D] [--rows R] [--repeat K]
+       [--django-tasks D] [--rows R] [--repeat K] [--idle-seconds S] [--state-root DIR]
 Needs RabbitMQ on 127.0.0.1:5672, `celeriac` installed in the venv with a
 release build (`pip install .`), and for the Django app PostgreSQL's binaries
 (/usr/lib/postgresql/*/bin, or $POSTGRES_BIN_DIR), Django and psycopg.
@@ -35,25 +40,45 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import common  # noqa: E402
+import idle as idle_bench  # noqa: E402
 import pyworkers  # noqa: E402
 from pyworkers import APPS, DONE, Worker  # noqa: E402
 
 FOREIGN = set()  # other Celery/celeriac processes seen while measuring
+OPTIONS = {"idle_seconds": 20.0, "state_root": None}
+
+
+def idle_cost(pid, seconds):
+    """CPU (% of one core) and wake-ups per second of the process tree over `seconds`."""
+    pids = common.tree(pid)
+    before, t0 = idle_bench.snapshot(pids)
+    time.sleep(seconds)
+    after, t1 = idle_bench.snapshot(pids)
+    if set(common.tree(pid)) != set(pids):
+        raise RuntimeError("the worker's processes changed while idle")
+    cpu = wake = 0.0
+    for p in pids:
+        for tid, (_, on_cpu, vol, _) in after[p].items():
+            _, on_cpu0, vol0, _ = before[p].get(tid, (None, 0.0, 0, 0))
+            cpu, wake = cpu + on_cpu - on_cpu0, wake + vol - vol0
+    return cpu / (t1 - t0) * 100, wake / (t1 - t0)
 
 
 def idle(kind, app, extra_env=None):
-    """Launch → ready, and PSS once idle."""
-    with Worker(kind, app, extra_env) as w:
+    """Launch → ready, PSS once idle, and the idle cost."""
+    with Worker(kind, app, extra_env, state_root=OPTIONS["state_root"]) as w:
         ready = w.wait_ready()
         time.sleep(2.0)
         pss = common.pss_bytes(w.proc.pid)
         FOREIGN.update(pyworkers.foreign_workers(w.proc.pid))
-    return {"ready_s": ready, "idle_pss_mb": pss / 2**20}
+        cpu, wake = idle_cost(w.proc.pid, OPTIONS["idle_seconds"])
+    return {"ready_s": ready, "idle_pss_mb": pss / 2**20, "idle_cpu_pct": cpu, "idle_wakeups_s": wake}
 
 
 def drain(kind, app, task, n, args_of=lambda i: (), extra_env=None):
     """Drains n pre-filled tasks: tasks/s, CPU per task, PSS after."""
-    with Worker(kind, app, extra_env, prefill=lambda q: pyworkers.prefill(q, task, args_of, n)) as w:
+    with Worker(kind, app, extra_env, prefill=lambda q: pyworkers.prefill(q, task, args_of, n),
+                state_root=OPTIONS["state_root"]) as w:
         w.watch.wait("received", 1, 120, w.proc, poll=0.002)
         cpu0 = common.cpu_seconds(w.proc.pid)
         lines = w.watch.wait(DONE, n, 900, w.proc)
@@ -105,6 +130,8 @@ def rows_of(key, a):
         ]
         after = f"after {a.django_tasks:,} tasks"
     return load + [
+        (f"idle {a.idle_seconds:.0f} s: CPU, % of one core", "idle_cpu_pct", False),
+        (f"idle {a.idle_seconds:.0f} s: wake-ups/s", "idle_wakeups_s", False),
         ("launch → ready, s", "ready_s", False),
         ("worker tree PSS − app PSS, idle, MiB", "above_idle_mb", False),
         (f"worker tree PSS − app PSS, {after}, MiB", "above_after_mb", False),
@@ -120,7 +147,12 @@ def main():
     p.add_argument("--django-tasks", type=int, default=10000, help="django: one-row read tasks per run")
     p.add_argument("--rows", type=int, default=1000, help="django: rows in the table read")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--idle-seconds", type=float, default=20.0, help="idle time measured per worker and run")
+    p.add_argument("--state-root", default="/dev/shm" if pathlib.Path("/dev/shm").is_dir() else None,
+                   help="where celeriac's probe state directory is made (default /dev/shm: tmpfs, as the chart "
+                        "mounts it)")
     a = p.parse_args()
+    OPTIONS.update(idle_seconds=a.idle_seconds, state_root=a.state_root)
     keys = [k.strip() for k in a.apps.split(",") if k.strip()]
     for k in keys:
         if k not in APPS:
@@ -153,7 +185,10 @@ def main():
             c, p_ = med["celeriac"][k], med["celery"][k]
             ratio = c / p_ if higher else p_ / c
             word = "×" if higher else "× less"
-            print(f"| {label} | {c:,.1f} | {p_:,.1f} | {ratio:.1f}{word} |")
+            if not higher and ratio < 1:
+                ratio, word = c / p_, "× more"
+            digits = 3 if k == "idle_cpu_pct" else 1
+            print(f"| {label} | {c:,.{digits}f} | {p_:,.{digits}f} | {ratio:.1f}{word} |")
         print(f"| the app alone (import + finalize, one process), PSS MiB | {statistics.median(alone[key]):,.1f} | | |")
     if FOREIGN:
         print(f"\nnote: {len(FOREIGN)} other Celery/celeriac processes ran during the measurements: they took CPU, "

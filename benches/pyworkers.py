@@ -65,13 +65,13 @@ def env(app, extra=None):
 class Worker:
     """One worker on a fresh queue (declared here, deleted by close())."""
 
-    def __init__(self, kind, app, extra_env=None, prefill=None):
+    def __init__(self, kind, app, extra_env=None, prefill=None, state_root=None):
         self.kind, self.app = kind, app
         self.queue = f"bench-py-{uuid.uuid4().hex[:8]}"
         common.declare(self.queue)
         if prefill:
             prefill(self.queue)
-        self.state_dir = tempfile.mkdtemp(prefix="bench-state-")
+        self.state_dir = tempfile.mkdtemp(prefix="bench-state-", dir=state_root)
         self.log_path = tempfile.mktemp(prefix=f"bench-py-{kind}-", suffix=".log")
         with open(self.log_path, "wb") as log:
             self.t0 = time.monotonic()
