@@ -205,7 +205,14 @@ def test_celery_events_dump_sees_every_event_type(start_worker, rpc_app, tmp_pat
         assert "NotRegistered('nope.missing')" in text()
     finally:
         dump.send_signal(signal.SIGINT)
-        dump.wait(10)
+        try:
+            dump.wait(10)
+        except subprocess.TimeoutExpired:
+            # Celery's `events --dump` does not always stop on SIGINT (seen twice in fresh-clone
+            # runs, after every assertion above had passed): what it printed is what counts.
+            dump.kill()
+            dump.wait(10)
+        log.close()
 
 
 def free_port():
