@@ -79,6 +79,19 @@ def snapshot(pids):
     return {pid: threads(pid) for pid in pids}, time.monotonic()
 
 
+def rates(before, after):
+    """{pid: [(thread name, voluntary switches/s, involuntary/s, CPU %)]} between two snapshots."""
+    (b, t0), (a, t1) = before, after
+    elapsed = t1 - t0
+    out = {}
+    for pid, now in a.items():
+        rows = out[pid] = []
+        for tid, (name, ticks, vol, invol) in now.items():
+            _, ticks0, vol0, invol0 = b.get(pid, {}).get(tid, (name, 0, 0, 0))
+            rows.append((name, (vol - vol0) / elapsed, (invol - invol0) / elapsed, (ticks - ticks0) / elapsed * 100))
+    return out
+
+
 def roles(kind, root, state_dir):
     """[(role, pid)] of a worker's processes."""
     kids = [p for p in common.tree(root) if p != root]
@@ -121,25 +134,17 @@ def measure(kind, app, seconds, settle, state_root=None):
         watch.wait(needle, count, 120, proc)
         time.sleep(settle)
         who = roles(kind, proc.pid, state_dir)
-        before, t0 = snapshot([p for _, p in who])
+        before = snapshot([p for _, p in who])
         time.sleep(seconds)
-        after, t1 = snapshot([p for _, p in who])
+        after = snapshot([p for _, p in who])
         if proc.poll() is not None:
             raise RuntimeError(f"{kind} exited during the measurement")
     finally:
         common.stop(proc)
         common.delete(queue)
         os.unlink(log_path)
-    elapsed = t1 - t0
-    rows = []
-    for role, pid in who:
-        per_thread = []
-        for tid, (name, ticks, vol, invol) in after[pid].items():
-            name0, ticks0, vol0, invol0 = before[pid].get(tid, (name, 0, 0, 0))
-            per_thread.append((name, (vol - vol0) / elapsed, (invol - invol0) / elapsed,
-                               (ticks - ticks0) / elapsed * 100))
-        rows.append((role, pid, per_thread))
-    return rows
+    per_pid = rates(before, after)
+    return [(role, pid, per_pid[pid]) for role, pid in who]
 
 
 def main():

@@ -45,40 +45,35 @@ import pyworkers  # noqa: E402
 from pyworkers import APPS, DONE, Worker  # noqa: E402
 
 FOREIGN = set()  # other Celery/celeriac processes seen while measuring
-OPTIONS = {"idle_seconds": 20.0, "state_root": None}
 
 
 def idle_cost(pid, seconds):
     """CPU (% of one core) and wake-ups per second of the process tree over `seconds`."""
     pids = common.tree(pid)
-    before, t0 = idle_bench.snapshot(pids)
+    before = idle_bench.snapshot(pids)
     time.sleep(seconds)
-    after, t1 = idle_bench.snapshot(pids)
+    after = idle_bench.snapshot(pids)
     if set(common.tree(pid)) != set(pids):
         raise RuntimeError("the worker's processes changed while idle")
-    cpu = wake = 0.0
-    for p in pids:
-        for tid, (_, on_cpu, vol, _) in after[p].items():
-            _, on_cpu0, vol0, _ = before[p].get(tid, (None, 0.0, 0, 0))
-            cpu, wake = cpu + on_cpu - on_cpu0, wake + vol - vol0
-    return cpu / (t1 - t0) * 100, wake / (t1 - t0)
+    threads = [t for per_thread in idle_bench.rates(before, after).values() for t in per_thread]
+    return sum(t[3] for t in threads), sum(t[1] for t in threads)
 
 
-def idle(kind, app, extra_env=None):
+def idle(kind, app, a, extra_env=None):
     """Launch → ready, PSS once idle, and the idle cost."""
-    with Worker(kind, app, extra_env, state_root=OPTIONS["state_root"]) as w:
+    with Worker(kind, app, extra_env, state_root=a.state_root) as w:
         ready = w.wait_ready()
         time.sleep(2.0)
         pss = common.pss_bytes(w.proc.pid)
         FOREIGN.update(pyworkers.foreign_workers(w.proc.pid))
-        cpu, wake = idle_cost(w.proc.pid, OPTIONS["idle_seconds"])
+        cpu, wake = idle_cost(w.proc.pid, a.idle_seconds)
     return {"ready_s": ready, "idle_pss_mb": pss / 2**20, "idle_cpu_pct": cpu, "idle_wakeups_s": wake}
 
 
-def drain(kind, app, task, n, args_of=lambda i: (), extra_env=None):
+def drain(kind, app, a, task, n, args_of=lambda i: (), extra_env=None):
     """Drains n pre-filled tasks: tasks/s, CPU per task, PSS after."""
     with Worker(kind, app, extra_env, prefill=lambda q: pyworkers.prefill(q, task, args_of, n),
-                state_root=OPTIONS["state_root"]) as w:
+                state_root=a.state_root) as w:
         w.watch.wait("received", 1, 120, w.proc, poll=0.002)
         cpu0 = common.cpu_seconds(w.proc.pid)
         lines = w.watch.wait(DONE, n, 900, w.proc)
@@ -95,16 +90,16 @@ def drain(kind, app, task, n, args_of=lambda i: (), extra_env=None):
 def run_app(key, kind, a, db):
     app = APPS[key]
     extra = db.env if db else None
-    r = idle(kind, app, extra)
+    r = idle(kind, app, a, extra)
     if key == "benchapp":
-        noop = drain(kind, app, "bench.noop", a.tasks)
-        work = drain(kind, app, "bench.work", a.work_tasks)
+        noop = drain(kind, app, a, "bench.noop", a.tasks)
+        work = drain(kind, app, a, "bench.work", a.work_tasks)
         r.update({"noop_" + k: v for k, v in noop.items()})
         r.update({"work_" + k: v for k, v in work.items()})
         r["after_pss_mb"] = r["noop_pss_mb"]
     else:
         pks = db.pks
-        read = drain(kind, app, "djbench.read_row", a.django_tasks, lambda i: (pks[i % len(pks)],), extra)
+        read = drain(kind, app, a, "djbench.read_row", a.django_tasks, lambda i: (pks[i % len(pks)],), extra)
         r.update({"read_" + k: v for k, v in read.items()})
         r["after_pss_mb"] = r["read_pss_mb"]
     return r
@@ -152,7 +147,6 @@ def main():
                    help="where celeriac's probe state directory is made (default /dev/shm: tmpfs, as the chart "
                         "mounts it)")
     a = p.parse_args()
-    OPTIONS.update(idle_seconds=a.idle_seconds, state_root=a.state_root)
     keys = [k.strip() for k in a.apps.split(",") if k.strip()]
     for k in keys:
         if k not in APPS:
