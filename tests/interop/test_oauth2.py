@@ -426,7 +426,7 @@ def test_a_rejected_assertion_stops_the_worker_naming_entras_error(oauth_broker,
     entra.fail = entra.refuse("Client assertion is not within its valid time range.", 700024)
     env = wi_env(entra, federated, CELERY_BROKER_URL=token_url(oauth_broker))
     p, took = run_worker(env, "--boot-timeout", "10")
-    assert p.returncode != 0 and took < 10 + 5, (took, p.stderr)
+    assert p.returncode != 0 and took < 25, (took, p.stderr)
     line = boot_failure(p)
     assert ("refused the request (HTTP 400): invalid_client: AADSTS700024: Client assertion is not within "
             "its valid time range.") in line, line
@@ -441,7 +441,7 @@ def test_an_unreachable_authority_stops_the_worker_after_the_boot_timeout(oauth_
            "azure-workload-identity", "CELERIAC_BROKER_OAUTH_SCOPE": SCOPE,
            "CELERY_BROKER_URL": token_url(oauth_broker)}
     p, took = run_worker(env, "--boot-timeout", "4")
-    assert p.returncode != 0 and took < 4 + 10, (took, p.stderr)
+    assert p.returncode != 0 and took < 20, (took, p.stderr)
     line = boot_failure(p)
     assert "still failing after 4s" in line and "cannot reach the token endpoint" in line, line
 
@@ -450,7 +450,7 @@ def test_a_token_the_broker_refuses_stops_the_worker(oauth_broker, entra, federa
     entra.sign_with = keys["other"]  # a key the broker does not know
     env = wi_env(entra, federated, CELERY_BROKER_URL=token_url(oauth_broker))
     p, took = run_worker(env, "--boot-timeout", "10")
-    assert p.returncode != 0 and took < 10 + 5, (took, p.stderr)
+    assert p.returncode != 0 and took < 25, (took, p.stderr)
     line = boot_failure(p)
     assert "ACCESS_REFUSED" in line, line
     for _, token in entra.issued:
@@ -463,7 +463,7 @@ def test_an_expired_token_in_the_file_stops_the_worker(oauth_broker, keys, tmp_p
     env = {"CELERIAC_BROKER_AUTH": "oauth2-token-file", "CELERIAC_BROKER_OAUTH_TOKEN_FILE": str(path),
            "CELERY_BROKER_URL": token_url(oauth_broker)}
     p, took = run_worker(env, "--boot-timeout", "10")
-    assert p.returncode != 0 and took < 15, (took, p.stderr)
+    assert p.returncode != 0 and took < 25, (took, p.stderr)
     line = boot_failure(p)
     assert f"the token file {path} holds no usable token: its token expired" in line, line
 

@@ -98,4 +98,5 @@ def test_an_unreachable_redis_at_startup_is_named_and_ends_the_worker(tmp_path):
     assert p.returncode == 1 and len(lines) == 2, err
     assert "still failing after 4s" in lines[-1] and "redis backend" in lines[-1], lines[-1]
     assert "hunter2" not in err + out
-    assert took < 4 + 3, took
+    # The bound tells the flag from the default (30 s), not how fast the machine is.
+    assert 4 <= took < 20, took

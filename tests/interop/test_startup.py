@@ -38,7 +38,8 @@ def test_an_unreachable_broker_gives_up_at_the_boot_timeout(tmp_path):
     assert p.returncode == 1, p
     assert len(lines) == 2, lines
     assert "still failing after 4s" in lines[-1] and "Connection refused" in lines[-1], lines[-1]
-    assert 4 <= took < 4 + 2.5, f"gave up after {took:.1f}s for --boot-timeout 4"
+    # The bound tells the flag from the default (30 s), not how fast the machine is.
+    assert 4 <= took < 20, f"gave up after {took:.1f}s for --boot-timeout 4"
 
 
 def test_the_client_library_speaks_at_debug(tmp_path):
