@@ -14,8 +14,9 @@ use crate::shm::ChildState;
 
 /// What a consumer forwards to the loop.
 pub(super) enum Incoming {
-    /// A message, and the tag of the consumer that got it.
-    Delivery(Box<lapin::message::Delivery>, ShortString),
+    /// A message, the tag of the consumer that got it, and the session
+    /// (connection) that consumer belonged to ([`Consumers::session`]).
+    Delivery(Box<lapin::message::Delivery>, ShortString, u64),
     /// The consumer failed (its channel or connection is gone).
     Failed(lapin::Error, ShortString),
     /// The consumer ended (cancelled).
@@ -37,6 +38,9 @@ pub(super) struct Consumers {
     seq: u64,
     /// The shared queue-change generation last applied.
     generation: u64,
+    /// Counts the connections consumed on: a delivery forwarded from an
+    /// earlier one is never settled on the current channel.
+    session: u64,
     tx: mpsc::UnboundedSender<Incoming>,
 }
 
@@ -47,13 +51,21 @@ impl Consumers {
             list: Vec::new(),
             seq: 0,
             generation: 0,
+            session: 0,
             tx,
         }
     }
 
-    /// Forgets every consumer (their connection is gone).
+    /// Forgets every consumer (their connection is gone); deliveries still
+    /// forwarded from them belong to a past session from now on.
     pub(super) fn clear(&mut self) {
         self.list.clear();
+        self.session += 1;
+    }
+
+    /// The session whose consumers are current.
+    pub(super) fn session(&self) -> u64 {
+        self.session
     }
 
     /// Each live consumer's queue and tag.
@@ -168,10 +180,15 @@ impl Child {
             .map_err(BrokerError::amqp(format!("basic.consume {queue}")))?;
         let tx = self.consumers.tx.clone();
         let forward_tag = tag.clone();
+        let session = self.consumers.session;
         tokio::spawn(async move {
             while let Some(item) = consumer.next().await {
                 let sent = match item {
-                    Ok(d) => tx.send(Incoming::Delivery(Box::new(d), forward_tag.clone())),
+                    Ok(d) => tx.send(Incoming::Delivery(
+                        Box::new(d),
+                        forward_tag.clone(),
+                        session,
+                    )),
                     Err(e) => {
                         let _ = tx.send(Incoming::Failed(e, forward_tag.clone()));
                         break;

@@ -50,7 +50,9 @@ impl Child {
         // Everything received but not started goes back to the queue.
         let mut returned = 0usize;
         while let Ok(incoming) = rx.try_recv() {
-            if let Incoming::Delivery(d, _) = incoming {
+            // Settled through each message's own channel (an earlier
+            // session's fails harmlessly: its broker requeued it already).
+            if let Incoming::Delivery(d, _, _) = incoming {
                 let id = match decode(*d, std::sync::Arc::from(""), &self.channel) {
                     Decoded::Job(job) => {
                         job.settler.requeue(&job.msg.id).await;

@@ -119,8 +119,12 @@ impl Child {
     async fn incoming(&mut self, incoming: Option<Incoming>) -> Result<(), ChildError> {
         self.shared.events.set_idle(false);
         match incoming {
-            Some(Incoming::Delivery(d, tag)) => {
+            Some(Incoming::Delivery(d, tag, session)) if session == self.consumers.session() => {
                 self.receive(*d, &tag).await;
+                Ok(())
+            }
+            Some(Incoming::Delivery(d, _, _)) => {
+                super::session::hand_back_stale(*d);
                 Ok(())
             }
             Some(Incoming::Failed(e, tag)) if self.consumers.current(&tag) => {

@@ -130,10 +130,15 @@ async fn open_channel(conn: &Connection) -> Result<Channel, BrokerError> {
 }
 
 impl Child {
-    /// Forgets a dead connection. Messages received on it but not started
-    /// are dropped here: the broker requeues them itself. Running tasks go
-    /// on; acknowledging them on the dead channel fails (logged), and the
-    /// broker redelivers acks-late ones.
+    /// Gives up the session's connection. Messages received on it but not
+    /// started are dropped here: the broker requeues them itself. Running
+    /// tasks go on; acknowledging them on the closed channel fails (logged),
+    /// and the broker redelivers acks-late ones.
+    ///
+    /// A connection that is still up (the broker cancelled one consumer,
+    /// or a consumed queue is gone) is closed, as Celery does: its other
+    /// consumers would otherwise go on receiving messages that nothing here
+    /// settles, and the connection would outlive the session.
     pub(super) fn lose_session(&mut self) {
         self.link.set_state(ChildState::Reconnecting);
         self.consumers.clear();
@@ -143,7 +148,19 @@ impl Child {
         if dropped > 0 {
             info!("{dropped} received message(s) will be redelivered by the broker");
         }
-        self.session = None;
+        if let Some(old) = self.session.take() {
+            if old.conn.status().connected() {
+                tokio::spawn(async move {
+                    if let Err(e) = old
+                        .conn
+                        .close(200, lapin::types::ShortString::from("session given up"))
+                        .await
+                    {
+                        debug!("closing the given-up connection: {e}");
+                    }
+                });
+            }
+        }
     }
 
     /// Re-establishes the connection with backoff and jitter, re-declares,
@@ -271,4 +288,24 @@ impl Child {
         }
         self.running.abort_all();
     }
+}
+
+/// A message forwarded from a consumer of a session already given up,
+/// read after it: never run here, and never settled on the current channel
+/// (its delivery tag means another message there). It goes back through its
+/// own channel; that connection is closed or closing, so the broker has
+/// requeued it or does so now.
+pub(super) fn hand_back_stale(d: lapin::message::Delivery) {
+    let id = d
+        .properties
+        .correlation_id()
+        .as_ref()
+        .map_or_else(|| "?".to_owned(), |c| c.as_str().to_owned());
+    info!(task_id = %id, "{id} arrived on a connection given up: the broker redelivers it");
+    tokio::spawn(async move {
+        let requeue = lapin::options::BasicRejectOptions { requeue: true };
+        if let Err(e) = d.acker.reject(requeue).await {
+            debug!(task_id = %id, "returning {id} on its closed channel: {e}");
+        }
+    });
 }

@@ -194,6 +194,8 @@ async fn run(
     let mut heartbeat_timer = crate::deadline::Deadline::new();
     let mut beat_timer = crate::deadline::Deadline::new();
     let beat_with_heartbeats = send_heartbeats && period <= beat_every;
+    // The last worker-heartbeat, handed to the connection and not waited for.
+    let mut heartbeat_sending: Option<crate::events::Sending<'_>> = None;
     let mut delayed_reported = false;
     loop {
         if session.is_none() && tokio::time::Instant::now() >= next_connect {
@@ -266,7 +268,15 @@ async fn run(
                 if next_heartbeat <= now {
                     next_heartbeat = now + period;
                 }
-                events.worker("worker-heartbeat", status(&shm, freq)).await;
+                // The previous one was handed over a period ago: written by
+                // now, unless its connection went away (then it is dropped,
+                // as Celery drops events it cannot send).
+                if let Some(mut previous) = heartbeat_sending.take() {
+                    if !Events::done(&mut previous) {
+                        debug!("a worker-heartbeat was not written within {period:?}");
+                    }
+                }
+                heartbeat_sending = events.worker_handed_over("worker-heartbeat", status(&shm, freq));
                 beat_now = riding;
             }
             () = tokio::time::sleep_until(next_connect), if !connected => {}
@@ -341,6 +351,10 @@ async fn run(
     }
     if let Some(s) = session {
         events.worker("worker-offline", status(&shm, freq)).await;
+        // Written before worker-offline, so finished (and counted) now.
+        if let Some(mut previous) = heartbeat_sending.take() {
+            Events::done(&mut previous);
+        }
         let _ = s.conn.close(200, ShortString::from("bye")).await;
     }
     0

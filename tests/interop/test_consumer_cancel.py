@@ -48,3 +48,59 @@ def test_deleted_queue_is_consumed_again_rabbitmq3(start_worker, queue_name):
 
 def test_deleted_queue_is_consumed_again_rabbitmq4(start_worker, rabbit4, queue_name):
     check_consumer_comes_back(start_worker, queue_name, rabbit4.url)
+
+
+def worker_connections(queue_name):
+    """The broker's count of one test worker's connections (each celeriac process names its
+    connection "celeriac <node> [control ]pid <pid>"; start_worker's node is w0-<queue>@host)."""
+    import subprocess
+    out = subprocess.run(["rabbitmqctl", "list_connections", "client_properties", "--silent"],
+                         check=True, capture_output=True, text=True, timeout=120).stdout
+    return sum(f'"celeriac w0-{queue_name}@' in line for line in out.splitlines())
+
+
+def unacked(queue):
+    import subprocess
+    out = subprocess.run(["rabbitmqctl", "list_queues", "name", "messages_unacknowledged", "--silent"],
+                         check=True, capture_output=True, text=True, timeout=120).stdout
+    return next((int(n) for name, n in (l.split("\t") for l in out.splitlines() if "\t" in l) if name == queue), None)
+
+
+def test_a_cancel_on_one_queue_gives_up_the_connection_and_loses_nothing(start_worker, queue_name, redis_client):
+    """One process consumes two queues on one connection, and the broker cancels the consumer of
+    one (the queue is deleted). The process gives that connection up and closes it, as Celery
+    does: the messages of the other queue it had received and not started go back through the
+    broker and run once each on the new connection, and the old connection does not linger
+    (left open, it held them unacknowledged until the broker's consumer timeout)."""
+    other = f"{queue_name}-other"
+    key = f"cancel-two-queues-{queue_name}"
+    w = start_worker("--with-test-tasks", "-c", "1", "--prefetch-multiplier", "8", queue=f"{queue_name},{other}")
+    wait_until(lambda: worker_connections(queue_name) == 2, timeout=20, what="task and control connections")
+    app = celery_app(other)
+    try:
+        long = app.send_task("celeriac.test.record", (key, "long", 3))
+        w.wait_for_log(f"[{long.id}] received")
+        for i in range(6):
+            app.send_task("celeriac.test.record", (key, f"quick{i}", 0))
+        wait_until(lambda: unacked(other) == 6, timeout=10, what="six messages received and waiting")
+        with amqp_channel(BROKER) as ch:
+            ch.queue_delete(queue_name)
+        expected = {"long": 1, **{f"quick{i}": 1 for i in range(6)}}
+
+        def counts():
+            return {k.decode(): int(v) for k, v in redis_client.hgetall(key).items()}
+
+        wait_until(lambda: counts() == expected, timeout=30, what=f"every task once: {expected}")
+        wait_until(lambda: worker_connections(queue_name) == 2, timeout=20,
+                   what="the given-up connection closed")
+        time.sleep(2)
+        assert counts() == expected, "no task ran twice"
+        assert unacked(other) == 0
+        log = w.log()
+        assert log.count("was cancelled by the broker") == 1, log[-3000:]
+        assert "PRECONDITION_FAILED" not in log, log[-3000:]
+    finally:
+        redis_client.delete(key)
+        app.close()
+        with amqp_channel(BROKER) as ch:
+            ch.queue_delete(other)

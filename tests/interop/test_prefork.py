@@ -255,6 +255,40 @@ def voluntary_switches(pid):
     return total
 
 
+def main_thread_sleeps(pid):
+    """Times the main thread of `pid` went to sleep."""
+    with open(f"/proc/{pid}/task/{pid}/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("voluntary_ctxt_switches"))
+
+
+def events_published(metrics_url):
+    import urllib.request
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    return float(re.search(r"^celeriac_events_published_total (\S+)$", text, re.M).group(1))
+
+
+def test_a_worker_heartbeat_wakes_the_control_process_once(start_worker):
+    """The control process hands each worker-heartbeat to the connection
+    without waiting to hear it was written: its main thread sleeps about once
+    per heartbeat (its timer), where waiting cost two or three (the I/O
+    thread's "written" wake-up, and the lock the two threads then contend
+    for). Every heartbeat is still counted as published."""
+    w = start_worker("-c", "1", "-E", "--heartbeat-interval", "0.5", "--metrics-bind", "127.0.0.1:0")
+    tasks = wait_for_consuming(w, 1)
+    control = [p for p in child_pids(w.pid) if p not in tasks]
+    assert len(control) == 1, (control, tasks)
+    url = re.search(r"metrics on (http://\S+)", w.log()).group(1)
+    time.sleep(1.0)  # past worker-online and the first heartbeats
+    published = events_published(url)  # the scrape wakes the control process: before the count
+    time.sleep(0.2)
+    before = main_thread_sleeps(control[0])
+    time.sleep(10.0)
+    sleeps = main_thread_sleeps(control[0]) - before
+    heartbeats = events_published(url) - published
+    assert heartbeats >= 10, f"{heartbeats} events published in 10 s at one heartbeat per 0.5 s"
+    assert sleeps <= 1.5 * heartbeats, f"{sleeps} sleeps of the control process for {heartbeats} heartbeats"
+
+
 def test_an_idle_worker_sleeps(start_worker):
     """Idle, nothing wakes on a short timer: the supervisor sleeps until a
     signal, the doorbell or its next deadline (the state file, every 2 s), a
