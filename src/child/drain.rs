@@ -92,8 +92,13 @@ impl Child {
 
     /// At the drain deadline: acks_late messages are requeued; early-acked
     /// tasks are re-published under their own id (confirmed) before they are
-    /// stopped, so nothing is lost either way.
-    async fn hand_back_running(&mut self) {
+    /// stopped, so nothing is lost either way. A task handed back is no
+    /// longer this process's running task: the supervisor must not take it
+    /// for lost when the process exits (a sibling would then fail the copy
+    /// it receives with WorkerLostError). One that could not be re-published
+    /// stays, and is reported lost as when a process dies.
+    pub(super) async fn hand_back_running(&mut self) {
+        let mut all_handed_back = true;
         for (_, run) in self.running_info.drain() {
             run.abort.abort();
             let id = &run.job_msg.id;
@@ -111,6 +116,7 @@ impl Child {
                         warn!(task_id = %id, "Task {}[{}] did not finish before the deadline; re-published", run.job_msg.display_name(), id)
                     }
                     Err(e) => {
+                        all_handed_back = false;
                         self.shared
                             .link
                             .slot()
@@ -122,6 +128,9 @@ impl Child {
         }
         self.running.abort_all();
         while self.running.join_next().await.is_some() {}
+        if all_handed_back {
+            self.shared.link.slot().finish_task();
+        }
     }
 
     /// `--max-tasks-per-child` and `--max-memory-per-child` (checked after

@@ -277,7 +277,11 @@ impl Child {
         }
     }
 
-    /// Lets running tasks finish, up to `timeout` (no broker to hand them back to).
+    /// Lets running tasks finish, up to `timeout`, then hands back the rest
+    /// as a drain does. Without a broker that mostly fails: an acks_late
+    /// message is requeued by the broker anyway, and an early-acked task
+    /// that cannot be re-published gets its ERROR line and is counted
+    /// (`celeriac_task_messages_unpublished_total{kind="hand_back"}`).
     pub(super) async fn wait_running(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while !self.running.is_empty() {
@@ -286,7 +290,7 @@ impl Child {
                 () = tokio::time::sleep_until(deadline) => break,
             }
         }
-        self.running.abort_all();
+        self.hand_back_running().await;
     }
 }
 

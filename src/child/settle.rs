@@ -105,6 +105,7 @@ impl Settle<'_> {
                 .await;
         }
         if msg.embed.chord.is_some() {
+            shared.link.slot().count_unpublished(Unpublished::FollowUp);
             warn!(task_id = %msg.id, "Task {}[{}] is part of a chord; chord bodies are not run by celeriac", msg.display_name(), msg.id);
         }
         if !self.ignore_result {
@@ -277,7 +278,13 @@ impl Settle<'_> {
                     error!(task_id = %parent.id, "could not send follow-up task {} of {}: {e}", out.id, parent.id);
                 }
             }
-            Err(e) => warn!(task_id = %parent.id, "skipping follow-up of {}: {e}", parent.id),
+            // A link or chain step that is not a plain task signature (a
+            // group, a chord): it never exists, so it is counted as a
+            // follow-up that was not sent.
+            Err(e) => {
+                shared.link.slot().count_unpublished(Unpublished::FollowUp);
+                error!(task_id = %parent.id, "could not send a follow-up task of {}: {e}", parent.id);
+            }
         }
     }
 }

@@ -193,3 +193,20 @@ def test_a_taken_metrics_port_says_what_to_set(start_worker, redis_app):
         assert redis_app.send_task("celeriac.add", (1, 2)).get(timeout=20) == 3
     finally:
         holder.close()
+
+
+def test_a_follow_up_that_cannot_be_sent_is_logged_and_counted(start_worker, rpc_app):
+    """A Rust task's link that is a group (celeriac sends plain task signatures only) never
+    becomes a message: an ERROR line naming the parent task, and a counted follow-up."""
+    from celery import group, signature
+    w = start_worker("-c", "1", "--result-backend", "rpc://", "--metrics-bind", "127.0.0.1:0")
+    url = metrics_url(w)
+    assert sample(scrape(url), "celeriac_task_messages_unpublished_total", kind="follow_up") == 0
+    parent = rpc_app.send_task("celeriac.add", (1, 2),
+                               link=group(signature("celeriac.noop"), signature("celeriac.noop")))
+    assert parent.get(timeout=15) == 3
+    w.wait_for_log(f"could not send a follow-up task of {parent.id}")
+    line = next(l for l in w.log().splitlines() if "could not send a follow-up task" in l)
+    assert "ERROR" in line, line
+    wait_until(lambda: sample(scrape(url), "celeriac_task_messages_unpublished_total", kind="follow_up") == 1,
+               10, "the follow-up counted")

@@ -155,6 +155,31 @@ def test_task_outliving_the_shutdown_timeout_is_finished_by_the_next_worker(star
     assert account.duplicates() == {}
 
 
+@pytest.mark.parametrize("acks", ["early", "late"])
+def test_a_task_handed_back_at_a_pool_shrink_runs_again_on_a_sibling(start_worker, rpc_app, account, acks):
+    """pool_shrink stops one process; the task it still runs at --shutdown-timeout is handed back
+    (re-published, or requeued with acks_late). The sibling that receives it runs it: the
+    supervisor does not take the stopped process's task for lost (it would have failed the copy
+    with WorkerLostError)."""
+    extra = ["--acks-late"] if acks == "late" else []
+    w = start_worker(TEST, "-c", "2", "--prefetch-multiplier", "1", "--shutdown-timeout", "1", *extra)
+    wait_for_consuming(w, 2)
+    first, second = account.send(3.0), account.send(3.0)
+    w.wait_for_log(f"[{first.id}] received")
+    w.wait_for_log(f"[{second.id}] received")
+    time.sleep(0.3)
+    node = w.log().split(" ready to start")[0].split()[-1]
+    rpc_app.control.broadcast("pool_shrink", arguments={"n": 1}, destination=[node], reply=True, timeout=5)
+    wait_until(lambda: len(task_pids(w)) == 1, 20, "one task process")
+    handed = "re-published" if acks == "early" else "requeued"
+    assert f"did not finish before the deadline; {handed}" in w.log(), w.log()[-3000:]
+    account.wait_all(timeout=30)
+    time.sleep(1)
+    assert account.duplicates() == {}
+    assert " lost: task process" not in w.log(), w.log()[-3000:]
+    assert "WorkerLostError" not in w.log(), w.log()[-3000:]
+
+
 def test_hard_time_limit_kills_only_the_spinning_process(start_worker, rpc_app, account):
     w = start_worker(TEST, "-c", "2", "--result-backend", "rpc://")
     spinner = rpc_app.send_task("celeriac.test.spin", (120,), time_limit=1)
