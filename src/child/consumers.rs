@@ -38,8 +38,9 @@ pub(super) struct Consumers {
     seq: u64,
     /// The shared queue-change generation last applied.
     generation: u64,
-    /// Counts the connections consumed on: a delivery forwarded from an
-    /// earlier one is never settled on the current channel.
+    /// Counts the consumer channels given up (a lost or closed connection,
+    /// a consumer timeout): a delivery forwarded from an earlier one is
+    /// never settled on the current channel.
     session: u64,
     tx: mpsc::UnboundedSender<Incoming>,
 }
@@ -56,7 +57,7 @@ impl Consumers {
         }
     }
 
-    /// Forgets every consumer (their connection is gone); deliveries still
+    /// Forgets every consumer (their channel is gone); deliveries still
     /// forwarded from them belong to a past session from now on.
     pub(super) fn clear(&mut self) {
         self.list.clear();

@@ -294,18 +294,19 @@ impl Child {
     }
 }
 
-/// A message forwarded from a consumer of a session already given up,
-/// read after it: never run here, and never settled on the current channel
-/// (its delivery tag means another message there). It goes back through its
-/// own channel; that connection is closed or closing, so the broker has
-/// requeued it or does so now.
+/// A message forwarded from a consumer given up (its connection lost or
+/// closed, or its channel closed by a consumer timeout), read after that:
+/// never run here, and never settled on the current channel (its delivery
+/// tag means another message there). It goes back through its own channel;
+/// that channel is closed or closing, so the broker has requeued it or does
+/// so now.
 pub(super) fn hand_back_stale(d: lapin::message::Delivery) {
     let id = d
         .properties
         .correlation_id()
         .as_ref()
         .map_or_else(|| "?".to_owned(), |c| c.as_str().to_owned());
-    info!(task_id = %id, "{id} arrived on a connection given up: the broker redelivers it");
+    info!(task_id = %id, "{id} arrived on a channel this process has given up: the broker redelivers it");
     tokio::spawn(async move {
         let requeue = lapin::options::BasicRejectOptions { requeue: true };
         if let Err(e) = d.acker.reject(requeue).await {
