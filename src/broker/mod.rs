@@ -189,6 +189,28 @@ pub struct Outgoing {
     pub body: Vec<u8>,
 }
 
+/// How long a process leaving waits for the broker to answer its
+/// `connection.close`. A connection whose socket died before lapin noticed
+/// is never answered: a control process was seen waiting for ever on one
+/// after its broker vanished.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Closes `channel` (if given) and then `conn`, on the way out, waiting at
+/// most [`CLOSE_TIMEOUT`] in all.
+pub async fn close_on_exit(conn: &lapin::Connection, channel: Option<&Channel>) {
+    let close = async {
+        if let Some(channel) = channel {
+            let _ = channel.close(200, ShortString::from("bye")).await;
+        }
+        let _ = conn.close(200, ShortString::from("bye")).await;
+    };
+    if tokio::time::timeout(CLOSE_TIMEOUT, close).await.is_err() {
+        tracing::debug!(
+            "the broker did not answer the connection's close within {CLOSE_TIMEOUT:?}"
+        );
+    }
+}
+
 /// Publishes without waiting for a confirm (results, events).
 pub async fn publish(channel: &Channel, msg: &Outgoing) -> Result<(), BrokerError> {
     let send = channel.basic_publish(

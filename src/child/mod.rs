@@ -40,7 +40,6 @@ mod shared;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use lapin::types::ShortString;
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
@@ -365,8 +364,7 @@ async fn run(
         }
     };
     if let Some(session) = child.session.take() {
-        let _ = session.channel.close(200, ShortString::from("bye")).await;
-        let _ = session.conn.close(200, ShortString::from("bye")).await;
+        crate::broker::close_on_exit(&session.conn, Some(&session.channel)).await;
     }
     result
 }

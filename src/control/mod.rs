@@ -355,7 +355,7 @@ async fn run(
         if let Some(mut previous) = heartbeat_sending.take() {
             Events::done(&mut previous);
         }
-        let _ = s.conn.close(200, ShortString::from("bye")).await;
+        crate::broker::close_on_exit(&s.conn, None).await;
     }
     0
 }

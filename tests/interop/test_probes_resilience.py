@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import Account, celery_app, probe, queue_depth, wait_until
+from conftest import Account, celery_app, child_pids, probe, queue_depth, wait_until
 
 
 def ready(w, *args, env=None):
@@ -230,3 +230,35 @@ def test_consuming_again_within_2_s_of_the_broker_coming_back(start_worker, rpc_
     assert tasks is not None and tasks < 3, f"task processes consuming again after {tasks} s"
     assert control is not None and control < 3, f"control process connected again after {control} s"
     assert rpc_app.send_task("celeriac.add", (2, 3)).get(timeout=15) == 5
+
+
+def test_a_worker_stopped_just_after_its_broker_vanished_leaves_no_process(start_worker, relay):
+    """SIGTERM right after every broker connection was cut. Each process closes its connection on
+    the way out; on a dead socket that close is never answered, so it is bounded: the worker
+    exits with every one of its processes, none left waiting for a reply that cannot come."""
+    w = start_worker("-c", "2", "--shutdown-timeout", "60", broker=relay.url)
+    wait_until(lambda: ready(w)[0] == 0, 30, "readiness")
+    # Once away and back first: the connections closed at the end are reconnected ones.
+    relay.go_dark()
+    wait_until(lambda: ready(w)[0] == 1, 10, "readiness to fail while the broker is away")
+    time.sleep(2)  # the relay's old listener lets go of the port
+    relay.come_back()
+    recovery(w)
+    children = child_pids(w.pid)
+    assert len(children) == 3, children
+    relay.go_dark()
+    w.proc.send_signal(signal.SIGTERM)
+    assert w.proc.wait(timeout=45) == 0, w.log()[-3000:]
+
+    def gone(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+    try:
+        wait_until(lambda: all(gone(p) for p in children), 15, "every process of the worker to exit")
+    finally:
+        for p in children:
+            if not gone(p):
+                os.kill(p, signal.SIGKILL)
