@@ -14,8 +14,8 @@ import uuid
 import pytest
 from billiard.exceptions import TimeLimitExceeded, WorkerLostError
 
-from conftest import (child_pids, consuming_pids, declare_with_dead_letters, queue_depth, task_pids,
-                      thread_count, wait_for_consuming, wait_until)
+from conftest import (child_pids, consuming_pids, declare_with_dead_letters, process_gone, queue_depth,
+                      task_pids, thread_count, wait_for_consuming, wait_until)
 
 TEST = "--with-test-tasks"
 
@@ -122,16 +122,10 @@ def test_a_task_process_that_misses_the_supervisors_death_still_drains(start_wor
     assert pid in task_pids(w)
     os.kill(w.pid, signal.SIGKILL)
 
-    def gone():
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-        except FileNotFoundError:
-            return True
     try:
-        wait_until(gone, 15, "the deaf task process to exit")
+        wait_until(lambda: process_gone(pid), 15, "the deaf task process to exit")
     finally:
-        if not gone():
+        if not process_gone(pid):
             os.kill(pid, signal.SIGKILL)
 
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import Account, celery_app, child_pids, probe, queue_depth, wait_until
+from conftest import Account, celery_app, child_pids, probe, process_gone, queue_depth, wait_until
 
 
 def ready(w, *args, env=None):
@@ -249,16 +249,9 @@ def test_a_worker_stopped_just_after_its_broker_vanished_leaves_no_process(start
     relay.go_dark()
     w.proc.send_signal(signal.SIGTERM)
     assert w.proc.wait(timeout=45) == 0, w.log()[-3000:]
-
-    def gone(pid):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-        except FileNotFoundError:
-            return True
     try:
-        wait_until(lambda: all(gone(p) for p in children), 15, "every process of the worker to exit")
+        wait_until(lambda: all(process_gone(p) for p in children), 15, "every process of the worker to exit")
     finally:
         for p in children:
-            if not gone(p):
+            if not process_gone(p):
                 os.kill(p, signal.SIGKILL)
