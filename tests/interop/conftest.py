@@ -191,6 +191,21 @@ def wait_until(predicate, timeout=20.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def node_of(w):
+    """The node name a worker announced ("celeriac … <node> ready to start")."""
+    return w.log().split(" ready to start")[0].split()[-1]
+
+
+def own_connections(node):
+    """The broker's ids of this worker's connections only: the broker is shared, and each
+    celeriac process names its connection "celeriac <node> [control ]pid <pid>"."""
+    import subprocess
+    out = subprocess.run(["rabbitmqctl", "list_connections", "pid", "client_properties", "--silent"],
+                         check=True, capture_output=True, text=True, timeout=120).stdout
+    mark = f'{{"connection_name","celeriac {node} '
+    return [line.split("\t", 1)[0] for line in out.splitlines() if mark in line]
+
+
 def process_gone(pid):
     """Whether `pid` has exited (gone, or a zombie nobody has reaped yet)."""
     try:

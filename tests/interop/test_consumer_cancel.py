@@ -9,7 +9,7 @@ queue). Run on RabbitMQ 3.x and 4.x."""
 import re
 import time
 
-from conftest import BROKER, amqp_channel, celery_app, probe, wait_until
+from conftest import BROKER, amqp_channel, celery_app, node_of, own_connections, probe, wait_until
 
 
 def check_consumer_comes_back(start_worker, queue, broker):
@@ -50,15 +50,6 @@ def test_deleted_queue_is_consumed_again_rabbitmq4(start_worker, rabbit4, queue_
     check_consumer_comes_back(start_worker, queue_name, rabbit4.url)
 
 
-def worker_connections(queue_name):
-    """The broker's count of one test worker's connections (each celeriac process names its
-    connection "celeriac <node> [control ]pid <pid>"; start_worker's node is w0-<queue>@host)."""
-    import subprocess
-    out = subprocess.run(["rabbitmqctl", "list_connections", "client_properties", "--silent"],
-                         check=True, capture_output=True, text=True, timeout=120).stdout
-    return sum(f'"celeriac w0-{queue_name}@' in line for line in out.splitlines())
-
-
 def unacked(queue):
     import subprocess
     out = subprocess.run(["rabbitmqctl", "list_queues", "name", "messages_unacknowledged", "--silent"],
@@ -75,7 +66,8 @@ def test_a_cancel_on_one_queue_gives_up_the_connection_and_loses_nothing(start_w
     other = f"{queue_name}-other"
     key = f"cancel-two-queues-{queue_name}"
     w = start_worker("--with-test-tasks", "-c", "1", "--prefetch-multiplier", "8", queue=f"{queue_name},{other}")
-    wait_until(lambda: worker_connections(queue_name) == 2, timeout=20, what="task and control connections")
+    node = node_of(w)
+    wait_until(lambda: len(own_connections(node)) == 2, timeout=20, what="task and control connections")
     app = celery_app(other)
     try:
         long = app.send_task("celeriac.test.record", (key, "long", 3))
@@ -91,7 +83,7 @@ def test_a_cancel_on_one_queue_gives_up_the_connection_and_loses_nothing(start_w
             return {k.decode(): int(v) for k, v in redis_client.hgetall(key).items()}
 
         wait_until(lambda: counts() == expected, timeout=30, what=f"every task once: {expected}")
-        wait_until(lambda: worker_connections(queue_name) == 2, timeout=20,
+        wait_until(lambda: len(own_connections(node)) == 2, timeout=20,
                    what="the given-up connection closed")
         time.sleep(2)
         assert counts() == expected, "no task ran twice"

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from conftest import child_pids, task_pids, wait_until, worker_binary
+from conftest import child_pids, own_connections, task_pids, wait_until, worker_binary
 
 
 def metrics_url(w):
@@ -75,15 +75,6 @@ def test_metrics_count_what_ran_and_pass_promtool(start_worker, rpc_app):
     os.kill(victim, signal.SIGKILL)
     wait_until(lambda: sample(scrape(url), "celeriac_child_deaths_total", cause="crashed") == 1)
     wait_until(lambda: sample(scrape(url), "celeriac_child_spawns_total") == 4)
-
-
-def own_connections(node):
-    """The broker's ids of this worker's connections only: the broker is shared, and each
-    celeriac process names its connection "celeriac <node> [control ]pid <pid>"."""
-    out = subprocess.run(["rabbitmqctl", "list_connections", "pid", "client_properties", "--silent"],
-                         check=True, capture_output=True, text=True, timeout=120).stdout
-    mark = f'{{"connection_name","celeriac {node} '
-    return [line.split("\t", 1)[0] for line in out.splitlines() if mark in line]
 
 
 def test_broker_reconnects_are_counted(start_worker):

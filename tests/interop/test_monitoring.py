@@ -14,13 +14,9 @@ import uuid
 import celery.exceptions
 import pytest
 
-from conftest import BROKER, REDIS_URL, ROOT, task_pids, wait_until
+from conftest import BROKER, REDIS_URL, ROOT, node_of, task_pids, wait_until
 
 CELERY = str(ROOT / ".venv" / "bin" / "celery")
-
-
-def node_of(w):
-    return w.log().split(" ready to start")[0].split()[-1]
 
 
 def cli(*args, timeout=30, broker=BROKER):

@@ -14,8 +14,8 @@ import uuid
 import pytest
 from billiard.exceptions import TimeLimitExceeded, WorkerLostError
 
-from conftest import (child_pids, consuming_pids, declare_with_dead_letters, process_gone, queue_depth,
-                      task_pids, thread_count, wait_for_consuming, wait_until)
+from conftest import (child_pids, consuming_pids, declare_with_dead_letters, node_of, process_gone,
+                      queue_depth, task_pids, thread_count, wait_for_consuming, wait_until)
 
 TEST = "--with-test-tasks"
 
@@ -162,8 +162,7 @@ def test_a_task_handed_back_at_a_pool_shrink_runs_again_on_a_sibling(start_worke
     w.wait_for_log(f"[{first.id}] received")
     w.wait_for_log(f"[{second.id}] received")
     time.sleep(0.3)
-    node = w.log().split(" ready to start")[0].split()[-1]
-    rpc_app.control.broadcast("pool_shrink", arguments={"n": 1}, destination=[node], reply=True, timeout=5)
+    rpc_app.control.broadcast("pool_shrink", arguments={"n": 1}, destination=[node_of(w)], reply=True, timeout=5)
     wait_until(lambda: len(task_pids(w)) == 1, 20, "one task process")
     handed = "re-published" if acks == "early" else "requeued"
     assert f"did not finish before the deadline; {handed}" in w.log(), w.log()[-3000:]
