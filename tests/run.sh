@@ -215,7 +215,8 @@ if [[ -n "${PY313_ERROR:-}" ]]; then
 else
     "$PY313_RUN" "$PY313_PYTHON" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps "$wheel" >&2
     "$PY313_RUN" "$PY313_PYTHON" -m pytest -q -p no:cacheprovider \
-        tests/interop/test_python_tasks.py tests/interop/test_python_worker.py tests/interop/test_python_package.py \
+        tests/interop/test_python_tasks.py tests/interop/test_lean_trace.py tests/interop/test_python_worker.py \
+        tests/interop/test_python_package.py \
         --deselect tests/interop/test_python_package.py::test_the_installed_probes_peak_under_2_mib || status=$?
 fi
 exit "$status"

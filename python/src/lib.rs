@@ -8,6 +8,7 @@
 mod fork;
 mod host;
 mod objects;
+mod outcome;
 
 use std::sync::Arc;
 
@@ -30,6 +31,7 @@ fn main(py: Python<'_>, argv: Vec<String>) -> i32 {
 #[pyo3(name = "_native")]
 fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(main, m)?)?;
+    m.add_class::<outcome::Outcome>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

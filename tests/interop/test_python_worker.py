@@ -177,6 +177,30 @@ def test_an_app_whose_import_starts_a_thread_is_refused_before_forking():
     assert "started 1 thread(s)" in lines[0] and "worker_process_init" in lines[0], lines[0]
 
 
+def test_python_tasks_take_the_lean_trace_path_where_they_can(app_worker, client, tmp_path):
+    """Every task of the app but one with an on_success of its own gets the lean trace path
+    (the DEBUG line at load names the exception and why); a success, a failure and the hooked
+    task come back through the worker as Celery's tracer gives them (test_lean_trace.py compares
+    the two paths call by call)."""
+    w = app_worker("-c", "1", "-l", "DEBUG")
+    line = next(l for l in w.log().splitlines() if "the lean trace path for" in l)
+    listed = next(l for l in w.log().splitlines() if l.startswith("[tasks] ")).removeprefix("[tasks] ").split(", ")
+    hooked = "fixtureapp.tasks.hooked (a custom on_success)"
+    assert line.endswith("every call through Celery's tracer: " + hooked), line
+    assert f"the lean trace path for {len(listed) - 1} task(s)" in line, (line, listed)
+    assert client.send_task("fixtureapp.tasks.add", (2, 3)).get(timeout=20) == 5
+    failed = client.send_task("fixtureapp.tasks.fails", ("no",))
+    with pytest.raises(Exception) as raised:
+        failed.get(timeout=20)
+    assert type(raised.value).__name__ == "ValueError" and str(raised.value) == "no"
+    frames = re.findall(r'File "([^"]+)", line \d+, in (\w+)', failed.traceback)
+    assert [(pathlib.Path(f).name, fn) for f, fn in frames] == [
+        ("trace.py", "trace_task"), ("trace.py", "__protected_call__"), ("tasks.py", "fails")], failed.traceback
+    marks = tmp_path / "hooked"
+    assert client.send_task("fixtureapp.tasks.hooked", (str(marks),)).get(timeout=20) == "hooked"
+    assert marks.read_text() == "on_success hooked\n"
+
+
 def test_the_apps_log_records_follow_the_log_format(app_worker, client):
     import json
     w = app_worker("-c", "1", "--log-format", "json")

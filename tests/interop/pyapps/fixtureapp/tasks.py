@@ -57,3 +57,21 @@ def chatty(word):
 
     get_task_logger(__name__).warning("said %s", word)
     return word
+
+
+@shared_task
+def fails(why):
+    raise ValueError(why)
+
+
+class _Hooked(__import__("celery").Task):
+    """A task class with an on_success of its own (so Celery's tracer runs every call)."""
+
+    def on_success(self, retval, task_id, args, kwargs):
+        with open(args[0], "a") as f:
+            f.write(f"on_success {retval}\n")
+
+
+@shared_task(base=_Hooked)
+def hooked(path):
+    return "hooked"
