@@ -757,7 +757,7 @@ def _run(name, task_id, prepared):
     request, args, kwargs = prepared
     task = _app._tasks[name]
     try:
-        R, I, T, Rstr = (task.__lean__ or task.__trace__)(task_id, args, kwargs, request)
+        R, I, T, Rstr = (getattr(task, "__lean__", None) or task.__trace__)(task_id, args, kwargs, request)
     except SystemExit as exc:
         # A task that exits its process ends it, as in a pool process; the
         # worker reports WorkerLostError with the exit code.
