@@ -28,7 +28,10 @@ Whatever else can happen is handed to a second tracer Celery builds for the task
   the fallback's function returns the value, and the tracer stores it, fails the same
   way and handles it as Celery does.
 
-The fallback sends no ``task_prerun`` (the lean path already has). Any call that does not
+The fallback sends no ``task_prerun`` (the lean path already has). An error outside the
+task's body (a soft time limit that fires just after the task returned) is reported as
+Celery's tracer reports it, an internal error and FAILURE, with one difference: the stored
+traceback starts at the lean path's frame, not at ``trace_task``. Any call that does not
 fit goes through Celery's tracer unchanged. ``tests/interop/test_lean_trace.py`` runs the
 same requests through both and compares every outcome; the differential suites run the
 lean path against ``celery worker``.
@@ -75,11 +78,17 @@ def build(name, task, app, hostname, full):
     and ``None``; or ``None`` and why every call of the task needs ``full``, the tracer Celery
     built for it."""
     from celery import signals
+    from celery.app import trace
     from celery.app.trace import build_tracer, get_actual_ignore_result, logger
+    from celery.exceptions import Reject
     from celery.backends.base import BaseBackend
     from celery.loaders.base import BaseLoader
     from celery.utils.saferepr import saferepr
 
+    report_internal_error = getattr(trace, "report_internal_error", None)
+    signal_internal_error = getattr(trace, "_signal_internal_error", None)
+    if report_internal_error is None or signal_internal_error is None:
+        return None, "Celery's tracer has no report_internal_error or _signal_internal_error"
     cells = _closure(full)
     missing = [v for v in _TRACER_VARS if v not in cells]
     if missing:
@@ -109,6 +118,7 @@ def build(name, task, app, hostname, full):
     fcells["prerun_receivers"].cell_contents = []
 
     fun = v["fun"]
+    on_error = v["on_error"]
     monotonic = v["monotonic"]
     push_task, pop_task = v["push_task"], v["pop_task"]
     push_request, pop_request = v["push_request"], v["pop_request"]
@@ -156,44 +166,54 @@ def build(name, task, app, hostname, full):
             return full(uuid, args, kwargs, request)
         R = retval = state = Rstr = T = None
         caught = None
-        push_task(task)
-        push_request(ctx)
         try:
-            if prerun_receivers:
-                send_prerun(sender=task, task_id=uuid, task=task, args=args, kwargs=kwargs)
+            push_task(task)
+            push_request(ctx)
             try:
-                R = retval = fun(*args, **kwargs)
-                state = SUCCESS
-            except Exception as exc:
-                # For Celery's tracer to handle, from its own frame: without this one.
-                tb = exc.__traceback__
-                caught = exc.with_traceback(tb.tb_next if tb is not None else None)
-                del tb
-            else:
+                if prerun_receivers:
+                    send_prerun(sender=task, task_id=uuid, task=task, args=args, kwargs=kwargs)
                 try:
-                    task.backend.mark_as_done(uuid, retval, ctx, not ignore_result)
-                except Exception:
-                    # Celery's tracer stores it again, fails the same way and says so.
-                    caught = _STORE_FAILED
+                    R = retval = fun(*args, **kwargs)
+                    state = SUCCESS
+                except Exception as exc:
+                    # For Celery's tracer to handle, from its own frame: without this one.
+                    tb = exc.__traceback__
+                    caught = exc.with_traceback(tb.tb_next if tb is not None else None)
+                    del tb
                 else:
-                    # saferepr(None) is "None" (held by the tests), at a tenth of the cost.
-                    Rstr = "None" if R is None else saferepr(R, maxsize)
-                    if success_receivers:
-                        T = monotonic() - time_start
-                        send_success(sender=task, result=retval, runtime=T)
-        finally:
-            if caught is None:
-                try:
-                    if postrun_receivers:
-                        send_postrun(sender=task, task_id=uuid, task=task, args=args, kwargs=kwargs,
-                                     retval=retval, state=state)
-                finally:
+                    try:
+                        task.backend.mark_as_done(uuid, retval, ctx, not ignore_result)
+                    except Exception:
+                        # Celery's tracer stores it again, fails the same way and says so.
+                        caught = _STORE_FAILED
+                    else:
+                        # saferepr(None) is "None" (held by the tests), at a tenth of the cost.
+                        Rstr = "None" if R is None else saferepr(R, maxsize)
+                        if success_receivers:
+                            T = monotonic() - time_start
+                            send_success(sender=task, result=retval, runtime=T)
+            finally:
+                if caught is None:
+                    try:
+                        if postrun_receivers:
+                            send_postrun(sender=task, task_id=uuid, task=task, args=args, kwargs=kwargs,
+                                         retval=retval, state=state)
+                    finally:
+                        pop_task()
+                        pop_request()
+                        cleanup()
+                else:
                     pop_task()
                     pop_request()
-                    cleanup()
-            else:
-                pop_task()
-                pop_request()
+        except (MemoryError, Reject):
+            raise
+        except Exception as exc:
+            # As Celery's tracer, an error outside the task's body (a soft time limit that fires
+            # just after the task returned): reported as an internal error, the task FAILURE. The
+            # stored traceback starts at this frame rather than at Celery's trace_task.
+            signal_internal_error(task, uuid, args, kwargs, request, exc)
+            R = report_internal_error(task, exc)
+            return R, on_error(ctx, exc)[0], T, Rstr
         if caught is None:
             return R, None, T, Rstr
         if caught is _STORE_FAILED:

@@ -76,6 +76,26 @@ def after_return_task():
     return 1
 
 
+@app.task(name="lean.internal_error")
+def internal_error_task():
+    return 1
+
+
+# An error outside the task's body, made deterministic: sending task_success fails for that
+# task, in what Celery's tracer calls and in what the lean path took at build.
+_real_send_success = signals.task_success.send
+
+
+def _send_success(sender=None, **kw):
+    if getattr(sender, "name", None) == "lean.internal_error":
+        raise RuntimeError("the bookkeeping after the task failed")
+    return _real_send_success(sender=sender, **kw)
+
+
+trace.send_success = _send_success
+signals.task_success.send = _send_success
+
+
 def request(task_name, task_id, args, kwargs, **extra):
     """The request dict celeriac's bridge hands the tracer (`_worker._request`)."""
     headers = {
@@ -144,6 +164,7 @@ CASES = {
     "kwargs_not_a_mapping": ("proj.billing.tasks.add", [2, 3], None, {}, False),
     "track_started": ("proj.limits.tasks.tracked", [0], {}, {}, False),
     "track_started_result_ignored": ("proj.limits.tasks.tracked", [0], {}, {"ignore_result": True}, True),
+    "internal_error": ("lean.internal_error", [], {}, {}, True),
 }
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 
