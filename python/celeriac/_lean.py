@@ -76,7 +76,14 @@ def _is_empty(method, base_method):
 def build(name, task, app, hostname, full):
     """The lean tracer of ``task``, called as Celery's (``tracer(uuid, args, kwargs, request)``),
     and ``None``; or ``None`` and why every call of the task needs ``full``, the tracer Celery
-    built for it."""
+    built for it. Never raises: the lean path is only ever a shortcut."""
+    try:
+        return _build(name, task, app, hostname, full)
+    except Exception as exc:
+        return None, f"building it failed: {exc!r}"
+
+
+def _build(name, task, app, hostname, full):
     from celery import signals
     from celery.app import trace
     from celery.app.trace import build_tracer, get_actual_ignore_result, logger

@@ -76,6 +76,19 @@ def after_return_task():
     return 1
 
 
+class Unreadable(app.Task):
+    """A task whose track_started cannot be read: the lean path is refused, not the app."""
+
+    @property
+    def track_started(self):
+        raise LookupError("track_started is not set here")
+
+
+@app.task(name="lean.unreadable", base=Unreadable)
+def unreadable_task():
+    return 1
+
+
 @app.task(name="lean.internal_error")
 def internal_error_task():
     return 1

@@ -83,9 +83,10 @@ def test_the_comparison_sees_what_happened(compared):
     assert c["internal_error"]["state"] == "FAILURE" and "bookkeeping after the task" in c["internal_error"]["retval"]
 
 
-def test_every_task_of_the_project_has_a_lean_path_and_a_hook_of_its_own_has_none(compared):
+def test_every_task_of_the_project_has_a_lean_path_and_the_others_say_why(compared):
     why = compared["lean_tasks"]
     assert why.pop("lean.after_return") == "a custom after_return"
+    assert why.pop("lean.unreadable") == "building it failed: LookupError('track_started is not set here')"
     assert why and all(v is None for v in why.values()), why
 
 
