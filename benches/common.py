@@ -191,3 +191,10 @@ def stop(proc, timeout=60):
 
 def ratio(a, b):
     return f"{a / b:.1f}×" if b else "n/a"
+
+
+def lean_trace_switch():
+    """``CELERIAC_LEAN_TRACE`` from this environment, for the celeriac workers a bench starts
+    (``CELERIAC_LEAN_TRACE=0``: the lean trace path off, for an A/B run)."""
+    value = os.environ.get("CELERIAC_LEAN_TRACE")
+    return {} if value is None else {"CELERIAC_LEAN_TRACE": value}

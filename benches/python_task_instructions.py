@@ -67,6 +67,7 @@ def measure(which, n):
     common.prefill(q, n, task="bench.noop")
     dump_dir = tempfile.mkdtemp(prefix="bench-callgrind-")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY", "CELERIAC", "BROKER"))}
+    env.update(common.lean_trace_switch())
     env["PYTHONPATH"] = str(HERE / "pyapp")
     name = f"{q}@{socket.gethostname()}"
     argv = ["valgrind", "--tool=callgrind", "--quiet", f"--callgrind-out-file={dump_dir}/cg.%p",

@@ -57,6 +57,7 @@ def argv(kind, app, queue, state_dir):
 def env(app, extra=None):
     e = {k: v for k, v in os.environ.items()
          if not k.startswith(("CELERY", "CELERIAC", "BROKER", "DJANGO_SETTINGS"))}
+    e.update(common.lean_trace_switch())
     e["PYTHONPATH"] = str(app.path)
     e.update(extra or {})
     return e

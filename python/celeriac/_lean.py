@@ -117,9 +117,7 @@ def _build(name, task, app, hostname, full):
     # The fallback: Celery's tracer for this task, its function given by `outcome` and its
     # task_prerun left to the lean path (which sent it before the task ran).
     fallback = build_tracer(name, task, app.loader, hostname, app=app)
-    fcells = _closure(fallback)
-    if "fun" not in fcells or "prerun_receivers" not in fcells:
-        return None, "Celery's tracer has no fun or prerun_receivers"
+    fcells = _closure(fallback)  # the same names as `full`'s, checked above
     outcome = Outcome()
     fcells["fun"].cell_contents = outcome
     fcells["prerun_receivers"].cell_contents = []

@@ -733,15 +733,19 @@ def run_request(name, task_id, req):
 
 def _lean_paths(app, hostname):
     """Gives each task without one its lean trace path (``celeriac._lean``), where it can
-    have one; says at DEBUG, in one line, which tasks go through Celery's tracer unchanged
-    and why."""
+    have one (``CELERIAC_LEAN_TRACE=0`` in the environment: none); says at DEBUG, in one line,
+    which tasks go through Celery's tracer unchanged and why."""
     from celeriac import _lean
 
+    switched_off = os.environ.get("CELERIAC_LEAN_TRACE") == "0"
     built, refused = 0, []
     for name, task in sorted(app.tasks.items()):
         if getattr(task, "__lean__", None) is not None or getattr(task, "__trace__", None) is None:
             continue
-        lean, why = _lean.build(name, task, app, hostname, task.__trace__)
+        if switched_off:
+            lean, why = None, "CELERIAC_LEAN_TRACE=0"
+        else:
+            lean, why = _lean.build(name, task, app, hostname, task.__trace__)
         task.__lean__ = False if lean is None else lean
         if lean is None:
             refused.append(f"{name} ({why})")

@@ -23,10 +23,11 @@ from celery._state import _task_stack  # noqa: E402
 from celery.app import trace  # noqa: E402
 from celery.app.trace import build_tracer  # noqa: E402
 
-from celeriac import _lean  # noqa: E402
+from celeriac import _lean, _worker  # noqa: E402
 from proj.celery import app  # noqa: E402
 
 HOST = "lean@compare"
+_worker._hostname = HOST
 app.loader.import_default_modules()
 app.finalize(auto=True)
 # What celeriac's load does before it builds the tracers.
@@ -110,7 +111,8 @@ signals.task_success.send = _send_success
 
 
 def request(task_name, task_id, args, kwargs, **extra):
-    """The request dict celeriac's bridge hands the tracer (`_worker._request`)."""
+    """The request the bridge hands the tracer: celeriac._worker._request over the decoded
+    message's parts, as the Rust side gives them."""
     headers = {
         "lang": "py", "task": task_name, "id": task_id, "shadow": None, "eta": None, "expires": None,
         "group": None, "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": task_id,
@@ -118,15 +120,16 @@ def request(task_name, task_id, args, kwargs, **extra):
         "ignore_result": False, "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {},
     }
     headers.update(extra.pop("headers", {}))
-    props = {"correlation_id": task_id, "reply_to": "reply", "delivery_mode": 2,
-             "delivery_info": {"exchange": "", "routing_key": QUEUE}, "priority": 0, "body_encoding": "base64",
-             "delivery_tag": "tag", "application_headers": dict(headers)}
-    headers.update(properties=props, reply_to="reply", correlation_id=task_id, hostname=HOST,
-                   delivery_info={"exchange": "", "routing_key": QUEUE, "priority": 0, "redelivered": False})
-    headers.update({"args": args, "kwargs": kwargs, "hostname": HOST, "is_eager": False},
-                   callbacks=None, errbacks=None, chain=None, chord=None)
+    embed = {key: extra.pop(key, None) for key in ("callbacks", "errbacks", "chain", "chord")}
     headers.update(extra)
-    return headers
+    message = {
+        "headers": headers, "args": args, "kwargs": kwargs, "embed": embed,
+        "properties": {"correlation_id": task_id, "reply_to": "reply", "delivery_mode": 2, "priority": 0,
+                       "delivery_info": {"exchange": "", "routing_key": QUEUE}, "body_encoding": "base64",
+                       "delivery_tag": "tag"},
+        "delivery_info": {"exchange": "", "routing_key": QUEUE, "priority": 0, "redelivered": False},
+    }
+    return _worker._request(message)[0]
 
 
 def stored(task, task_id):

@@ -29,8 +29,9 @@ CELERIAC = pathlib.Path(sys.executable).parent / "celeriac"
 @pytest.fixture
 def app_worker(start_worker, queue_name):
     """start(*args) -> a `celeriac -A fixtureapp worker` on the test's queue."""
-    def start(*args, ready=True):
-        env = {"FIXTUREAPP_BROKER": BROKER, "FIXTUREAPP_BACKEND": REDIS_URL, "FIXTUREAPP_QUEUE": queue_name}
+    def start(*args, ready=True, env=None):
+        env = {"FIXTUREAPP_BROKER": BROKER, "FIXTUREAPP_BACKEND": REDIS_URL, "FIXTUREAPP_QUEUE": queue_name,
+               **(env or {})}
         return start_worker("-A", "fixtureapp", "--workdir", str(APPS), *args, env=env, ready=ready,
                             binary=str(CELERIAC))
     return start
@@ -199,6 +200,14 @@ def test_python_tasks_take_the_lean_trace_path_where_they_can(app_worker, client
     marks = tmp_path / "hooked"
     assert client.send_task("fixtureapp.tasks.hooked", (str(marks),)).get(timeout=20) == "hooked"
     assert marks.read_text() == "on_success hooked\n"
+
+
+def test_celeriac_lean_trace_0_sends_every_call_through_celerys_tracer(app_worker, client):
+    """The switch operators (and the A/B benchmark in docs/design/python-task-cost.md) use."""
+    w = app_worker("-c", "1", "-l", "DEBUG", env={"CELERIAC_LEAN_TRACE": "0"})
+    line = next(l for l in w.log().splitlines() if "the lean trace path for" in l)
+    assert "the lean trace path for 0 task(s)" in line and "fixtureapp.tasks.add (CELERIAC_LEAN_TRACE=0)" in line
+    assert client.send_task("fixtureapp.tasks.add", (2, 3)).get(timeout=20) == 5
 
 
 def test_the_apps_log_records_follow_the_log_format(app_worker, client):
