@@ -213,7 +213,8 @@ fn retry_republish_matches_celery() {
 #[test]
 fn a_retry_after_dead_lettering_drops_the_brokers_death_headers() {
     // The same original as Celery's captured retry, as it arrives after
-    // passing through the delayed-delivery levels (dead-lettered on the way).
+    // passing through the delayed-delivery levels (dead-lettered on the way),
+    // from a quorum queue that counted two returns.
     let mut original = Captured::load("task-v2-retry-original.json");
     let captured = Captured::load("task-v2-retry-republish.json");
     original.headers.insert(
@@ -229,6 +230,8 @@ fn a_retry_after_dead_lettering_drops_the_brokers_death_headers() {
     for key in ["x-first-death-reason", "x-last-death-reason"] {
         original.headers.insert(key.into(), json!("expired"));
     }
+    original.headers.insert("x-delivery-count".into(), json!(2));
+    original.headers.insert("x-acquired-count".into(), json!(3));
     let msg = original.decode();
     let eta = celeriac::protocol::parse_iso(captured.headers["eta"].as_str().unwrap()).unwrap();
     let retry = msg.retry_message(eta);
@@ -238,9 +241,13 @@ fn a_retry_after_dead_lettering_drops_the_brokers_death_headers() {
         "the retry carries Celery's headers and none of the broker's"
     );
     let again = msg.republish_message();
-    for key in celeriac::protocol::DEAD_LETTER_HEADERS {
+    for key in celeriac::protocol::BROKER_HEADERS {
         assert!(!again.headers.contains_key(*key), "{key} re-published");
     }
+    assert_eq!(
+        again.headers["id"], captured.headers["id"],
+        "the re-published copy is the same request"
+    );
 }
 
 #[test]

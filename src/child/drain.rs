@@ -10,7 +10,9 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use super::consumers::Incoming;
+use super::hand_back::{HandBack, Handed};
 use super::job::{decode, Decoded};
+use super::outcome::TaskHappening;
 use super::{Child, ChildError, Exit};
 use crate::shm::ChildState;
 use crate::signals::Stop;
@@ -35,6 +37,9 @@ impl Child {
             self.running.len(),
             timeout
         );
+        // Each consumer's queue, for the messages handed back below.
+        let consumed = self.consumers.consumed();
+        let session = self.consumers.session();
         for tag in self.consumers.take_tags() {
             if let Err(e) = self
                 .channel
@@ -50,25 +55,69 @@ impl Child {
         // Everything received but not started goes back to the queue.
         let mut returned = 0usize;
         while let Ok(incoming) = rx.try_recv() {
-            // Settled through each message's own channel (an earlier
-            // session's fails harmlessly: its broker requeued it already).
-            if let Incoming::Delivery(d, _, _) = incoming {
-                let id = match decode(*d, std::sync::Arc::from(""), &self.channel) {
-                    Decoded::Job(job) => {
-                        job.settler.requeue(&job.msg.id).await;
-                        job.msg.id.clone()
-                    }
-                    Decoded::Bad { id, settler, .. } => {
-                        settler.requeue(&id).await;
-                        id
-                    }
+            let Incoming::Delivery(d, tag, from) = incoming else {
+                continue;
+            };
+            // An earlier session's delivery is settled through its own
+            // channel only (that fails harmlessly: its broker requeued it
+            // already), never re-published.
+            if from != session {
+                let (id, settler) = match decode(*d, std::sync::Arc::from(""), &self.channel) {
+                    Decoded::Job(job) => (job.msg.id.clone(), job.settler),
+                    Decoded::Bad { id, settler, .. } => (id, *settler),
                 };
-                debug!(task_id = %id, "returned {id} to the queue");
+                settler.requeue(&id).await;
+                debug!(task_id = %id, "returned {id} to the queue (an earlier connection's delivery)");
                 returned += 1;
+                continue;
             }
+            let queue = consumed.iter().find(|(_, t)| *t == tag).map_or_else(
+                || std::sync::Arc::from(""),
+                |(q, _)| std::sync::Arc::clone(q),
+            );
+            let id = match decode(*d, std::sync::Arc::clone(&queue), &self.channel) {
+                Decoded::Job(job) => {
+                    self.hand_back(HandBack {
+                        msg: &job.msg,
+                        settler: &job.settler,
+                        delivery: &job.delivery,
+                        queue: &job.queue,
+                    })
+                    .await;
+                    job.msg.id.clone()
+                }
+                // Whoever receives it next rejects it: reject it now, where
+                // one more requeue could make the broker drop it unseen.
+                Decoded::Bad { id, error, settler }
+                    if settler
+                        .counted_returns()
+                        .zip(self.shared.delivery_limit(&queue))
+                        .is_some_and(|(returns, limit)| returns >= limit) =>
+                {
+                    TaskHappening::Invalid {
+                        id: &id,
+                        error: &error,
+                    }
+                    .emit(&self.shared, &queue);
+                    settler.reject(&id, false).await;
+                    continue;
+                }
+                Decoded::Bad { id, settler, .. } => {
+                    settler.requeue(&id).await;
+                    id
+                }
+            };
+            debug!(task_id = %id, "returned {id} to the queue");
+            returned += 1;
         }
         for job in self.held.take_all() {
-            job.settler.requeue(&job.msg.id).await;
+            self.hand_back(HandBack {
+                msg: &job.msg,
+                settler: &job.settler,
+                delivery: &job.delivery,
+                queue: &job.queue,
+            })
+            .await;
             returned += 1;
         }
         if returned > 0 {
@@ -99,14 +148,28 @@ impl Child {
     /// stays, and is reported lost as when a process dies.
     pub(super) async fn hand_back_running(&mut self) {
         let mut all_handed_back = true;
-        for (_, run) in self.running_info.drain() {
+        let running: Vec<_> = self.running_info.drain().map(|(_, run)| run).collect();
+        for run in running {
             run.abort.abort();
             let id = &run.job_msg.id;
             if run.acks_late || !run.state.acked.load(Ordering::Acquire) {
-                run.settler.requeue(id).await;
-                warn!(task_id = %id, "Task {}[{}] did not finish before the deadline; requeued", run.job_msg.display_name(), id);
+                let back = HandBack {
+                    msg: &run.job_msg,
+                    settler: &run.settler,
+                    delivery: &run.delivery,
+                    queue: &run.queue,
+                };
+                match self.hand_back(back).await {
+                    Handed::Requeued => {
+                        warn!(task_id = %id, "Task {}[{}] did not finish before the deadline; requeued", run.job_msg.display_name(), id)
+                    }
+                    Handed::Republished => {
+                        warn!(task_id = %id, "Task {}[{}] did not finish before the deadline; re-published", run.job_msg.display_name(), id)
+                    }
+                    Handed::Failed => all_handed_back = false,
+                }
             } else {
-                let route = (run.route.0.as_str(), run.route.1.as_str());
+                let route = self.shared.home_route(&run.delivery, &run.queue);
                 match self
                     .shared
                     .publish_task(&run.job_msg.republish_message(), route)

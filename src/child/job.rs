@@ -60,6 +60,7 @@ pub struct Settler {
     channel: Channel,
     tag: DeliveryTag,
     settled: Arc<AtomicBool>,
+    returns: Option<u64>,
 }
 
 impl Settler {
@@ -70,7 +71,21 @@ impl Settler {
             channel,
             tag,
             settled: Arc::new(AtomicBool::new(false)),
+            returns: None,
         }
+    }
+
+    /// The returns the broker counted against the queue's delivery limit
+    /// before this delivery, where a requeue counts too (see
+    /// [`counted_returns`]); `None`: a requeue is not counted.
+    pub fn counted_returns(&self) -> Option<u64> {
+        self.returns
+    }
+
+    /// Whether the channel the delivery came on is still open (an ack would
+    /// reach the broker).
+    pub fn channel_open(&self) -> bool {
+        self.channel.status().connected()
     }
 
     /// True the first time only.
@@ -153,6 +168,18 @@ pub fn other_properties(p: &BasicProperties) -> Map<String, Value> {
     out
 }
 
+/// How many returns of this message a quorum queue counted against its
+/// delivery limit, when a requeue would count once more: its
+/// `x-delivery-count`, unless the broker also sets `x-acquired-count`
+/// (RabbitMQ 4.3 and later, where `basic.nack` with requeue is not counted).
+/// `None` on a classic queue and on 4.3.
+pub fn counted_returns(headers: &Map<String, Value>) -> Option<u64> {
+    if headers.contains_key("x-acquired-count") {
+        return None;
+    }
+    headers.get("x-delivery-count").and_then(Value::as_u64)
+}
+
 /// Decodes a delivery consumed from `queue` on `channel` into a [`Job`].
 pub fn decode(d: Delivery, queue: Arc<str>, channel: &Channel) -> Decoded {
     let headers = d
@@ -177,9 +204,11 @@ pub fn decode(d: Delivery, queue: Arc<str>, channel: &Channel) -> Decoded {
         priority: d.properties.priority().unwrap_or(0),
         redelivered: d.redelivered,
     };
+    let returns = counted_returns(&raw.headers);
     let id = raw.message_id();
     let decoded = TaskMessage::decode(raw);
-    let settler = Settler::new(d.acker, channel.clone(), d.delivery_tag);
+    let mut settler = Settler::new(d.acker, channel.clone(), d.delivery_tag);
+    settler.returns = returns;
     match decoded {
         Ok(msg) => Decoded::Job(Box::new(Job {
             msg: Arc::new(msg),
@@ -199,6 +228,22 @@ pub fn decode(d: Delivery, queue: Arc<str>, channel: &Channel) -> Decoded {
 mod tests {
     use super::*;
     use lapin::types::ShortString;
+
+    #[test]
+    fn returns_count_where_a_requeue_counts() {
+        let headers = |v: Value| v.as_object().cloned().unwrap();
+        // A quorum queue before RabbitMQ 4.3.
+        let before = headers(serde_json::json!({"id": "t", "x-delivery-count": 3}));
+        assert_eq!(counted_returns(&before), Some(3));
+        // 4.3 adds x-acquired-count and stops counting requeues.
+        let since = headers(serde_json::json!({"x-delivery-count": 3, "x-acquired-count": 5}));
+        assert_eq!(counted_returns(&since), None);
+        // A classic queue, or a first delivery where the header is absent.
+        assert_eq!(
+            counted_returns(&headers(serde_json::json!({"id": "t"}))),
+            None
+        );
+    }
 
     #[test]
     fn other_properties_are_named_as_py_amqp_names_them() {

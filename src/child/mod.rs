@@ -24,6 +24,7 @@
 mod consumers;
 mod drain;
 mod execute;
+mod hand_back;
 mod held;
 mod job;
 mod lost;
@@ -219,7 +220,10 @@ struct Running {
     acks_late: bool,
     state: Arc<RunState>,
     abort: AbortHandle,
-    route: (String, String),
+    /// Where its message came from, to hand it back.
+    delivery: crate::task::DeliveryInfo,
+    /// The queue it was consumed from.
+    queue: Arc<str>,
 }
 
 /// The task process's loop state.

@@ -107,10 +107,8 @@ impl Child {
                 .and_then(|t| t.options.acks_late)
                 .unwrap_or(self.shared.config.acks_late);
             let state = Arc::new(RunState::default());
-            let route = (
-                job.delivery.exchange.clone(),
-                job.delivery.routing_key.clone(),
-            );
+            let delivery = job.delivery.clone();
+            let queue = Arc::clone(&job.queue);
             let job_msg = Arc::clone(&job.msg);
             let settler = job.settler.clone();
             // Boxed: the future is large, and tokio moves a task's future
@@ -125,7 +123,8 @@ impl Child {
                     acks_late,
                     state,
                     abort,
-                    route,
+                    delivery,
+                    queue,
                 },
             );
         }

@@ -36,24 +36,13 @@ impl Settle<'_> {
 
     /// The configured queue the message was consumed from.
     fn queue_spec(&self) -> Option<&crate::broker::QueueSpec> {
-        let name = &*self.job.queue;
-        self.shared.config.queues.iter().find(|q| q.name == name)
+        self.shared.queue_spec(&self.job.queue)
     }
 
-    /// Where follow-ups and retries go: where the message came from, but
-    /// not back into RabbitMQ's delayed-delivery levels (a message that
-    /// waited there arrives from `celery_delayed_delivery` with a delay
-    /// prefix on its routing key, which would grow with every retry).
+    /// Where follow-ups and retries go: where the message came from (see
+    /// [`Shared::home_route`]).
     fn route(&self) -> (&str, &str) {
-        let d = &self.job.delivery;
-        let key = crate::broker::delayed::strip_delay(&d.routing_key);
-        if !d.exchange.starts_with("celery_delayed") {
-            return (d.exchange.as_str(), key);
-        }
-        match self.queue_spec() {
-            Some(q) => (q.exchange.as_str(), key),
-            None => ("", self.job.queue.as_ref()),
-        }
+        self.shared.home_route(&self.job.delivery, &self.job.queue)
     }
 
     /// Settles what the task's code returned.

@@ -60,7 +60,50 @@ impl Shared {
             .read()
             .is_ok_and(|list| list.iter().any(|q| q == name))
     }
+
+    /// The configured queue `name`.
+    pub fn queue_spec(&self, name: &str) -> Option<&crate::broker::QueueSpec> {
+        self.config.queues.iter().find(|q| q.name == name)
+    }
+
+    /// Where a message `delivery` consumed from `queue` goes to reach that
+    /// queue again: where it came from, but not back into RabbitMQ's
+    /// delayed-delivery levels (a message that waited there arrives from
+    /// `celery_delayed_delivery` with a delay prefix on its routing key,
+    /// which would delay it again and grow with every send).
+    pub fn home_route<'a>(
+        &'a self,
+        delivery: &'a crate::task::DeliveryInfo,
+        queue: &'a str,
+    ) -> (&'a str, &'a str) {
+        let key = crate::broker::delayed::strip_delay(&delivery.routing_key);
+        if !delivery.exchange.starts_with("celery_delayed") {
+            return (delivery.exchange.as_str(), key);
+        }
+        match self.queue_spec(queue) {
+            Some(q) => (q.exchange.as_str(), key),
+            None => ("", queue),
+        }
+    }
+
+    /// The delivery limit of the consumed `queue` where a requeue can reach
+    /// it: its declared `x-delivery-limit`, else RabbitMQ 4's default of 20
+    /// (a limit set by a policy is not visible to a client); `None` for a
+    /// negative limit (none).
+    pub fn delivery_limit(&self, queue: &str) -> Option<u64> {
+        let declared = self
+            .queue_spec(queue)
+            .and_then(|q| q.declared.queue_arguments.get("x-delivery-limit"))
+            .and_then(serde_json::Value::as_i64);
+        match declared {
+            Some(limit) => u64::try_from(limit).ok(),
+            None => Some(DEFAULT_DELIVERY_LIMIT),
+        }
+    }
 }
+
+/// A quorum queue's delivery limit when none is set, since RabbitMQ 4.0.
+pub const DEFAULT_DELIVERY_LIMIT: u64 = 20;
 
 /// What one count is about: the task, the queue its message came from, and
 /// the exception class of a failure (empty otherwise).

@@ -230,6 +230,18 @@ pub fn render(shm: &SharedState, config: &WorkerConfig) -> String {
             )],
         ),
         family(
+            "celeriac_hand_backs_republished_total",
+            "Messages handed back to their queue as a re-published copy (confirmed) and an acknowledgement instead of a requeue, because the requeue would have taken them past their quorum queue's delivery limit (RabbitMQ before 4.3 counts requeues, and drops or dead-letters a message past the limit). Each is logged with its task id.",
+            MetricType::COUNTER,
+            vec![counter(
+                &[],
+                shm.slots()
+                    .iter()
+                    .map(|s| s.republished_at_limit())
+                    .sum::<u64>() as f64,
+            )],
+        ),
+        family(
             "celeriac_consumer_timeouts_total",
             "Consumer channels the broker closed because a delivery was not acknowledged within its consumer_timeout.",
             MetricType::COUNTER,
@@ -354,6 +366,23 @@ mod tests {
         let text = render(&shm, &config());
         assert!(
             text.contains("celeriac_redelivered_copies_total 2\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn hand_backs_republished_at_the_delivery_limit_are_counted_across_processes() {
+        let shm = SharedState::map(2).unwrap();
+        let text = render(&shm, &config());
+        assert!(
+            text.contains("celeriac_hand_backs_republished_total 0\n"),
+            "{text}"
+        );
+        shm.task_slots()[0].count_republished_at_limit();
+        shm.task_slots()[1].count_republished_at_limit();
+        let text = render(&shm, &config());
+        assert!(
+            text.contains("celeriac_hand_backs_republished_total 2\n"),
             "{text}"
         );
     }

@@ -15,6 +15,6 @@ pub use exception::{ExceptionInfo, Shown};
 pub use message::{
     DecodeError, Embed, RawMessage, TaskMessage, ACCEPTED_CONTENT_TYPE, REJECTED_CONTENT_TYPES,
 };
-pub use outgoing::{signature_message, OutgoingTask, DEAD_LETTER_HEADERS};
+pub use outgoing::{signature_message, OutgoingTask, BROKER_HEADERS};
 pub use result::{ResultDocument, TaskState};
 pub use time::{format_iso, parse_iso, unix_seconds};

@@ -25,8 +25,11 @@ pub struct OutgoingTask {
     pub route: Option<(String, String)>,
 }
 
-/// Headers RabbitMQ adds when it dead-letters a message.
-pub const DEAD_LETTER_HEADERS: &[&str] = &[
+/// Headers RabbitMQ adds when it dead-letters a message or delivers it
+/// again (a quorum queue's counts of returns and of deliveries).
+pub const BROKER_HEADERS: &[&str] = &[
+    "x-delivery-count",
+    "x-acquired-count",
     "x-death",
     "x-first-death-exchange",
     "x-first-death-queue",
@@ -108,10 +111,11 @@ impl TaskMessage {
 
     fn resend(&self, mut headers: Map<String, Value>) -> OutgoingTask {
         // What the broker wrote when it dead-lettered the message (through
-        // the delayed-delivery levels, say) describes that copy, not the new
-        // one: carried on, it could make RabbitMQ see a dead-letter cycle and
-        // drop the message. Celery's retries leave these out too.
-        for key in DEAD_LETTER_HEADERS {
+        // the delayed-delivery levels, say) or delivered it again describes
+        // that copy, not the new one: carried on, a death could make RabbitMQ
+        // see a dead-letter cycle and drop the message, and a count would
+        // carry the old copy's returns. Celery's retries leave these out too.
+        for key in BROKER_HEADERS {
             headers.remove(*key);
         }
         OutgoingTask {

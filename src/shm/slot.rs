@@ -145,6 +145,7 @@ shm_record! {
         secret_updates: AtomicU64,
         unpublished: [AtomicU64; Unpublished::ALL.len()],
         copies_settled: AtomicU64,
+        republished_at_limit: AtomicU64,
         task: SeqText<TEXT_WORDS>,
         error: SeqText<ERROR_WORDS>,
         queued: SeqText<QUEUED_WORDS>,
@@ -208,6 +209,17 @@ impl Slot {
     /// its task id by the caller).
     pub fn count_copy_settled(&self) {
         self.copies_settled.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Messages this slot's processes handed back as a re-published copy
+    /// because a requeue would have taken them past their queue's delivery
+    /// limit.
+    pub fn republished_at_limit(&self) -> u64 {
+        self.republished_at_limit.load(Ordering::Relaxed)
+    }
+    /// Counts a hand-back re-published at the delivery limit (logged with
+    /// its task id by the caller).
+    pub fn count_republished_at_limit(&self) {
+        self.republished_at_limit.fetch_add(1, Ordering::Relaxed);
     }
     /// When the process's broker token expires (ms since epoch; 0: no token).
     pub fn token_expiry_ms(&self) -> u64 {

@@ -11,8 +11,12 @@ handed-back message one delivery attempt, exactly one. 4.3 stops counting
 `basic.nack requeue=true`; the test says so when it runs on one."""
 
 import json
+import pathlib
+import re
 import signal
+import sys
 import time
+import urllib.request
 
 import amqp
 import pytest
@@ -134,5 +138,52 @@ def test_poison_is_quarantined_by_celeriac_before_the_brokers_limit(limited, sta
         assert "delivery_limit" not in json.dumps(dead[0].headers, default=str)
         meta = json.loads(redis_client.get(f"celery-task-meta-{r.id}"))
         assert meta["status"] == "FAILURE" and meta["result"]["exc_type"] == "WorkerLostError", meta
+    finally:
+        app.close()
+
+
+APPS = pathlib.Path(__file__).parent / "pyapps"
+CELERIAC = pathlib.Path(sys.executable).parent / "celeriac"
+
+
+def test_a_message_handed_back_at_the_limit_is_re_published_not_dropped(limited, start_worker, queue_name,
+                                                                          tmp_path):
+    """x-delivery-limit 1, declared by the app (limitapp): an ETA task held by a
+    process that recycles after each task (--max-tasks-per-child 1) is handed
+    back at every recycle. Before RabbitMQ 4.3 each requeue counts, so the
+    second would take it past the limit and the broker would dead-letter it
+    (`delivery_limit`) though it never ran. celeriac re-publishes it instead
+    (the count starts again), with a WARNING line and a counted metric; the
+    task is received again and nothing is dead-lettered."""
+    node = limited
+    version = node.server_properties()["version"]
+    declare_limited(node, queue_name, 1)
+    env = {"LIMITAPP_BROKER": node.url, "LIMITAPP_BACKEND": REDIS_URL, "LIMITAPP_QUEUE": queue_name,
+           "LIMITAPP_LIMIT": "1"}
+    w = start_worker("-A", "limitapp", "--workdir", str(APPS), "-c", "1", "--max-tasks-per-child", "1",
+                     "--metrics-bind", "127.0.0.1:0", env=env, broker=node.url, binary=str(CELERIAC))
+    app = limited_app(node, queue_name, 1, REDIS_URL)
+    try:
+        held = app.send_task("limitapp.add", (1, 1), countdown=600).id
+        for round in (1, 2, 3):
+            w.wait_for_log(f"[{held}] received", count=round, timeout=30)
+            # One task makes the process recycle, handing the held one back.
+            assert app.send_task("limitapp.add", (round, round)).get(timeout=30) == 2 * round
+        w.wait_for_log(f"[{held}] received", count=4, timeout=30)
+        log = w.log()
+        limit_line = f"Task limitapp.add[{held}] was returned to queue {queue_name} 1 time(s), its delivery limit (1)"
+        url = re.search(r"metrics on (http://\S+)", log).group(1)
+        with urllib.request.urlopen(url, timeout=5) as r:
+            metrics = r.read().decode()
+        republished = int(float(re.search(r"^celeriac_hand_backs_republished_total (\S+)$", metrics, re.M).group(1)))
+        if version_tuple(version) >= (4, 3, 0):
+            # 4.3 does not count requeues: every hand-back is a plain requeue.
+            assert limit_line not in log and republished == 0, (log[-3000:], metrics)
+        else:
+            # Round 2 meets it at count 1 (round 1's requeue) and re-publishes;
+            # round 3 requeues the copy, whose count started again at 0.
+            assert log.count(limit_line) == 1, log[-5000:]
+            assert republished == 1, metrics
+        assert get_all(node, queue_name + ".dlq", 1, timeout=2) == [], "nothing was dead-lettered"
     finally:
         app.close()

@@ -199,6 +199,9 @@ def test_python_tasks_take_the_lean_trace_path_where_they_can(app_worker, client
         ("trace.py", "trace_task"), ("trace.py", "__protected_call__"), ("tasks.py", "fails")], failed.traceback
     marks = tmp_path / "hooked"
     assert client.send_task("fixtureapp.tasks.hooked", (str(marks),)).get(timeout=20) == "hooked"
+    # Celery's tracer stores the result before it calls on_success, so the client can see the
+    # result first: wait for the mark rather than read it at once.
+    wait_until(lambda: marks.exists() and marks.read_text().endswith("\n"), 20, "the hooked task's on_success")
     assert marks.read_text() == "on_success hooked\n"
 
 
