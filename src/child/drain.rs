@@ -77,22 +77,13 @@ impl Child {
             );
             let id = match decode(*d, std::sync::Arc::clone(&queue), &self.channel) {
                 Decoded::Job(job) => {
-                    self.hand_back(HandBack {
-                        msg: &job.msg,
-                        settler: &job.settler,
-                        delivery: &job.delivery,
-                        queue: &job.queue,
-                    })
-                    .await;
+                    self.hand_back(HandBack::of(&job)).await;
                     job.msg.id.clone()
                 }
                 // Whoever receives it next rejects it: reject it now, where
                 // one more requeue could make the broker drop it unseen.
                 Decoded::Bad { id, error, settler }
-                    if settler
-                        .counted_returns()
-                        .zip(self.shared.delivery_limit(&queue))
-                        .is_some_and(|(returns, limit)| returns >= limit) =>
+                    if self.at_delivery_limit(&settler, &queue).is_some() =>
                 {
                     TaskHappening::Invalid {
                         id: &id,
@@ -111,13 +102,7 @@ impl Child {
             returned += 1;
         }
         for job in self.held.take_all() {
-            self.hand_back(HandBack {
-                msg: &job.msg,
-                settler: &job.settler,
-                delivery: &job.delivery,
-                queue: &job.queue,
-            })
-            .await;
+            self.hand_back(HandBack::of(&job)).await;
             returned += 1;
         }
         if returned > 0 {

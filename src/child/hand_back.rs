@@ -12,7 +12,7 @@
 
 use tracing::{error, warn};
 
-use super::job::Settler;
+use super::job::{Job, Settler};
 use super::Child;
 use crate::protocol::TaskMessage;
 use crate::shm::Unpublished;
@@ -30,6 +30,18 @@ pub(super) struct HandBack<'a> {
     pub(super) queue: &'a str,
 }
 
+impl<'a> HandBack<'a> {
+    /// A received job's message.
+    pub(super) fn of(job: &'a Job) -> Self {
+        Self {
+            msg: &job.msg,
+            settler: &job.settler,
+            delivery: &job.delivery,
+            queue: &job.queue,
+        }
+    }
+}
+
 /// How a message went back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Handed {
@@ -43,6 +55,15 @@ pub(super) enum Handed {
 }
 
 impl Child {
+    /// The returns counted and the limit of a delivery from `queue` that one
+    /// more requeue would take past its delivery limit; `None` otherwise.
+    pub(super) fn at_delivery_limit(&self, settler: &Settler, queue: &str) -> Option<(u64, u64)> {
+        settler
+            .counted_returns()
+            .zip(self.shared.delivery_limit(queue))
+            .filter(|(returns, limit)| returns >= limit)
+    }
+
     /// Hands a message back: a requeue, or at the delivery limit a confirmed
     /// re-publish and an ack.
     pub(super) async fn hand_back(&self, back: HandBack<'_>) -> Handed {
@@ -52,11 +73,8 @@ impl Child {
             delivery,
             queue,
         } = back;
-        let at_limit = settler
-            .counted_returns()
-            .zip(self.shared.delivery_limit(queue))
-            .filter(|(returns, limit)| returns >= limit);
         // A delivery whose channel is gone was returned by the broker already.
+        let at_limit = self.at_delivery_limit(settler, queue);
         let Some((returns, limit)) = at_limit.filter(|_| settler.channel_open()) else {
             settler.requeue(&msg.id).await;
             return Handed::Requeued;
