@@ -12,7 +12,6 @@ use tracing::{debug, error, info, warn};
 use super::consumers::Incoming;
 use super::hand_back::{HandBack, Handed};
 use super::job::{decode, Decoded};
-use super::outcome::TaskHappening;
 use super::{Child, ChildError, Exit};
 use crate::shm::ChildState;
 use crate::signals::Stop;
@@ -80,22 +79,13 @@ impl Child {
                     self.hand_back(HandBack::of(&job)).await;
                     job.msg.id.clone()
                 }
-                // Whoever receives it next rejects it: reject it now, where
-                // one more requeue could make the broker drop it unseen.
-                Decoded::Bad { id, error, settler }
-                    if self.at_delivery_limit(&settler, &queue).is_some() =>
-                {
-                    TaskHappening::Invalid {
-                        id: &id,
-                        error: &error,
-                    }
-                    .emit(&self.shared, &queue);
-                    settler.reject(&id, false).await;
+                // Refused as `receive` would have refused it a moment
+                // earlier: a requeue would only hand it to the next consumer
+                // to refuse, and at a delivery limit the broker could drop
+                // it unseen.
+                Decoded::Bad { id, error, settler } => {
+                    self.refuse(&id, &error, &settler, &queue).await;
                     continue;
-                }
-                Decoded::Bad { id, settler, .. } => {
-                    settler.requeue(&id).await;
-                    id
                 }
             };
             debug!(task_id = %id, "returned {id} to the queue");

@@ -57,7 +57,7 @@ pub(super) enum Handed {
 impl Child {
     /// The returns counted and the limit of a delivery from `queue` that one
     /// more requeue would take past its delivery limit; `None` otherwise.
-    pub(super) fn at_delivery_limit(&self, settler: &Settler, queue: &str) -> Option<(u64, u64)> {
+    fn at_delivery_limit(&self, settler: &Settler, queue: &str) -> Option<(u64, u64)> {
         settler
             .counted_returns()
             .zip(self.shared.delivery_limit(queue))

@@ -12,6 +12,19 @@ use super::{Child, Running, SLOTS};
 use crate::protocol::{ExceptionInfo, TaskState};
 
 impl Child {
+    /// Rejects (dead-letters) a message that cannot be decoded, with its one
+    /// `Invalid` line and count.
+    pub(super) async fn refuse(
+        &self,
+        id: &str,
+        error: &crate::protocol::DecodeError,
+        settler: &super::job::Settler,
+        queue: &str,
+    ) {
+        TaskHappening::Invalid { id, error }.emit(&self.shared, queue);
+        settler.reject(id, false).await;
+    }
+
     /// Decodes a delivery and decides: reject it (bad or unknown), settle
     /// it (its process died, it was revoked or expired), or hold it.
     pub(super) async fn receive(&mut self, delivery: lapin::message::Delivery, tag: &ShortString) {
@@ -19,13 +32,7 @@ impl Child {
         let job = match decode(delivery, std::sync::Arc::clone(&queue), &self.channel) {
             Decoded::Job(job) => *job,
             Decoded::Bad { id, error, settler } => {
-                TaskHappening::Invalid {
-                    id: &id,
-                    error: &error,
-                }
-                .emit(&self.shared, &queue);
-                settler.reject(&id, false).await;
-                return;
+                return self.refuse(&id, &error, &settler, &queue).await;
             }
         };
         let shared = Arc::clone(&self.shared);
